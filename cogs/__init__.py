@@ -1,0 +1,1 @@
+"""Discord command surface: cogs parse interactions, call `bot/`, and reply."""
