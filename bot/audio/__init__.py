@@ -1,0 +1,1 @@
+"""Audio conversion and audio files: pure, numpy in and out."""

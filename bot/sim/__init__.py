@@ -1,0 +1,1 @@
+"""Loopback fakes that speak the real wire protocols: cantonese.ai STT and a local Discord."""

@@ -1,0 +1,1 @@
+"""Where transcripts go in Discord: channel messages, webhooks, caption threads, minutes."""

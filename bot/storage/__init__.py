@@ -1,0 +1,1 @@
+"""Storage of committed lines, meetings and opt-outs (SQLite; numbered migrations)."""

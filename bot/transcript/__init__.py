@@ -1,0 +1,1 @@
+"""Transcript model (segments, words) and minutes writers (Markdown, SRT, WebVTT, JSON)."""

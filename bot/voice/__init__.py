@@ -1,0 +1,1 @@
+"""Discord voice receive: RTP parsing, transport decryption, DAVE, jitter, Opus, SSRC -> member."""
