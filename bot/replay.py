@@ -1,0 +1,230 @@
+"""`cantobot replay`: transcribe recorded per-speaker tracks through the real STT pipeline.
+
+Every speaker streams concurrently over its own STT connection, paced at real time x speed,
+through the same :class:`~bot.pipeline.Transcriber` the Discord receiver feeds. Committed lines
+go to stdout as they arrive (human lines, or JSON lines with ``--jsonl``); a progress bar goes to
+stderr on a terminal; ``--minutes DIR`` writes Markdown, SRT, WebVTT and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TextIO
+
+from bot.audio.files import AudioClip, discover_tracks, read_audio
+from bot.config import Config
+from bot.errors import AudioInputError, CantobotError, SttAuthError, SttUnavailable
+from bot.pipeline import SpeakerStream, Transcriber
+from bot.stt.session import (
+    SegmentCommitted,
+    SegmentTimestamped,
+    StateChanged,
+    SttEvent,
+    SttState,
+)
+from bot.transcript.format import format_timestamp
+from bot.transcript.minutes import write_minutes
+from bot.transcript.model import Minutes, Segment
+
+log = logging.getLogger(__name__)
+
+#: Audio is handed to the pipeline in 20 ms blocks, as Discord delivers it.
+BLOCK_MS = 20
+#: With --speed 0, feed at most this much audio ahead of what the session has sent.
+MAX_AHEAD_SECONDS = 2.0
+
+
+@dataclass
+class ReplayResult:
+    """What a replay produced, in commit order (timestamped twins replace their plain line)."""
+
+    segments: list[Segment] = field(default_factory=list)
+    #: Sessions that did not close cleanly, with the last error each one saw.
+    errors: list[CantobotError] = field(default_factory=list)
+
+    def add(self, segment: Segment) -> None:
+        self.segments.append(segment)
+
+    def amend(self, segment: Segment) -> None:
+        for i, old in enumerate(self.segments):
+            if old.speaker == segment.speaker and old.text == segment.text and not old.words:
+                self.segments[i] = segment
+                return
+        self.segments.append(segment)
+
+
+def collect_tracks(speakers: list[tuple[str, str]], tracks: list[str]) -> list[tuple[str, AudioClip]]:
+    """Read every input up front so a bad file fails before any connection is made."""
+    result: list[tuple[str, AudioClip]] = []
+    for name, path in speakers:
+        result.append((name, read_audio(path)))
+    for path in tracks:
+        result.extend(discover_tracks(path))
+    if not result:
+        raise AudioInputError("nothing to replay: give --speaker NAME=FILE or --tracks PATH")
+    seen: set[str] = set()
+    for name, _ in result:
+        if name in seen:
+            raise AudioInputError(f"speaker name {name!r} is given twice; names must be unique")
+        seen.add(name)
+    return result
+
+
+class Output:
+    """Prints committed lines as they arrive; stdout carries nothing else."""
+
+    def __init__(self, *, jsonl: bool, stream: TextIO) -> None:
+        self.jsonl = jsonl
+        self.stream = stream
+
+    def line(self, segment: Segment) -> None:
+        if self.jsonl:
+            record = {
+                "speaker": segment.speaker,
+                "text": segment.text,
+                "start": round(segment.start, 3),
+                "end": round(segment.end, 3),
+            }
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            self.stream.write(f"[{format_timestamp(segment.start)}] {segment.speaker}: "
+                              f"{segment.text}\n")
+        self.stream.flush()
+
+
+class Progress:
+    """A one-line progress bar on stderr, only on a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, total_seconds: float, enabled: bool) -> None:
+        self.total = max(total_seconds, 1e-9)
+        self.enabled = enabled
+        self._last = -1
+
+    def update(self, sent_seconds: float) -> None:
+        if not self.enabled:
+            return
+        filled = int(self.WIDTH * min(sent_seconds / self.total, 1.0))
+        if filled == self._last:
+            return
+        self._last = filled
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        sys.stderr.write(f"\r[{bar}] {format_timestamp(sent_seconds)} / "
+                         f"{format_timestamp(self.total)} sent")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self._last >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+async def _pace(stream: SpeakerStream, clip: AudioClip, speed: float,
+                progress: Callable[[str, float], None]) -> None:
+    block = max(1, clip.sample_rate * BLOCK_MS // 1000)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    samples = clip.samples
+    for i, begin in enumerate(range(0, len(samples), block)):
+        stream.feed(samples[begin:begin + block])
+        sent = (begin + block) / clip.sample_rate
+        progress(stream.speaker, min(sent, clip.duration))
+        if speed > 0:
+            delay = t0 + (i + 1) * (BLOCK_MS / 1000) / speed - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            await stream.session.drain(MAX_AHEAD_SECONDS)
+
+
+async def replay(
+    clips: list[tuple[str, AudioClip]],
+    config: Config,
+    *,
+    speed: float = 1.0,
+    output: Output | None = None,
+    show_progress: bool = False,
+) -> ReplayResult:
+    """Stream every clip concurrently and return what was committed."""
+    result = ReplayResult()
+    last_error: dict[str, CantobotError] = {}
+
+    def on_event(event: SttEvent) -> None:
+        if isinstance(event, SegmentCommitted):
+            result.add(event.segment)
+            if output is not None:
+                output.line(event.segment)
+        elif isinstance(event, SegmentTimestamped):
+            result.amend(event.segment)
+        elif isinstance(event, StateChanged) and event.error is not None:
+            # Transient errors recovered by a reconnect do not fail the replay; only a session
+            # that ends anywhere but CLOSED does, reported with the last error it saw.
+            last_error[event.speaker] = event.error
+
+    transcriber = Transcriber(config.stt, on_event)
+    total = max(clip.duration for _, clip in clips)
+    progress = Progress(total, show_progress)
+    sent: dict[str, float] = {}
+
+    def on_progress(speaker: str, seconds: float) -> None:
+        sent[speaker] = seconds
+        progress.update(min(sent.values()) if len(sent) == len(clips) else 0.0)
+
+    streams = [
+        transcriber.open(name, speaker=name, in_rate=clip.sample_rate,
+                         in_channels=clip.samples.shape[1] if clip.samples.ndim == 2 else 1)
+        for name, clip in clips
+    ]
+    try:
+        starts = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
+        failures = [r for r in starts if isinstance(r, BaseException)]
+        if failures:
+            auth = [f for f in failures if isinstance(f, SttAuthError)]
+            raise (auth or failures)[0]
+        await asyncio.gather(*(
+            _pace(stream, clip, speed, on_progress)
+            for stream, (_, clip) in zip(streams, clips, strict=True)
+        ))
+        await transcriber.finish_all()
+    finally:
+        progress.done()
+        await transcriber.aclose()
+    for stream in streams:
+        if stream.session.state is not SttState.CLOSED:
+            result.errors.append(last_error.get(stream.speaker) or SttUnavailable(
+                f"the STT session of {stream.speaker} did not close cleanly "
+                f"({stream.session.state.name.lower()})"))
+    result.segments.sort(key=lambda s: (s.start, s.speaker))
+    return result
+
+
+async def run_replay(args: argparse.Namespace, config: Config) -> int:
+    """The CLI entry point; errors propagate as CantobotError (one line, exit 1)."""
+    config.require_stt_key()
+    clips = collect_tracks(args.speaker, args.tracks)
+    started = datetime.now(UTC)
+    output = Output(jsonl=args.jsonl, stream=sys.stdout)
+    result = await replay(
+        clips, config, speed=args.speed, output=output,
+        show_progress=(not args.jsonl) and sys.stderr.isatty(),
+    )
+    if args.minutes:
+        minutes = Minutes(
+            title="Replay of " + ", ".join(name for name, _ in clips),
+            started_at=started,
+            ended_at=datetime.now(UTC),
+            segments=tuple(result.segments),
+        )
+        paths = write_minutes(minutes, args.minutes)
+        log.info("minutes written: %s", ", ".join(str(p) for p in paths))
+    if result.errors:
+        raise result.errors[0]
+    return 0
