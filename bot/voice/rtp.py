@@ -1,0 +1,240 @@
+"""RTP packets as Discord voice sends them: parse, recognise RTCP, build headers.
+
+Pure and sans-IO: bytes in, values out. This module knows the RTP wire layout (RFC 3550) and
+the split Discord's ``*_rtpsize`` AEAD modes make of it; it knows nothing of keys or ciphers
+(see :mod:`bot.voice.crypto`) nor of Opus or DAVE.
+
+Layout of one voice packet in the ``_rtpsize`` modes (read from discord.py 2.7.1
+``VoiceClient._get_voice_packet`` and Discord's voice documentation)::
+
+    clear (AAD)   | 12-byte RTP header | CSRCs (4 * CC) | [BE DE len16]  <- RtpPacket.header
+    encrypted     | extension body (4 * len) | DAVE frame or Opus       \\
+    clear         | AEAD tag (16)            | nonce suffix (4, BE)      >- RtpPacket.body
+
+The extension *header* is authenticated in clear but its *body* is encrypted with the payload,
+so the parser cannot check the extension body against the packet: after decryption,
+:func:`strip_extension_body` drops it. Discord's RTCP (sender/receiver reports) arrives on the
+same UDP socket; :func:`is_rtcp` lets a receiver skip it before parsing.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bot.errors import VoiceError
+
+#: RFC 3550 section 5.1: the fixed header is 12 bytes; version is always 2.
+RTP_HEADER_SIZE = 12
+RTP_VERSION = 2
+#: Discord's Opus payload type (``header[1] = 0x78`` in discord.py's ``_get_voice_packet``).
+DISCORD_OPUS_PAYLOAD_TYPE = 0x78
+#: RFC 8285 section 4.2: the one-byte-form header extension profile ``0xBEDE``.
+ONE_BYTE_EXTENSION_PROFILE = 0xBEDE
+#: RFC 8285 one-byte form: ids 1..14 carry data (0 is padding, 15 is reserved), 1..16 bytes each.
+ONE_BYTE_MAX_ID = 14
+ONE_BYTE_MAX_DATA = 16
+#: RFC 3550 section 12.1: RTCP packet types SR=200, RR=201, SDES=202, BYE=203, APP=204. Their
+#: second byte collides with an RTP marker bit + payload type 72..76, which Discord never uses.
+RTCP_PACKET_TYPES = range(200, 205)
+#: Extension id Discord's clients use for the RFC 6464 client-to-mixer audio level.
+AUDIO_LEVEL_EXTENSION_ID = 1
+
+_FIXED = struct.Struct(">BBHII")
+_EXT_HEADER = struct.Struct(">HH")
+_U32 = struct.Struct(">I")
+
+
+class MalformedPacket(VoiceError):
+    """A datagram from Discord that is not a usable RTP packet (the peer's fault; skip it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RtpPacket:
+    """One received RTP packet, split into the clear header (the AAD) and the rest."""
+
+    version: int
+    padding: bool
+    marker: bool
+    payload_type: int
+    sequence: int
+    timestamp: int
+    ssrc: int
+    csrcs: tuple[int, ...]
+    has_extension: bool
+    extension_profile: int | None
+    #: Length of the (encrypted) extension body in 32-bit words; 0 without an extension.
+    extension_words: int
+    #: Everything sent in clear: fixed header, CSRCs and the 4-byte extension header if any.
+    header: bytes
+    #: The rest: ciphertext (extension body + payload) with its tag, then the nonce suffix.
+    body: bytes
+
+
+def is_rtcp(data: bytes) -> bool:
+    """True for an RTCP packet (SR/RR/SDES/BYE/APP) sharing the voice socket; receivers skip it."""
+    return len(data) >= 2 and data[0] >> 6 == RTP_VERSION and data[1] in RTCP_PACKET_TYPES
+
+
+def parse_rtp(data: bytes) -> RtpPacket:
+    """Split a received datagram into header fields, clear header and body.
+
+    Raises :class:`MalformedPacket` when it is too short, not version 2, or its CSRC list or
+    extension header runs past the end.
+    """
+    size = len(data)
+    if size < RTP_HEADER_SIZE:
+        raise MalformedPacket(f"RTP packet too short ({size} bytes)")
+    b0, b1, sequence, timestamp, ssrc = _FIXED.unpack_from(data)
+    version = b0 >> 6
+    if version != RTP_VERSION:
+        raise MalformedPacket(f"RTP version {version}, expected 2")
+    csrc_count = b0 & 0x0F
+    offset = RTP_HEADER_SIZE + 4 * csrc_count
+    if offset > size:
+        raise MalformedPacket(f"CSRC list ({csrc_count}) runs past the end ({size} bytes)")
+    csrcs = struct.unpack_from(f">{csrc_count}I", data, RTP_HEADER_SIZE) if csrc_count else ()
+    has_extension = bool(b0 & 0x10)
+    profile: int | None = None
+    words = 0
+    if has_extension:
+        if offset + 4 > size:
+            raise MalformedPacket("extension header runs past the end")
+        profile, words = _EXT_HEADER.unpack_from(data, offset)
+        offset += 4
+    return RtpPacket(
+        version=version,
+        padding=bool(b0 & 0x20),
+        marker=bool(b1 & 0x80),
+        payload_type=b1 & 0x7F,
+        sequence=sequence,
+        timestamp=timestamp,
+        ssrc=ssrc,
+        csrcs=csrcs,
+        has_extension=has_extension,
+        extension_profile=profile,
+        extension_words=words,
+        header=data[:offset],
+        body=data[offset:],
+    )
+
+
+def strip_extension_body(plaintext: bytes, packet: RtpPacket) -> bytes:
+    """The DAVE/Opus frame from a decrypted ``_rtpsize`` payload.
+
+    The first ``4 * extension_words`` bytes are the header extension body (encrypted with the
+    payload in these modes). With the RTP padding bit set, the last byte counts padding bytes
+    (RFC 3550 section 5.1) and those are dropped too. Raises :class:`MalformedPacket` when the
+    lengths do not fit.
+    """
+    start = 4 * packet.extension_words
+    end = len(plaintext)
+    if start > end:
+        raise MalformedPacket(f"extension body ({start} bytes) longer than the payload ({end})")
+    if packet.padding:
+        pad = plaintext[-1] if end else 0
+        if pad == 0 or start + pad > end:
+            raise MalformedPacket(f"invalid RTP padding count {pad}")
+        end -= pad
+    if start == 0 and end == len(plaintext):
+        return plaintext
+    return plaintext[start:end]
+
+
+def extension_body(plaintext: bytes, packet: RtpPacket) -> bytes:
+    """The decrypted header extension body (e.g. to read the audio level); empty without one."""
+    return plaintext[: 4 * packet.extension_words]
+
+
+def build_rtp_header(
+    sequence: int,
+    timestamp: int,
+    ssrc: int,
+    *,
+    payload_type: int = DISCORD_OPUS_PAYLOAD_TYPE,
+    marker: bool = False,
+    csrcs: Iterable[int] = (),
+    extension: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """``(clear header, extension body)`` for a sender (the send side, simulated members).
+
+    ``extension`` is a one-byte-form body (see :func:`one_byte_extension`) whose length is a
+    multiple of 4; the clear header then ends with ``BE DE len``. Encrypt the extension body
+    together with the payload (:meth:`bot.voice.crypto.TransportCipher.encrypt`).
+    """
+    csrc_list = tuple(csrcs)
+    if not 0 <= sequence <= 0xFFFF:
+        raise ValueError(f"sequence {sequence} out of 16-bit range")
+    if not 0 <= timestamp <= 0xFFFFFFFF or not 0 <= ssrc <= 0xFFFFFFFF:
+        raise ValueError("timestamp and ssrc must fit in 32 bits")
+    if not 0 <= payload_type <= 0x7F:
+        raise ValueError(f"payload type {payload_type} out of 7-bit range")
+    if len(csrc_list) > 15:
+        raise ValueError("at most 15 CSRCs fit in an RTP header")
+    b0 = RTP_VERSION << 6 | len(csrc_list)
+    ext = b""
+    if extension is not None:
+        if len(extension) % 4:
+            raise ValueError("extension body must be padded to a multiple of 4 bytes")
+        if len(extension) // 4 > 0xFFFF:
+            raise ValueError("extension body too long")
+        b0 |= 0x10
+        ext = _EXT_HEADER.pack(ONE_BYTE_EXTENSION_PROFILE, len(extension) // 4)
+    header = b"".join(
+        (
+            _FIXED.pack(b0, (0x80 if marker else 0) | payload_type, sequence, timestamp, ssrc),
+            b"".join(_U32.pack(c) for c in csrc_list),
+            ext,
+        )
+    )
+    return header, extension or b""
+
+
+def one_byte_extension(elements: Iterable[tuple[int, bytes]]) -> bytes:
+    """An RFC 8285 one-byte-form extension body from ``(id, data)`` pairs, zero-padded to 4."""
+    out = bytearray()
+    for ext_id, data in elements:
+        if not 1 <= ext_id <= ONE_BYTE_MAX_ID:
+            raise ValueError(f"one-byte extension id {ext_id} not in 1..{ONE_BYTE_MAX_ID}")
+        if not 1 <= len(data) <= ONE_BYTE_MAX_DATA:
+            raise ValueError(f"one-byte extension data must be 1..{ONE_BYTE_MAX_DATA} bytes")
+        out.append(ext_id << 4 | (len(data) - 1))
+        out += data
+    out += bytes(-len(out) % 4)
+    return bytes(out)
+
+
+def audio_level_extension(level_dbov: int, *, voice: bool = True) -> bytes:
+    """The extension body Discord's clients send: RFC 6464 audio level (id 1), padded to 4.
+
+    ``level_dbov`` is the level as a positive number of -dBov (0 loudest, 127 silence).
+    """
+    if not 0 <= level_dbov <= 127:
+        raise ValueError("audio level must be 0..127 (-dBov)")
+    level = bytes([(0x80 if voice else 0) | level_dbov])
+    return one_byte_extension([(AUDIO_LEVEL_EXTENSION_ID, level)])
+
+
+def parse_one_byte_extension(body: bytes) -> dict[int, bytes]:
+    """``{id: data}`` from a decrypted one-byte-form extension body (RFC 8285 section 4.2).
+
+    Padding bytes (id 0) are skipped; id 15 ends parsing as the RFC requires. Raises
+    :class:`MalformedPacket` when an element runs past the end.
+    """
+    out: dict[int, bytes] = {}
+    i, size = 0, len(body)
+    while i < size:
+        b = body[i]
+        ext_id = b >> 4
+        if ext_id == 0:
+            i += 1
+            continue
+        if ext_id == 15:
+            break
+        length = (b & 0x0F) + 1
+        if i + 1 + length > size:
+            raise MalformedPacket(f"extension element {ext_id} runs past the end")
+        out[ext_id] = body[i + 1 : i + 1 + length]
+        i += 1 + length
+    return out
