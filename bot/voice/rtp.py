@@ -83,6 +83,8 @@ def parse_rtp(data: bytes) -> RtpPacket:
     Raises :class:`MalformedPacket` when it is too short, not version 2, or its CSRC list or
     extension header runs past the end.
     """
+    if type(data) is not bytes:  # bytearray/memoryview: one copy so slices are bytes (PyNaCl)
+        data = bytes(data)
     size = len(data)
     if size < RTP_HEADER_SIZE:
         raise MalformedPacket(f"RTP packet too short ({size} bytes)")
