@@ -1,0 +1,233 @@
+"""Minutes writers: a meeting's :class:`~bot.transcript.model.Minutes` as Markdown, SRT,
+WebVTT and JSON, plus a short summary for a Discord message.
+
+Boundary: the ``to_*`` functions and :func:`summary_text` are pure (``Minutes`` in, ``str``
+out). :func:`write_minutes` is the one function touching the filesystem; it writes each file
+atomically (temp file in the same directory, ``fsync``, ``os.replace``) so a crash never
+leaves half a file where a complete one used to be.
+
+Speech is free text, so each format sanitises it: newlines and blank lines collapse to one
+space (a blank line ends an SRT/VTT cue), ``-->`` cannot appear in cue text (it is the
+timing separator), and WebVTT text escapes ``&``, ``<`` and ``>``. Overlapping speakers give
+overlapping cues, which both formats allow; SRT cues are numbered in order of start time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bot.transcript.format import MAX_MESSAGE_CHARS, escape, format_timestamp
+from bot.transcript.model import Minutes, Segment, TranscriptError, Word
+
+#: JSON layout version, bumped when a field changes meaning.
+JSON_FORMAT_VERSION = 1
+#: The files :func:`write_minutes` produces, by writer.
+MINUTES_FILES: dict[str, Callable[[Minutes], str]] = {}
+#: Speakers listed by name in :func:`summary_text` before "and N more".
+SUMMARY_MAX_SPEAKERS = 25
+#: WebVTT voice names cannot contain these (they end the ``<v ...>`` tag).
+_VTT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def _one_line(text: str) -> str:
+    """Collapse every run of whitespace (newlines, blank lines) to one space."""
+    return " ".join(text.split())
+
+
+def _cue_text(text: str) -> str:
+    """Text safe inside an SRT cue: one line, and no ``-->`` (the timing separator)."""
+    line = _one_line(text)
+    while "-->" in line:
+        line = line.replace("-->", "\u2192")
+    return line
+
+
+def _clock(seconds: float, sep: str) -> str:
+    """``HH:MM:SS<sep>mmm`` as used by SRT (``,``) and WebVTT (``.``)."""
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{ms:03d}"
+
+
+def _hms(seconds: float) -> str:
+    total = int(seconds)
+    return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+#: Inline Markdown that speech could trigger mid-line (CommonMark); every line of the file
+#: starts with our own ``**[`` so block syntax (``#``, ``-``, ``>``) cannot trigger.
+_MD_INLINE = str.maketrans({c: "\\" + c for c in "\\`*_~[]<>|"})
+
+
+def _markdown_text(text: str) -> str:
+    """One line with inline markdown escaped; lighter than Discord escaping, so it stays
+    readable in a plain editor."""
+    return _one_line(text).translate(_MD_INLINE)
+
+
+def _date(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def to_markdown(m: Minutes) -> str:
+    """Title, date, duration, participants, then ``**[mm:ss] alice:** text`` per segment.
+
+    Timestamps switch to ``hh:mm:ss`` for every line once the meeting passes an hour, so
+    the column stays aligned.
+    """
+    m = m.sorted()
+    long_meeting = m.duration >= 3600
+    stamp: Callable[[float], str] = _hms if long_meeting else format_timestamp
+    lines = [f"# {_markdown_text(m.title) or 'Meeting'}", ""]
+    lines.append(f"- **Date:** {_date(m.started_at)}")
+    lines.append(f"- **Duration:** {format_timestamp(m.duration)}")
+    names = ", ".join(_markdown_text(p) for p in m.participants) or "nobody spoke"
+    lines.append(f"- **Participants:** {names}")
+    lines.append("")
+    for s in m.segments:
+        lines.append(f"**[{stamp(s.start)}] {_markdown_text(s.speaker)}:** {_markdown_text(s.text)}")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def to_srt(m: Minutes) -> str:
+    """SubRip: one cue per segment, numbered from 1 in order of start time."""
+    blocks = []
+    for index, s in enumerate(m.sorted().segments, start=1):
+        timing = f"{_clock(s.start, ',')} --> {_clock(s.end, ',')}"
+        blocks.append(f"{index}\n{timing}\n{_cue_text(s.speaker)}: {_cue_text(s.text) or '…'}\n")
+    return "\n".join(blocks)
+
+
+def to_vtt(m: Minutes) -> str:
+    """WebVTT: ``WEBVTT`` header, then one cue per segment with a ``<v speaker>`` voice tag."""
+    out = ["WEBVTT", ""]
+    for s in m.sorted().segments:
+        voice = _cue_text(s.speaker).translate(_VTT_ESCAPES) or "speaker"
+        text = _cue_text(s.text).translate(_VTT_ESCAPES) or "…"
+        out.append(f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}")
+        out.append(f"<v {voice}>{text}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _segment_json(s: Segment) -> dict[str, Any]:
+    return {
+        "speaker": s.speaker,
+        "speaker_id": s.speaker_id,
+        "text": s.text,
+        "start": s.start,
+        "end": s.end,
+        "words": [{"text": w.text, "start": w.start, "end": w.end} for w in s.words],
+    }
+
+
+def to_json(m: Minutes) -> str:
+    """The meeting's fields and every segment with its word timestamps (UTF-8, not ASCII)."""
+    doc = {
+        "format_version": JSON_FORMAT_VERSION,
+        "title": m.title,
+        "started_at": m.started_at.isoformat(),
+        "ended_at": m.ended_at.isoformat() if m.ended_at is not None else None,
+        "duration": m.duration,
+        "participants": list(m.participants),
+        "segments": [_segment_json(s) for s in m.sorted().segments],
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+
+
+def from_json(text: str) -> Minutes:
+    """Read back what :func:`to_json` wrote (for replays and tests)."""
+    try:
+        doc = json.loads(text)
+        ended = doc["ended_at"]
+        return Minutes(
+            title=doc["title"],
+            started_at=datetime.fromisoformat(doc["started_at"]),
+            ended_at=datetime.fromisoformat(ended) if ended is not None else None,
+            segments=tuple(
+                Segment(
+                    speaker=s["speaker"],
+                    text=s["text"],
+                    start=s["start"],
+                    end=s["end"],
+                    words=tuple(Word(w["text"], w["start"], w["end"]) for w in s["words"]),
+                    speaker_id=s["speaker_id"],
+                )
+                for s in doc["segments"]
+            ),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TranscriptError(f"not a cantobot minutes JSON document: {exc}") from exc
+
+
+MINUTES_FILES.update(
+    {"minutes.md": to_markdown, "minutes.srt": to_srt, "minutes.vtt": to_vtt, "minutes.json": to_json}
+)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_minutes(m: Minutes, directory: str | os.PathLike[str]) -> list[Path]:
+    """Write ``minutes.md/.srt/.vtt/.json`` into ``directory`` (created if missing)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, render in MINUTES_FILES.items():
+        path = out / name
+        _write_atomic(path, render(m))
+        paths.append(path)
+    return paths
+
+
+def _talk(seconds: float) -> str:
+    return format_timestamp(seconds)
+
+
+def summary_text(m: Minutes) -> str:
+    """A short Discord message: duration, participants, lines and talk time per speaker.
+
+    Names are escaped (no markdown, no pings); long speaker lists end with "and N more" so
+    the message always fits in one Discord message.
+    """
+    lines_by = m.lines_per_speaker
+    talk_by = m.talk_time_per_speaker
+    count = len(lines_by)
+    head = [
+        f"**Minutes: {escape(_one_line(m.title)) or 'Meeting'}**",
+        f"{format_timestamp(m.duration)} · {count} participant{'s' if count != 1 else ''}"
+        f" · {sum(lines_by.values())} lines",
+    ]
+    body = []
+    for name in list(lines_by)[:SUMMARY_MAX_SPEAKERS]:
+        n = lines_by[name]
+        body.append(
+            f"• {escape(_one_line(name))}: {n} line{'s' if n != 1 else ''},"
+            f" {_talk(talk_by[name])} talking"
+        )
+    if count > SUMMARY_MAX_SPEAKERS:
+        body.append(f"… and {count - SUMMARY_MAX_SPEAKERS} more")
+    text = "\n".join(head + body)
+    while len(text) > MAX_MESSAGE_CHARS and body:  # pathological names: drop whole lines
+        body.pop()
+        text = "\n".join([*head, *body, "…"])
+    return text[:MAX_MESSAGE_CHARS]
