@@ -1,0 +1,278 @@
+"""Minutes writers: Markdown, SRT, WebVTT and JSON, checked by strict validators."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.transcript.format import MAX_MESSAGE_CHARS
+from bot.transcript.minutes import (
+    from_json,
+    summary_text,
+    to_json,
+    to_markdown,
+    to_srt,
+    to_vtt,
+    write_minutes,
+)
+from bot.transcript.model import Minutes, Segment, TranscriptError, Word
+
+T0 = datetime(2026, 3, 4, 9, 30, tzinfo=UTC)
+
+# --- strict validators --------------------------------------------------------------------
+
+_SRT_TIME = re.compile(r"^(\d{2}):([0-5]\d):([0-5]\d),(\d{3}) --> (\d{2}):([0-5]\d):([0-5]\d),(\d{3})$")
+_VTT_TIME = re.compile(
+    r"^(\d{2,}):([0-5]\d):([0-5]\d)\.(\d{3}) --> (\d{2,}):([0-5]\d):([0-5]\d)\.(\d{3})$"
+)
+
+
+def _ms(groups: tuple[str, ...]) -> int:
+    h, m, s, ms = (int(g) for g in groups)
+    return ((h * 60 + m) * 60 + s) * 1000 + ms
+
+
+def validate_srt(text: str) -> list[tuple[int, int, list[str]]]:
+    """Strict SubRip: sequential indices, timing lines, one blank line between cues.
+
+    Returns the cues as (start ms, end ms, text lines); raises AssertionError otherwise.
+    """
+    assert "\r" not in text
+    if text == "":
+        return []
+    assert text.endswith("\n") and not text.endswith("\n\n"), "file must end with one newline"
+    cues = []
+    previous_start = -1
+    for n, block in enumerate(text[:-1].split("\n\n"), start=1):
+        lines = block.split("\n")
+        assert len(lines) >= 3, f"cue {n} needs index, timing and text: {block!r}"
+        assert lines[0] == str(n), f"cue index {lines[0]!r}, expected {n}"
+        match = _SRT_TIME.match(lines[1])
+        assert match, f"bad timing line {lines[1]!r}"
+        start, end = _ms(match.groups()[:4]), _ms(match.groups()[4:])
+        assert start <= end, f"cue {n} ends before it starts"
+        assert start >= previous_start, f"cue {n} is numbered out of start order"
+        previous_start = start
+        for line in lines[2:]:
+            assert line.strip(), f"cue {n} has a blank text line"
+            assert "-->" not in line, f"cue {n} text contains the timing arrow"
+        cues.append((start, end, lines[2:]))
+    return cues
+
+
+def validate_vtt(text: str) -> list[tuple[int, int, str, str]]:
+    """Strict WebVTT: header, cues ordered by start, voice-tagged payloads with escaped text.
+
+    Returns (start ms, end ms, voice, text) per cue.
+    """
+    assert "\r" not in text and "\0" not in text
+    assert text.startswith("WEBVTT\n\n") or text == "WEBVTT\n", "missing WEBVTT header"
+    cues = []
+    previous_start = -1
+    for block in text.split("\n\n")[1:]:
+        if not block.strip():
+            continue
+        lines = block.strip("\n").split("\n")
+        if "-->" not in lines[0]:  # an optional cue identifier
+            lines = lines[1:]
+        match = _VTT_TIME.match(lines[0])
+        assert match, f"bad timing line {lines[0]!r}"
+        start, end = _ms(match.groups()[:4]), _ms(match.groups()[4:])
+        assert start <= end, "cue ends before it starts"
+        assert start >= previous_start, "cues must be ordered by start time"
+        previous_start = start
+        payload = lines[1:]
+        assert payload and all(line.strip() for line in payload), "empty cue payload line"
+        assert all("-->" not in line for line in payload)
+        voice = re.match(r"^<v ([^<>&]|&(amp|lt|gt);)+>", payload[0])
+        assert voice, f"cue payload lacks a voice tag: {payload[0]!r}"
+        body = "\n".join(payload)[voice.end() :]
+        assert "<" not in body and ">" not in body, f"unescaped markup in {body!r}"
+        assert not re.search(r"&(?!(amp|lt|gt);)", body), f"bare ampersand in {body!r}"
+        cues.append((start, end, voice[0][3:-1], body))
+    return cues
+
+
+def test_the_srt_validator_rejects_broken_files() -> None:
+    good = "1\n00:00:01,000 --> 00:00:02,000\nalice: hi\n"
+    validate_srt(good)
+    for bad in (
+        good.replace("1\n", "2\n", 1),
+        good.replace("00:00:02,000", "00:00:00,500"),
+        good.replace("alice: hi", "a --> b"),
+        good.replace(",000 -->", ".000 -->"),
+        good + "\n2\n00:00:03,000 --> 00:00:04,000\n\nb\n",
+        good + "\n2\n00:00:00,000 --> 00:00:04,000\nb\n",
+    ):
+        with pytest.raises(AssertionError):
+            validate_srt(bad)
+
+
+def test_the_vtt_validator_rejects_broken_files() -> None:
+    good = "WEBVTT\n\n00:00:01.000 --> 00:00:02.000\n<v alice>hi\n"
+    validate_vtt(good)
+    for bad in (
+        good.replace("WEBVTT", "WEBVT"),
+        good.replace("<v alice>", ""),
+        good.replace("hi", "a <b> c"),
+        good.replace("hi", "fish & chips"),
+        good.replace("00:00:02.000", "00:00:00.000"),
+        good + "\n00:00:00.500 --> 00:00:04.000\n<v bob>early\n",
+    ):
+        with pytest.raises(AssertionError):
+            validate_vtt(bad)
+
+
+# --- meetings to write --------------------------------------------------------------------
+
+
+def meeting(*segments: Segment, ended_after: float | None = None) -> Minutes:
+    ended = T0 + timedelta(seconds=ended_after) if ended_after is not None else None
+    return Minutes("週會 weekly", T0, ended, segments)
+
+
+TRICKY = meeting(
+    Segment("阿明", "今日開會，討論預算。", 1.0, 4.25, (Word("今日", 1.0, 1.5), Word("開會", 1.5, 2.0))),
+    Segment("bob", "I think a --> b\n\nand then\n\n\nmore", 3.0, 6.0),  # overlaps 阿明
+    Segment("carol <3", "fish & chips <b>bold</b>", 2.0, 2.0),  # zero-length, starts earliest
+    Segment("阿明", "好。", 3725.5, 3727.125),  # past an hour
+    ended_after=3800,
+)
+
+
+def test_srt_of_a_tricky_meeting_is_valid_and_numbered_by_start() -> None:
+    cues = validate_srt(to_srt(TRICKY))
+    assert [c[0] for c in cues] == [1000, 2000, 3000, 3725500]
+    assert cues[1][2] == ["carol <3: fish & chips <b>bold</b>"]
+    assert cues[2][2] == ["bob: I think a → b and then more"]
+    assert cues[3][:2] == (3725500, 3727125)
+    assert cues[0][2] == ["阿明: 今日開會，討論預算。"]
+
+
+def test_vtt_of_a_tricky_meeting_is_valid_with_voice_tags() -> None:
+    text = to_vtt(TRICKY)
+    cues = validate_vtt(text)
+    assert [(c[2], c[3]) for c in cues] == [
+        ("阿明", "今日開會，討論預算。"),
+        ("carol &lt;3", "fish &amp; chips &lt;b&gt;bold&lt;/b&gt;"),
+        ("bob", "I think a → b and then more"),
+        ("阿明", "好。"),
+    ]
+    assert "01:02:05.500 --> 01:02:07.125" in text
+    # Overlapping cues are allowed in WebVTT: bob starts before 阿明's first cue ends.
+    assert cues[2][0] < cues[0][1]
+
+
+def test_an_empty_meeting_gives_valid_empty_subtitles() -> None:
+    assert validate_srt(to_srt(meeting())) == []
+    assert validate_vtt(to_vtt(meeting())) == []
+
+
+segment_text = st.lists(
+    st.sampled_from(list("ab -><&\n今日開會。") + ["-->", "\r\n", "\t", "\n\n"]), max_size=30
+).map("".join)
+segments = st.builds(
+    lambda speaker, text, start, length: Segment(speaker, text, start, start + length),
+    st.sampled_from(["alice", "阿明", "<v x>", "a-->b", ""]),
+    segment_text,
+    st.floats(0, 20000, allow_nan=False),
+    st.floats(0, 60, allow_nan=False),
+)
+
+
+@settings(max_examples=150)
+@given(st.lists(segments, max_size=12))
+def test_any_meeting_gives_valid_srt_and_vtt(segs: list[Segment]) -> None:
+    m = meeting(*segs)
+    assert len(validate_srt(to_srt(m))) == len(segs)
+    assert len(validate_vtt(to_vtt(m))) == len(segs)
+
+
+# --- markdown, json, summary --------------------------------------------------------------
+
+
+def test_markdown_lists_the_meeting_then_one_line_per_segment() -> None:
+    m = meeting(
+        Segment("bob", "係呀", 83.0, 84.0),
+        Segment("alice", "今日開會 *重要*", 5.0, 9.0),
+        ended_after=600,
+    )
+    assert to_markdown(m) == (
+        "# 週會 weekly\n"
+        "\n"
+        "- **Date:** 2026-03-04 09:30 UTC\n"
+        "- **Duration:** 10:00\n"
+        "- **Participants:** alice, bob\n"
+        "\n"
+        "**[00:05] alice:** 今日開會 \\*重要\\*\n"
+        "\n"
+        "**[01:23] bob:** 係呀\n"
+    )
+
+
+def test_markdown_switches_to_hh_mm_ss_for_meetings_past_an_hour() -> None:
+    md = to_markdown(TRICKY)
+    assert "**[00:00:01] 阿明:**" in md
+    assert "**[01:02:05] 阿明:** 好。" in md
+    assert "- **Duration:** 1:03:20" in md
+    assert "\n\n\n" not in md  # blank lines in speech do not leak into the file
+
+
+def test_json_carries_the_meeting_and_word_timestamps_and_round_trips() -> None:
+    text = to_json(TRICKY)
+    doc = json.loads(text)
+    assert "阿明" in text  # UTF-8, not \u escapes
+    assert doc["title"] == "週會 weekly"
+    assert doc["started_at"] == "2026-03-04T09:30:00+00:00"
+    assert doc["duration"] == 3800.0
+    assert doc["participants"] == ["阿明", "carol <3", "bob"]
+    assert doc["segments"][0]["words"] == [
+        {"text": "今日", "start": 1.0, "end": 1.5},
+        {"text": "開會", "start": 1.5, "end": 2.0},
+    ]
+    assert from_json(text) == TRICKY.sorted()
+
+
+def test_reading_something_that_is_not_minutes_json_is_a_transcript_error() -> None:
+    with pytest.raises(TranscriptError):
+        from_json('{"title": "x"}')
+
+
+def test_write_minutes_writes_four_files_atomically(tmp_path: Path) -> None:
+    out = tmp_path / "meeting-1"
+    paths = write_minutes(TRICKY, out)
+    assert [p.name for p in paths] == ["minutes.md", "minutes.srt", "minutes.vtt", "minutes.json"]
+    assert (out / "minutes.srt").read_text(encoding="utf-8") == to_srt(TRICKY)
+    assert from_json((out / "minutes.json").read_text(encoding="utf-8")) == TRICKY.sorted()
+    first_inode = (out / "minutes.md").stat().st_ino
+    shorter = meeting(Segment("bob", "短", 0.0, 1.0))
+    write_minutes(shorter, out)
+    # Replaced by rename (a new file), not rewritten in place; no temp files left behind.
+    assert (out / "minutes.md").stat().st_ino != first_inode
+    assert (out / "minutes.md").read_text(encoding="utf-8") == to_markdown(shorter)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_summary_names_participants_lines_and_talk_time() -> None:
+    text = summary_text(TRICKY)
+    assert text.splitlines() == [
+        "**Minutes: 週會 weekly**",
+        "1:03:20 · 3 participants · 4 lines",
+        "• 阿明: 2 lines, 00:04 talking",
+        "• carol \\<3: 1 line, 00:00 talking",
+        "• bob: 1 line, 00:03 talking",
+    ]
+
+
+def test_summary_escapes_names_and_fits_one_message_with_many_speakers() -> None:
+    segs = [Segment(f"@everyone{'x' * 60}{i}", "hi", i, i + 1) for i in range(500)]
+    text = summary_text(meeting(*segs))
+    assert len(text) <= MAX_MESSAGE_CHARS
+    assert "@everyone" not in text
+    assert "500 participants" in text
