@@ -1,0 +1,276 @@
+"""discord.py adapter for voice receive: a VoiceClient subclass and the listener it feeds.
+
+discord.py 2.7 sends voice but does not receive it. We hook in without forking it:
+
+- :class:`ReceiveVoiceClient` builds its ``VoiceConnectionState`` with a websocket hook, so we see
+  every JSON voice-gateway message after discord.py has handled it: op 2 READY (new voice
+  session: SSRCs are reassigned), op 4 SESSION_DESCRIPTION (transport mode and key; the UDP socket
+  exists now, so this is where the socket listener is (re-)attached, after every reconnect or
+  move), op 5 SPEAKING (SSRC -> member), op 13 client disconnect.
+- It also offers ``aead_aes256_gcm_rtpsize`` (Discord's preferred mode; far cheaper to decrypt
+  than XChaCha20) with the matching send-side encryption discord.py looks up by mode name.
+- :class:`VoiceListener` outlives any one voice client: it owns the :class:`VoiceReceiver`, takes
+  datagrams from discord.py's socket-reader thread into a bounded deque (the thread never blocks,
+  the loop is woken once per burst with ``call_soon_threadsafe``), runs the receiver's clock,
+  sends a UDP keepalive (discord.py sends none while it plays nothing, and NATs forget the
+  mapping), and watches for a connection that went deaf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import discord
+from discord.voice_state import VoiceConnectionState
+
+from bot.voice.crypto import TransportCipher
+from bot.voice.dave import DaveReceiver
+from bot.voice.receiver import VoiceReceiver
+
+log = logging.getLogger(__name__)
+
+#: Voice gateway opcodes we observe (discord.py handles the rest itself).
+OP_READY = 2
+OP_SESSION_DESCRIPTION = 4
+OP_SPEAKING = 5
+OP_CLIENTS_CONNECT = 11
+OP_CLIENT_DISCONNECT = 13
+
+#: Datagrams waiting for the loop; past this the oldest are dropped (about 1 s of 40 speakers).
+INBOX_LIMIT = 2000
+#: How often the receiver's clock runs (silence fill, stalled jitter buffers, idle members).
+TICK_SECONDS = 0.05
+
+
+class VoiceListener:
+    """Receives one guild's voice, across voice reconnects, moves and gateway RESUMEs."""
+
+    def __init__(
+        self,
+        receiver: VoiceReceiver,
+        *,
+        keepalive_seconds: float = 5.0,
+        watchdog_seconds: float = 15.0,
+        on_stalled: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.receiver = receiver
+        self._keepalive_seconds = keepalive_seconds
+        self._watchdog_seconds = watchdog_seconds
+        self._on_stalled = on_stalled
+        self._clock = clock
+        self._inbox: collections.deque[tuple[bytes, float]] = collections.deque(maxlen=INBOX_LIMIT)
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._vc: ReceiveVoiceClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.inbox_dropped = 0
+        self.last_speaking_at: float | None = None
+        self.keepalives_sent = 0
+        self._stall_reported_at: float | None = None
+        self._keepalive_counter = 0
+        if receiver.dave is None:
+            # DAVE through whichever session discord.py holds right now (replaced on reconnect).
+            receiver.dave = DaveReceiver(self._dave_session, self._dave_protocol_version)
+
+    def _dave_session(self) -> Any:
+        vc = self._vc
+        return vc._connection.dave_session if vc is not None else None
+
+    def _dave_protocol_version(self) -> int:
+        vc = self._vc
+        return int(vc._connection.dave_protocol_version) if vc is not None else 0
+
+    # -- binding to a voice client ---------------------------------------------------------------
+
+    @property
+    def voice_client(self) -> ReceiveVoiceClient | None:
+        return self._vc
+
+    def factory(self) -> Callable[[discord.Client, discord.abc.Connectable], ReceiveVoiceClient]:
+        """``channel.connect(cls=listener.factory())`` joins with a client bound to us."""
+
+        def make(client: discord.Client, channel: discord.abc.Connectable) -> ReceiveVoiceClient:
+            return ReceiveVoiceClient(client, channel, listener=self)
+
+        return make
+
+    def bind(self, vc: ReceiveVoiceClient) -> None:
+        self._vc = vc
+        self._loop = vc.loop
+        if not self._tasks:
+            self._tasks = [
+                self._loop.create_task(self._tick_loop(), name="voice-receive-tick"),
+                self._loop.create_task(self._keepalive_loop(), name="voice-udp-keepalive"),
+            ]
+
+    def attach_socket(self) -> None:
+        """(Re-)register our datagram callback on the current connection's reader thread."""
+        vc = self._vc
+        if vc is None:
+            return
+        vc._connection.remove_socket_listener(self._on_datagram)
+        vc._connection.add_socket_listener(self._on_datagram)
+
+    async def aclose(self) -> None:
+        """Stop the clock and keepalive tasks and detach; idempotent."""
+        if self._vc is not None:
+            try:
+                self._vc._connection.remove_socket_listener(self._on_datagram)
+            except Exception:  # the connection may already be torn down
+                log.debug("removing socket listener failed", exc_info=True)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._drain_inbox()
+
+    # -- socket thread -> loop --------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes) -> None:
+        """Runs on discord.py's socket-reader thread: append and wake the loop, never block."""
+        if len(self._inbox) == INBOX_LIMIT:
+            self.inbox_dropped += 1
+        self._inbox.append((data, self._clock()))
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    def _drain_inbox(self) -> None:
+        self._scheduled = False
+        inbox = self._inbox
+        handle = self.receiver.handle_packet
+        while inbox:
+            data, at = inbox.popleft()
+            handle(data, at)
+
+    # -- voice gateway hook ------------------------------------------------------------------------
+
+    async def on_voice_ws_message(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        data = msg.get("d") or {}
+        now = self._clock()
+        if op == OP_READY:
+            # A fresh voice session: drop SSRC state; members keep their streams.
+            self._drain_inbox()
+            self.receiver.reset_connection()
+        elif op == OP_SESSION_DESCRIPTION:
+            try:
+                self.receiver.set_transport(str(data["mode"]), bytes(data["secret_key"]))
+            except (KeyError, TypeError, ValueError):
+                log.warning("voice session description without a usable mode/key")
+                return
+            self.attach_socket()
+            self._drain_inbox()  # packets that waited for the key
+        elif op == OP_SPEAKING:
+            try:
+                user_id, ssrc = int(data["user_id"]), int(data["ssrc"])
+            except (KeyError, TypeError, ValueError):
+                return
+            if data.get("speaking", 1):
+                self.last_speaking_at = now
+            self._drain_inbox()
+            self.receiver.on_speaking(user_id, ssrc, now)
+        elif op == OP_CLIENT_DISCONNECT:
+            try:
+                self.receiver.on_client_disconnect(int(data["user_id"]))
+            except (KeyError, TypeError, ValueError):
+                return
+
+    # -- clock, keepalive, watchdog ----------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self._drain_inbox()
+            now = self._clock()
+            try:
+                self.receiver.tick(now)
+            except Exception:  # never let one bad member stop everyone's clock
+                log.exception("voice receive tick failed")
+            self._watchdog(now)
+
+    def _watchdog(self, now: float) -> None:
+        """Members are speaking but no packet arrived for watchdog_seconds: say so, once."""
+        if self._on_stalled is None or self.last_speaking_at is None:
+            return
+        last_packet = self.receiver.last_packet_at
+        reference = max(self.last_speaking_at, last_packet or 0.0)
+        if last_packet is not None and last_packet >= self.last_speaking_at:
+            return
+        if now - reference < self._watchdog_seconds:
+            return
+        if self._stall_reported_at is not None and self._stall_reported_at >= reference:
+            return
+        self._stall_reported_at = now
+        self._on_stalled(
+            f"members are speaking but no voice packets arrived for "
+            f"{self._watchdog_seconds:.0f} s"
+        )
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._keepalive_seconds)
+            self.send_keepalive()
+
+    def send_keepalive(self) -> None:
+        """An 8-byte UDP datagram (a counter), as Discord's own clients send every few seconds."""
+        vc = self._vc
+        if vc is None or not vc.is_connected():
+            return
+        state = vc._connection
+        try:
+            self._keepalive_counter = (self._keepalive_counter + 1) & 0xFFFFFFFF
+            state.socket.sendto(struct.pack("<Q", self._keepalive_counter),
+                                (state.endpoint_ip, state.voice_port))
+            self.keepalives_sent += 1
+        except (OSError, TypeError, AttributeError):
+            log.debug("voice keepalive not sent", exc_info=True)
+
+    def reset_watchdog(self) -> None:
+        self.last_speaking_at = None
+        self._stall_reported_at = None
+
+
+class ReceiveVoiceClient(discord.VoiceClient):
+    """discord.py's VoiceClient plus the receive hook and AES-GCM transport."""
+
+    supported_modes = (  # type: ignore[assignment]
+        "aead_aes256_gcm_rtpsize",
+        "aead_xchacha20_poly1305_rtpsize",
+    )
+
+    def __init__(self, client: discord.Client, channel: discord.abc.Connectable, *,
+                 listener: VoiceListener) -> None:
+        self.listener = listener  # before super().__init__, which builds the connection state
+        self._send_cipher: tuple[bytes, TransportCipher] | None = None
+        super().__init__(client, channel)  # type: ignore[arg-type]
+        listener.bind(self)
+
+    def create_connection_state(self) -> VoiceConnectionState:
+        return VoiceConnectionState(self, hook=self._voice_ws_hook)
+
+    async def _voice_ws_hook(self, ws: Any, msg: dict[str, Any]) -> None:
+        await self.listener.on_voice_ws_message(msg)
+
+    def _encrypt_aead_aes256_gcm_rtpsize(self, header: bytes, data: bytes) -> bytes:
+        """Send side of the AES-GCM mode; discord.py finds it by the mode's name."""
+        key = bytes(self.secret_key)
+        if self._send_cipher is None or self._send_cipher[0] != key:
+            self._send_cipher = (key, TransportCipher("aead_aes256_gcm_rtpsize", key))
+        nonce = self._incr_nonce
+        self.checked_add("_incr_nonce", 1, 4294967295)
+        return self._send_cipher[1].encrypt(bytes(header), b"", bytes(data), nonce)
