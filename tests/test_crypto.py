@@ -232,8 +232,12 @@ def test_packet_counters_start_at_zero_and_report_as_a_dict() -> None:
 
 
 @pytest.mark.parametrize("mode", SUPPORTED_MODES)
-@given(data=st.binary(max_size=80))
-def test_arbitrary_bytes_raise_only_malformed_or_decrypt_error(mode: str, data: bytes) -> None:
+@given(data=st.binary(max_size=80), force_v2=st.booleans())
+def test_arbitrary_bytes_raise_only_malformed_or_decrypt_error(
+    mode: str, data: bytes, force_v2: bool
+) -> None:
+    if force_v2 and data:  # most random bytes fail the version check; get past it half the time
+        data = bytes([0x80 | data[0] & 0x3F]) + data[1:]
     cipher = TransportCipher(mode, KEY)
     try:
         cipher.decrypt(parse_rtp(data))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import TypeAlias
 
 #: Opus at 48 kHz in 20 ms frames, as Discord sends it (discord.opus.Encoder.SAMPLES_PER_FRAME).
 DEFAULT_SAMPLES_PER_FRAME = 960
@@ -70,7 +71,7 @@ class Silence:
     samples: int
 
 
-JitterOutput = Frame | Lost | Silence
+JitterOutput: TypeAlias = Frame | Lost | Silence
 
 
 @dataclass(slots=True)
@@ -200,34 +201,36 @@ class JitterBuffer:
 
     def _release(self, out: list[JitterOutput], *, flush: bool) -> None:
         pending = self._pending
-        if self._next is None:
+        nxt = self._next
+        if nxt is None:
             if not pending or (len(pending) < self.window and not flush):
                 return
-            self._next = min(pending)
+            nxt = min(pending)
+        spf = self.samples_per_frame
         while pending:
-            ext = self._next
+            ext = nxt
             entry = pending.pop(ext, None)
             missing = 0
             if entry is None:
                 if len(pending) < self.window and not flush:
-                    return
+                    break
                 ext = min(pending)
                 entry = pending.pop(ext)
-                missing = ext - self._next
+                missing = ext - nxt
                 self.stats.lost += missing
-                self._lost_recent.extend(range(max(self._next, ext - _LOST_MEMORY), ext))
+                self._lost_recent.extend(range(max(nxt, ext - _LOST_MEMORY), ext))
             timestamp, payload = entry
-            self._fill_gap(out, timestamp, missing, payload)
+            if self._cursor is not None:
+                self._fill_gap(out, timestamp, missing, payload)
             out.append(Frame(payload, timestamp))
             self.stats.released += 1
-            self._cursor = (timestamp + self.samples_per_frame) % _TS_MOD
-            self._next = ext + 1
+            self._cursor = (timestamp + spf) % _TS_MOD
+            nxt = ext + 1
+        self._next = nxt
 
     def _fill_gap(self, out: list[JitterOutput], timestamp: int, missing: int, nxt: bytes) -> None:
         """Lost and/or Silence between the cursor and ``timestamp`` (clamped, never negative)."""
-        if self._cursor is None:
-            return
-        gap = _signed(timestamp - self._cursor, _TS_MOD)
+        gap = _signed(timestamp - (self._cursor or 0), _TS_MOD)
         if gap <= 0:
             return  # overlap or timestamps reset: nothing to insert
         if gap > self.max_gap_samples:
