@@ -397,3 +397,10 @@ async def test_aclose_delivers_everything_that_can_be_delivered_first() -> None:
         box.put(Item(text))
     await box.aclose(flush_timeout=5)
     assert rec.sent == lines(10) and box.pending == 0
+
+
+def test_merging_counts_astral_characters_twice_as_discord_may() -> None:
+    ext_b = "\U00020d71" * 6  # 𠵱: 6 characters, 12 UTF-16 units
+    items = [Item(ext_b, "k"), Item(ext_b, "k")]
+    assert len(merge_pending(items, 20)) == 2  # 12 + 1 + 12 = 25 units > 20
+    assert len(merge_pending(items, 25)) == 1

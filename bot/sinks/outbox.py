@@ -20,8 +20,9 @@ Delivery rules:
   form) and unexpected exceptions are logged with their reason, counted and the item is dropped,
   so the queue keeps moving. The lines themselves are already in storage and in the minutes.
 * Bursts: consecutive waiting items with the same ``merge_key`` are sent as one message of at most
-  ``merge_limit`` characters (fewer requests while rate limited). Once an item has been tried its
-  batch is fixed, so a retry resends exactly the same message.
+  ``merge_limit`` characters, counted as Discord may count them (UTF-16 units, see
+  :func:`bot.transcript.format.message_length`), so a burst costs fewer requests. Once an
+  item has been tried its batch is fixed, so a retry resends exactly the same message.
 * Bound: past ``max_pending`` waiting items, a new mergeable line is merged into the last waiting
   item instead of being queued (logged once); nothing is dropped for being late.
 """
@@ -43,6 +44,7 @@ import aiohttp
 import discord
 
 from bot.errors import CantobotError
+from bot.transcript.format import message_length
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def _fits(a: Item, b: Item, limit: int) -> bool:
     return (
         a.merge_key is not None
         and a.merge_key == b.merge_key
-        and len(a.text) + len(MERGE_SEPARATOR) + len(b.text) <= limit
+        and message_length(a.text) + len(MERGE_SEPARATOR) + message_length(b.text) <= limit
     )
 
 
@@ -336,9 +338,7 @@ class Outbox:
         waiting = sum(e.count for e in self._pending)
         if waiting >= self._max_pending and self._pending and item.merge_key is not None:
             last = self._pending[-1]
-            if last.item.merge_key == item.merge_key and (
-                len(last.item.text) + len(MERGE_SEPARATOR) + len(item.text) <= self._merge_limit
-            ):
+            if _fits(last.item, item, self._merge_limit):
                 if not self._overflow_logged:
                     self._overflow_logged = True
                     log.warning(
@@ -431,7 +431,11 @@ class Outbox:
             self._items_sent += count
             waited = self._clock() - batch[0].enqueued_at
             log.debug(
-                "outbox %s sent %s (%d item(s), waited %.2f s)", self.name, item.label, count, waited
+                "outbox %s sent %s (%d item(s), waited %.2f s)",
+                self.name,
+                item.label,
+                count,
+                waited,
             )
             return True
 
