@@ -148,12 +148,13 @@ def make_craig_export(folder: Path) -> None:
     folder.mkdir()
     write(folder / "2-bob_1234.flac", tone(500, 0.2, 48000), 48000)
     write(folder / "1-alice.flac", tone(400, 0.1, 48000), 48000)
-    write(folder / "3-carol.wav", tone(600, 0.3, 16000), 16000, subtype="PCM_16")
+    write(folder / "10-carol.wav", tone(600, 0.3, 16000), 16000, subtype="PCM_16")
     (folder / "info.txt").write_text("Recording by Craig\n")
     (folder / "raw.dat").write_bytes(b"\x00\x01" * 50)
 
 
 def check_craig_tracks(tracks: list[tuple[str, AudioClip]]) -> None:
+    # Sorted by name with numbers as numbers: track 10 comes after track 2.
     assert [name for name, _ in tracks] == ["alice", "bob", "carol"]
     assert [round(clip.duration, 3) for _, clip in tracks] == [0.1, 0.2, 0.3]
     assert abs(peak_hz(tracks[2][1].samples[:, 0], 16000) - 600) <= 4
@@ -208,4 +209,5 @@ def test_an_audio_clip_refuses_the_wrong_layout() -> None:
     with pytest.raises(ValueError):
         AudioClip(samples=np.zeros(10, dtype=np.int16), sample_rate=16000)
     with pytest.raises(ValueError):
-        AudioClip(samples=np.zeros((10, 1), dtype=np.float32), sample_rate=16000)  # type: ignore[arg-type]
+        floats = np.zeros((10, 1), dtype=np.float32)
+        AudioClip(samples=floats, sample_rate=16000)  # type: ignore[arg-type]

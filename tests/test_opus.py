@@ -37,9 +37,13 @@ def voice_like(seconds: float, rate: int = DISCORD_SAMPLE_RATE) -> npt.NDArray[n
     return (x / np.abs(x).max() * 12000).astype(np.int16)
 
 
-def encode_stereo(mono: npt.NDArray[np.int16], **encoder_kwargs: object) -> list[bytes]:
+def encode_stereo(
+    mono: npt.NDArray[np.int16], *, bitrate: int = 64000, fec: bool = True,
+    packet_loss_percent: int = 5,
+) -> list[bytes]:
     """Encode as a Discord client would: 48 kHz stereo, 20 ms frames."""
-    enc = OpusEncoder(DISCORD_SAMPLE_RATE, DISCORD_CHANNELS, **encoder_kwargs)  # type: ignore[arg-type]
+    enc = OpusEncoder(DISCORD_SAMPLE_RATE, DISCORD_CHANNELS, bitrate=bitrate, fec=fec,
+                      packet_loss_percent=packet_loss_percent)
     stereo = np.repeat(mono[:, None], 2, axis=1)
     n = len(mono) // FRAME_48K
     return [enc.encode(stereo[i * FRAME_48K:(i + 1) * FRAME_48K]) for i in range(n)]
@@ -107,7 +111,8 @@ def test_decode_into_writes_the_callers_buffer_and_matches_decode(
 def test_decode_into_refuses_buffers_it_cannot_write() -> None:
     dec = OpusDecoder(16000, 1)
     with pytest.raises(TypeError):
-        dec.decode_into(OPUS_SILENCE_FRAME, np.zeros(320, dtype=np.float32))  # type: ignore[arg-type]
+        floats = np.zeros(320, dtype=np.float32)
+        dec.decode_into(OPUS_SILENCE_FRAME, floats)  # type: ignore[arg-type]
     read_only = np.zeros(320, dtype=np.int16)
     read_only.flags.writeable = False
     with pytest.raises(ValueError):
@@ -177,6 +182,8 @@ def test_without_encoder_fec_decode_fec_falls_back_to_concealment() -> None:
     for packet in packets[:15]:
         dec.decode(packet)
     assert len(dec.decode_fec(packets[16], 320)) == 320
+    # A gap longer than one packet can hold is concealed first, then FEC: still exact.
+    assert len(dec.decode_fec(packets[18], 2240)) == 2240
 
 
 def test_the_discord_silence_frame_decodes_to_twenty_ms_of_silence() -> None:

@@ -129,6 +129,8 @@ class StreamConverter:
         """
         frames = self._as_frames(pcm)
         self._frames_in += frames.shape[0]
+        if self._stream is None and frames.ndim == 1 and frames.dtype == np.int16:
+            return frames.copy()  # the common pass-through: already mono int16 at the rate
         mono = downmix(frames)
         if self._stream is None:
             return to_int16(mono)
@@ -163,7 +165,7 @@ class StreamConverter:
         if ch == 1:
             return x
         if x.size % ch:
-            raise ValueError(f"{x.size} interleaved samples is not a whole number of {ch}-ch frames")
+            raise ValueError(f"{x.size} interleaved samples is not whole {ch}-channel frames")
         return x.reshape(-1, ch)
 
 

@@ -144,6 +144,13 @@ def speaker_name_from_filename(name: str) -> str:
     return stem.strip() or base
 
 
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``2-bob`` before ``10-judy`` (Craig numbers tracks without padding)."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    return tuple((0, int(part)) if part.isdecimal() else (1, part.lower())
+                 for part in re.findall(r"\d+|\D+", base))
+
+
 def _is_track(name: str) -> bool:
     p = PurePosixPath(name.replace("\\", "/"))
     if p.name.startswith(".") or "__MACOSX" in p.parts:
@@ -153,14 +160,15 @@ def _is_track(name: str) -> bool:
 
 def discover_tracks(path: str) -> list[tuple[str, AudioClip]]:
     """Every speaker's track in a folder or a .zip (or a single audio file), sorted by file
-    name, as ``(speaker name, clip)``; non-audio files are skipped."""
+    name (numbers compared as numbers), as ``(speaker name, clip)``; non-audio files are
+    skipped."""
     p = Path(path)
     if not p.exists():
         raise AudioInputError(f"{path}: not found")
     tracks: list[tuple[str, AudioClip]] = []
     if p.is_dir():
         files = sorted((f for f in p.iterdir() if f.is_file() and _is_track(f.name)),
-                       key=lambda f: f.name)
+                       key=lambda f: (_natural_key(f.name), f.name))
         for f in files:
             tracks.append((speaker_name_from_filename(f.name), read_audio(str(f))))
     elif p.suffix.lower() == ".zip" or zipfile.is_zipfile(p):
@@ -179,7 +187,7 @@ def _tracks_from_zip(path: str) -> list[tuple[str, AudioClip]]:
         with zipfile.ZipFile(path) as zf:
             members = sorted(
                 (m for m in zf.infolist() if not m.is_dir() and _is_track(m.filename)),
-                key=lambda m: (PurePosixPath(m.filename).name, m.filename),
+                key=lambda m: (_natural_key(m.filename), m.filename),
             )
             tracks = []
             for m in members:
