@@ -256,7 +256,7 @@ class VoiceReceiver:
         for state in list(self._ssrcs.values()):
             if now - state.last_packet > self._fill_after:
                 member = self._members.get(state.user_id)
-                for out in state.jitter.drain(force=True):
+                for out in state.jitter.drain():
                     if member is not None:
                         self._emit(state, member, out, now)
         for member in list(self._members.values()):
