@@ -167,7 +167,9 @@ def test_a_limit_below_two_is_refused() -> None:
     [(0, "00:00"), (83.9, "01:23"), (599.99, "09:59"), (3599.999, "59:59"), (3600, "1:00:00"),
      (3725, "1:02:05"), (36000, "10:00:00")],
 )
-def test_timestamps_are_mm_ss_under_an_hour_and_h_mm_ss_after(seconds: float, expected: str) -> None:
+def test_timestamps_are_mm_ss_under_an_hour_and_h_mm_ss_after(
+    seconds: float, expected: str
+) -> None:
     assert format_timestamp(seconds) == expected
 
 

@@ -33,7 +33,9 @@ def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "cantobot.sqlite3")
 
 
-async def start(storage: Storage, *, guild: int = GUILD, at: datetime = T0, title: str = "週會") -> int:
+async def start(
+    storage: Storage, *, guild: int = GUILD, at: datetime = T0, title: str = "週會"
+) -> int:
     return await storage.start_meeting(
         guild_id=guild, text_channel_id=11, voice_channel_id=22, title=title, started_at=at
     )
@@ -228,7 +230,8 @@ async def test_migrations_are_applied_once_and_the_version_is_recorded(db_path: 
         assert await storage.schema_version() == len(load_migrations()) == 1
         await storage.close()
     with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT version, name FROM schema_version").fetchall() == [(1, "initial")]
+        versions = raw.execute("SELECT version, name FROM schema_version").fetchall()
+        assert versions == [(1, "initial")]
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
@@ -254,7 +257,10 @@ async def test_a_database_from_a_newer_cantobot_is_refused(db_path: str) -> None
 
 
 def test_migration_scripts_split_into_statements_ignoring_comments() -> None:
-    sql = "-- a; comment\nCREATE TABLE a (x TEXT DEFAULT ';');\n\nCREATE INDEX i ON a (x);\n-- end\n"
+    sql = (
+        "-- a; comment\nCREATE TABLE a (x TEXT DEFAULT ';');\n\n"
+        "CREATE INDEX i ON a (x);\n-- end\n"
+    )
     assert split_statements(sql) == [
         "-- a; comment\nCREATE TABLE a (x TEXT DEFAULT ';');",
         "CREATE INDEX i ON a (x);",

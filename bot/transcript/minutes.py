@@ -27,8 +27,6 @@ from bot.transcript.model import Minutes, Segment, TranscriptError, Word
 
 #: JSON layout version, bumped when a field changes meaning.
 JSON_FORMAT_VERSION = 1
-#: The files :func:`write_minutes` produces, by writer.
-MINUTES_FILES: dict[str, Callable[[Minutes], str]] = {}
 #: Speakers listed by name in :func:`summary_text` before "and N more".
 SUMMARY_MAX_SPEAKERS = 25
 #: WebVTT voice names cannot contain these (they end the ``<v ...>`` tag).
@@ -93,7 +91,8 @@ def to_markdown(m: Minutes) -> str:
     lines.append(f"- **Participants:** {names}")
     lines.append("")
     for s in m.segments:
-        lines.append(f"**[{stamp(s.start)}] {_markdown_text(s.speaker)}:** {_markdown_text(s.text)}")
+        speaker, text = _markdown_text(s.speaker), _markdown_text(s.text)
+        lines.append(f"**[{stamp(s.start)}] {speaker}:** {text}")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -169,9 +168,13 @@ def from_json(text: str) -> Minutes:
         raise TranscriptError(f"not a cantobot minutes JSON document: {exc}") from exc
 
 
-MINUTES_FILES.update(
-    {"minutes.md": to_markdown, "minutes.srt": to_srt, "minutes.vtt": to_vtt, "minutes.json": to_json}
-)
+#: The files :func:`write_minutes` produces, and the writer of each.
+MINUTES_FILES: dict[str, Callable[[Minutes], str]] = {
+    "minutes.md": to_markdown,
+    "minutes.srt": to_srt,
+    "minutes.vtt": to_vtt,
+    "minutes.json": to_json,
+}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -199,10 +202,6 @@ def write_minutes(m: Minutes, directory: str | os.PathLike[str]) -> list[Path]:
     return paths
 
 
-def _talk(seconds: float) -> str:
-    return format_timestamp(seconds)
-
-
 def summary_text(m: Minutes) -> str:
     """A short Discord message: duration, participants, lines and talk time per speaker.
 
@@ -222,7 +221,7 @@ def summary_text(m: Minutes) -> str:
         n = lines_by[name]
         body.append(
             f"• {escape(_one_line(name))}: {n} line{'s' if n != 1 else ''},"
-            f" {_talk(talk_by[name])} talking"
+            f" {format_timestamp(talk_by[name])} talking"
         )
     if count > SUMMARY_MAX_SPEAKERS:
         body.append(f"… and {count - SUMMARY_MAX_SPEAKERS} more")
