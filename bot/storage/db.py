@@ -464,7 +464,7 @@ class Storage:
 
         deleted = await self._run(run)
         if deleted:
-            log.info("retention: deleted %d meeting(s) older than %d day(s)", deleted, days)
+            log.debug("retention: deleted %d meeting(s) older than %d day(s)", deleted, days)
         return deleted
 
     async def schema_version(self) -> int:
