@@ -202,7 +202,9 @@ def assert_decrypts(receiver: DaveReceiver, user_id: int, pairs: list[tuple[byte
         assert receiver.decrypt(user_id, sent) == plain
 
 
-def assert_leaves_match(group: DaveGroup, *members: SimulatedMember, bot: WireBot | None = None) -> None:
+def assert_leaves_match(
+    group: DaveGroup, *members: SimulatedMember, bot: WireBot | None = None
+) -> None:
     """Discord's copy of the tree names the same leaves the members' own trees hold."""
     for m in members:
         assert group.leaf_index(m.user_id) == m.session.own_leaf_index
@@ -431,7 +433,7 @@ def test_a_corrupt_commit_makes_the_bot_reset_and_the_server_re_adds_it(
 
     member_joins(group, bot, carol)
 
-    # op 29 fails → op 31 + a new key package → Remove(old leaf) then Add → op 30 → 23 → 22.
+    # op 29 fails → op 31 + new key package → Remove(old leaf), then Add → op 30 → 23 → 22.
     assert bot.received[received_before:] == ["op 27", "op 29", "op 30", "op 22"]
     # The bot committed epoch 3 (adding Carol) but could not apply it; Alice committed its
     # removal (epoch 4) and its re-addition into the freed leaf (epoch 5).
@@ -464,6 +466,50 @@ def test_if_the_bot_never_commits_a_member_commit_is_used_and_the_bot_follows_it
     assert not group.awaiting_commit and group.history[-1][0] == ALICE
     assert group.epoch == bot.session.epoch == bob.session.epoch == 2
     assert_decrypts(receiver_for(bot), BOB, speak(bob, OpusTalker(610)))
+
+
+def test_a_bot_that_resets_while_proposals_await_its_commit_is_re_added_by_the_members(
+    group: DaveGroup, bot: WireBot
+) -> None:
+    alice, bob = SimulatedMember(ALICE, CHANNEL), SimulatedMember(BOB, CHANNEL)
+    member_joins(group, None, alice)
+    bot_joins(group, bot)
+    bot.ignore_proposals = True
+    deliver(group, bot, group.add_member(bob))
+    assert group.awaiting_commit
+
+    # The bot gives up on its state (op 31) and sends a fresh key package, as discord.py does.
+    bot.ignore_proposals = False
+    out = group.on_invalid_commit_welcome(BOT, 0)
+    bot.session.reinit(1, BOT, CHANNEL)
+    out += group.on_key_package(BOT, bot.session.get_serialized_key_package())
+    deliver(group, bot, out)
+
+    # Alice's commit added Bob without the reset bot; then the bot's leaf was freed and refilled.
+    assert [who for who, _, _ in group.history[-3:]] == [ALICE, ALICE, ALICE]
+    assert group.members == [BOT, ALICE, BOB]
+    assert bot.received[-2:] == ["op 30", "op 22"]
+    assert_leaves_match(group, alice, bob, bot=bot)
+    assert_decrypts(receiver_for(bot), BOB, speak(bob, OpusTalker(710)))
+
+
+def test_a_joiner_who_leaves_before_the_commit_is_added_then_removed(
+    group: DaveGroup, bot: WireBot
+) -> None:
+    bot_joins(group, bot)
+    alice, bob = SimulatedMember(ALICE, CHANNEL), SimulatedMember(BOB, CHANNEL)
+    member_joins(group, bot, alice)
+    bot.ignore_proposals = True
+    proposals = group.add_member(bob)
+    assert group.leave(BOB) == []  # the round stays open: the bot holds the proposals
+    bot.ignore_proposals = False
+
+    deliver(group, bot, proposals)
+
+    assert group.members == [BOT, ALICE] and not group.awaiting_commit
+    assert bot.session.epoch == alice.session.epoch == group.epoch == 3  # add, then remove
+    assert sorted(bot.session.get_user_ids()) == sorted([str(BOT), str(ALICE)])
+    assert_leaves_match(group, alice, bot=bot)
 
 
 def test_a_late_second_commit_for_the_same_round_is_ignored(
@@ -523,17 +569,16 @@ def test_a_downgrade_to_version_0_passes_plaintext_through_during_and_after_the_
     assert receiver.stats["UnencryptedWhenPassthroughDisabled"] == 1
 
     prepare = group.downgrade()
-    assert [frame for _, frame in prepare] == [
-        {"op": 21, "d": {"transition_id": prepare[0][1]["d"]["transition_id"], "protocol_version": 0}}
-    ]
+    (to, op21), = prepare
+    tid = op21["d"]["transition_id"]
+    assert to == BOT and op21 == {"op": 21, "d": {"transition_id": tid, "protocol_version": 0}}
     # Between op 21 and op 22: the bot allows passthrough; members may send either kind.
-    bot.handle(prepare[0][1])
+    bot.handle(op21)
     assert bot.protocol_version == 1 and receiver.is_e2ee()
     plain = talk.frame()
     assert receiver.decrypt(ALICE, plain) == plain
     assert_decrypts(receiver, ALICE, speak(alice, talk))
 
-    tid = prepare[0][1]["d"]["transition_id"]
     deliver(group, bot, group.on_transition_ready(BOT, tid))
 
     assert bot.received[-2:] == ["op 21", "op 22"]

@@ -23,7 +23,7 @@ send as a binary message after the transport's ``>H`` sequence number)::
        group.protocol_version)
     op 26 key package (binary)            group.on_key_package(uid, payload)     op 27 / 29 / 30
     op 28 commit [+ welcome] (binary)     group.on_commit_welcome(uid, payload)  op 29, op 30, 22
-    op 23 {transition_id}                 group.on_transition_ready(uid, tid)    op 22 when all ready
+    op 23 {transition_id}                 group.on_transition_ready(uid, tid)    op 22 (all ready)
     op 31 {transition_id}                 group.on_invalid_commit_welcome(uid,   (then the bot's new
                                             tid)                                   op 26 re-adds it)
     websocket closed / member left        group.leave(uid)                       op 27 (Remove) ...
@@ -397,7 +397,8 @@ class _Round:
     adds: list[int]  # user ids, in proposal order
     removes: list[int]  # user ids, in proposal order
     forming: bool
-    fallback: tuple[int, bytes, bytes | None] | None = None  # a simulated member's commit
+    #: Simulated members' commits for this round, in the order they made them.
+    fallbacks: dict[int, tuple[bytes, bytes | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -516,6 +517,7 @@ class DaveGroup:
         if p.in_group:
             p.in_group = False
             self._queued_removes.append(user_id)
+        out += self._recipient_gone(user_id)
         return out + self._pump()
 
     def leave(self, user_id: int) -> list[Delivery]:
@@ -524,22 +526,15 @@ class DaveGroup:
         if p is None:
             return []
         out = self._drop_from_transitions(user_id)
-        if p.in_group or (self._round is not None and user_id in self._round.adds):
+        if p.in_group:
             self._queued_removes.append(user_id)
-        if self._round is not None and self._round.recipients == [user_id]:
-            out += self._abandon_round()
-        elif self._round is not None and user_id in self._round.recipients:
-            wire_left = [u for u in self._round.recipients if self._is_wire(u) and u != user_id]
-            if not wire_left:
-                out += self.commit_timeout()
+        # (A joiner still in an open round is added by its commit, then removed: see below.)
+        out += self._recipient_gone(user_id)
         return out + self._pump()
 
     def commit_timeout(self) -> list[Delivery]:
         """The wire committer did not answer op 27 in time: use a simulated member's commit."""
-        if self._round is None or self._round.fallback is None:
-            return []
-        committer, commit, welcome = self._round.fallback
-        return self._accept_commit(committer, commit, welcome) + self._pump()
+        return self._use_fallback() + self._pump()
 
     def downgrade(self) -> list[Delivery]:
         """Switch the call to protocol version 0 (no E2EE): op 21, op 22 once all are ready."""
@@ -575,7 +570,7 @@ class DaveGroup:
         return out
 
     def _start_round(self) -> list[Delivery] | None:
-        removes = [u for u in self._queued_removes if self.leaf_index(u) is not None]
+        removes = [u for u in dict.fromkeys(self._queued_removes) if self.leaf_index(u) is not None]
         self._queued_removes = []
         joiners = [
             p.user_id for p in self._participants.values() if p.key_package and not p.in_group
@@ -616,12 +611,12 @@ class DaveGroup:
             result = p.member.session.process_proposals(
                 davey.ProposalsOperationType.append, frame[2:]
             )
-            if result is not None and rnd.fallback is None:
-                rnd.fallback = (uid, result.commit, result.welcome)
+            if result is not None:
+                rnd.fallbacks[uid] = (result.commit, result.welcome)
         if not any(self._is_wire(u) for u in rnd.recipients):
-            if rnd.fallback is None:
+            if not rnd.fallbacks:
                 raise DaveGroupError("no member committed the proposals")  # a davey surprise
-            out += self.commit_timeout()
+            out += self._use_fallback()
         return out
 
     def _key_package(self, user_id: int) -> bytes:
@@ -629,16 +624,42 @@ class DaveGroup:
         assert kp is not None
         return kp
 
-    def _abandon_round(self) -> list[Delivery]:
-        # The only committer left: its group went with it; the joiners stay queued.
+    def _use_fallback(self) -> list[Delivery]:
+        rnd = self._round
+        if rnd is None:
+            return []
+        for committer, (commit, welcome) in rnd.fallbacks.items():
+            if self._can_commit(rnd, committer):
+                return self._accept_commit(committer, commit, welcome)
+        return []
+
+    def _can_commit(self, rnd: _Round, user_id: int) -> bool:
+        p = self._participants.get(user_id)
+        return p is not None and user_id in rnd.recipients and (p.in_group or rnd.forming)
+
+    def _recipient_gone(self, user_id: int) -> list[Delivery]:
+        """A proposal recipient left or reset before committing: find another committer."""
+        rnd = self._round
+        if rnd is None or user_id not in rnd.recipients:
+            return []
+        able = [u for u in rnd.recipients if u != user_id and self._can_commit(rnd, u)]
+        if any(self._is_wire(u) for u in able):
+            return []  # another wire client may still commit
+        if any(u in rnd.fallbacks for u in able):
+            return self._use_fallback()
+        # Nobody left who holds these proposals: drop the round; joiners stay queued.
         self._round = None
         return []
 
-    def _accept_commit(self, committer: int, commit: bytes, welcome: bytes | None) -> list[Delivery]:
+    def _accept_commit(
+        self, committer: int, commit: bytes, welcome: bytes | None
+    ) -> list[Delivery]:
         rnd = self._round
         info = commit_info(commit)
-        if rnd is None or info.epoch != rnd.epoch or committer not in rnd.recipients:
-            _log.debug("ignoring commit from %d for epoch %d (stale or unasked)", committer, info.epoch)
+        if rnd is None or info.epoch != rnd.epoch or not self._can_commit(rnd, committer):
+            _log.debug(
+                "ignoring commit from %d for epoch %d (stale or unasked)", committer, info.epoch
+            )
             return []
         if info.group_id != self.group_id:
             raise DaveGroupError(f"commit for group {info.group_id.hex()}, not this channel")
@@ -664,7 +685,8 @@ class DaveGroup:
         transition = _Transition(self.protocol_version, set())
         self._transitions[tid] = transition
         out: list[Delivery] = []
-        existing = [u for u in rnd.recipients if u in self._participants]
+        # Members that reset (op 31) since the proposals went out are re-added later instead.
+        existing = [u for u in rnd.recipients if self._can_commit(rnd, u)]
         tid_bytes = struct.pack(">H", tid)
         for uid in existing:
             out += self._deliver(uid, tid, Op.MLS_ANNOUNCE_COMMIT_TRANSITION, tid_bytes + commit)
@@ -677,7 +699,9 @@ class DaveGroup:
             self._participants[uid].in_group = True
         # Someone who left during the round was still added: take them out next.
         self._queued_removes += [u for u in rnd.adds if u not in self._participants]
-        _log.debug("epoch %d by %d, transition %d, members %s", self.epoch, committer, tid, self.members)
+        _log.debug(
+            "epoch %d by %d, transition %d, members %s", self.epoch, committer, tid, self.members
+        )
         return out + self._maybe_execute(tid)
 
     def _deliver(self, uid: int, tid: int, op: Op, payload: bytes) -> list[Delivery]:
@@ -724,7 +748,12 @@ class DaveGroup:
         return [(u, dict(msg)) for u in t.notified if u in self._participants]
 
     def _set_protocol_version(self, version: int) -> None:
-        _log.info("channel %d: DAVE protocol version %d -> %d", self.channel_id, self.protocol_version, version)
+        _log.info(
+            "channel %d: DAVE protocol version %d -> %d",
+            self.channel_id,
+            self.protocol_version,
+            version,
+        )
         self.protocol_version = version
         for p in self._participants.values():
             if p.member is not None:
