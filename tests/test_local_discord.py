@@ -1,0 +1,392 @@
+"""The loopback Discord, spoken to by an unmodified discord.py 2.7.1 client over real TLS.
+
+Every test runs the real servers on 127.0.0.1 (REST, gateway, voice gateway, UDP) and either the
+stock ``discord.Client`` / ``VoiceClient`` or plain aiohttp requests for the rules discord.py
+itself would never break. Media is real: libopus, AEAD transport encryption, davey DAVE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import davey
+import discord
+import numpy as np
+import pytest
+import yarl
+from discord import app_commands
+
+from bot.sim.discord import LocalDiscord
+from bot.sim.discord.tls import ssl_context_trusting
+from bot.voice.crypto import TransportCipher
+from bot.voice.opus import OpusDecoder
+from bot.voice.rtp import is_rtcp, parse_rtp
+
+#: discord.py waits this long after the last GUILD_CREATE before on_ready (default 2 s).
+GUILD_READY_TIMEOUT = 0.1
+#: Upper bound for anything that should happen "at once" on loopback.
+STEP_TIMEOUT = 10.0
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (the 3 s interaction rule)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[LocalDiscord]:
+    async with LocalDiscord() as d:
+        yield d
+
+
+@pytest.fixture
+def redirect(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Point discord.py at a LocalDiscord the way the app does (class attributes only)."""
+
+    def apply(d: LocalDiscord) -> None:
+        monkeypatch.setattr(discord.http.Route, "BASE", d.api_base)
+        monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(d.gateway_url))
+
+    yield apply
+
+
+def make_client(d: LocalDiscord, **kwargs: Any) -> discord.Client:
+    intents = discord.Intents.default()
+    intents.voice_states = True
+    intents.guilds = True
+    intents.members = True
+    return discord.Client(
+        intents=intents,
+        connector=aiohttp.TCPConnector(ssl=ssl_context_trusting(d.ca_file)),
+        guild_ready_timeout=GUILD_READY_TIMEOUT,
+        **kwargs,
+    )
+
+
+class Running:
+    """A logged-in client whose gateway loop runs in a task; closes cleanly."""
+
+    def __init__(self, client: discord.Client) -> None:
+        self.client = client
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, token: str) -> None:
+        await self.client.login(token)
+        self.task = asyncio.create_task(self.client.connect(reconnect=True), name="discord-connect")
+        async with asyncio.timeout(STEP_TIMEOUT):
+            await self.client.wait_until_ready()
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, STEP_TIMEOUT)
+
+
+@pytest.fixture
+async def running(local: LocalDiscord, redirect: Any) -> AsyncIterator[Running]:
+    redirect(local)
+    r = Running(make_client(local))
+    await r.start(local.token)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def raw(
+    d: LocalDiscord, method: str, path: str, *, json: Any = None, auth: bool = True
+) -> tuple[int, Any]:
+    """One plain HTTPS request to the local Discord (for rules discord.py would not break)."""
+    headers = {"Authorization": f"Bot {d.token}"} if auth else {}
+    connector = aiohttp.TCPConnector(ssl=ssl_context_trusting(d.ca_file))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.request(method, d.api_base + path, json=json, headers=headers) as resp:
+            assert resp.status == 204 or resp.headers["Content-Type"] == "application/json"
+            return resp.status, (await resp.json() if resp.status != 204 else None)
+
+
+def tone(seconds: float, *, freq: float = 440.0, amplitude: int = 8000) -> np.ndarray:
+    n = int(48000 * seconds)
+    t = np.arange(n) / 48000
+    mono = (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+    return np.stack([mono, mono], axis=1)
+
+
+# -- login and gateway ----------------------------------------------------------------------------
+
+
+async def test_an_unmodified_client_logs_in_over_tls_and_receives_the_guild(
+    local: LocalDiscord, running: Running
+) -> None:
+    client = running.client
+    assert client.user is not None and client.user.id == local.bot_user_id
+    guild = client.get_guild(local.guild_id)
+    assert guild is not None and guild.chunked
+    assert isinstance(guild.get_channel(local.text_channel_id), discord.TextChannel)
+    assert isinstance(guild.get_channel(local.voice_channel_id), discord.VoiceChannel)
+    alice = guild.get_member(local.member_ids["alice"])
+    assert alice is not None and alice.guild_permissions.manage_channels
+    bob = guild.get_member(local.member_ids["bob"])
+    assert bob is not None and not bob.guild_permissions.manage_channels
+    assert guild.me.guild_permissions.manage_webhooks
+    assert client.application_id == local.application_id
+    paths = [(r.method, r.path, r.status) for r in local.requests]
+    assert ("GET", "/users/@me", 200) in paths
+
+
+async def test_a_wrong_token_is_refused_at_login(local: LocalDiscord, redirect: Any) -> None:
+    redirect(local)
+    client = make_client(local)
+    try:
+        with pytest.raises(discord.LoginFailure):
+            await client.login("not-the-token")
+    finally:
+        await client.close()
+
+
+async def test_a_forced_reconnect_is_resumed_and_later_events_still_arrive(
+    local: LocalDiscord, running: Running
+) -> None:
+    resumed = asyncio.Event()
+    joined = asyncio.Event()
+
+    @running.client.event
+    async def on_resumed() -> None:
+        resumed.set()
+
+    @running.client.event
+    async def on_voice_state_update(member: discord.Member, before: Any, after: Any) -> None:
+        if member.id == local.member_ids["bob"] and after.channel is not None:
+            joined.set()
+
+    await local.force_reconnect()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await resumed.wait()
+    assert local.gateway.resume_count == 1 and local.gateway.identify_count == 1
+    await local.member_join_voice(local.member_ids["bob"])
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await joined.wait()
+    channel = running.client.get_channel(local.voice_channel_id)
+    assert isinstance(channel, discord.VoiceChannel)
+    assert [m.name for m in channel.members] == ["bob"]
+
+
+# -- commands and interactions --------------------------------------------------------------------
+
+
+def transcribe_tree(client: discord.Client, guild_id: int) -> tuple[app_commands.CommandTree[Any], list[str]]:
+    tree: app_commands.CommandTree[Any] = app_commands.CommandTree(client)
+    seen: list[str] = []
+    group = app_commands.Group(name="transcribe", description="Live captions")
+
+    @group.command(name="start", description="Start captions")
+    async def start(interaction: discord.Interaction, language: str, minutes: bool = False) -> None:
+        perms = interaction.permissions
+        seen.append(f"{interaction.user.name}:{language}:{minutes}:{perms.manage_channels}")
+        await interaction.response.send_message(f"Captions on ({language})")
+        await interaction.followup.send("Follow-up: listening")
+
+    tree.add_command(group, guild=discord.Object(guild_id))
+    return tree, seen
+
+
+async def test_a_command_sync_is_recorded_and_an_invoked_command_reaches_the_tree(
+    local: LocalDiscord, running: Running
+) -> None:
+    tree, seen = transcribe_tree(running.client, local.guild_id)
+    synced = await tree.sync(guild=discord.Object(local.guild_id))
+    assert [c.name for c in synced] == ["transcribe"]
+    put = [r for r in local.requests if r.method == "PUT"]
+    assert put[0].path == f"/applications/{local.application_id}/guilds/{local.guild_id}/commands"
+    assert put[0].json[0]["options"][0]["name"] == "start"
+
+    record = await local.invoke(
+        "transcribe start", {"language": "yue", "minutes": True}, local.member_ids["alice"]
+    )
+    await record.wait_followups(1, STEP_TIMEOUT)
+    assert seen == ["alice:yue:True:True"]
+    assert record.callback_type == 4 and record.response_content == "Captions on (yue)"
+    assert record.followup_contents == ["Follow-up: listening"]
+    assert [(m.channel, m.author, m.content) for m in local.messages] == [
+        ("general", "Cantobot", "Captions on (yue)"),
+        ("general", "Cantobot", "Follow-up: listening"),
+    ]
+
+
+async def test_an_interaction_is_answered_once_and_within_three_seconds() -> None:
+    clock = FakeClock()
+    async with LocalDiscord(clock=clock) as d:
+        first = await d.invoke("transcribe start", {"language": "yue"})
+        path = f"/interactions/{first.id}/{first.token}/callback"
+        status, _ = await raw(d, "POST", path, json={"type": 5}, auth=False)
+        assert status == 204
+        status, body = await raw(d, "POST", path, json={"type": 4, "data": {"content": "x"}}, auth=False)
+        assert (status, body["code"]) == (400, 40060)
+
+        late = await d.invoke("transcribe start", {"language": "yue"})
+        clock.now += 3.5
+        status, body = await raw(
+            d, "POST", f"/interactions/{late.id}/{late.token}/callback", json={"type": 5}, auth=False
+        )
+        assert (status, body["code"]) == (404, 10062)
+        assert not late.acknowledged
+
+
+async def test_discords_content_webhook_name_and_nickname_rules_are_enforced(local: LocalDiscord) -> None:
+    channel = f"/channels/{local.text_channel_id}"
+    status, body = await raw(local, "POST", channel + "/messages", json={"content": "x" * 2001})
+    assert (status, body["code"]) == (400, 50035)
+    status, _ = await raw(local, "POST", channel + "/messages", json={"content": "x" * 2000})
+    assert status == 200
+    status, body = await raw(local, "POST", channel + "/webhooks", json={"name": "My Discord Bot"})
+    assert (status, body["code"]) == (400, 50035)
+    status, body = await raw(local, "POST", channel + "/webhooks", json={"name": "Clyde captions"})
+    assert (status, body["code"]) == (400, 50035)
+    nick = f"/guilds/{local.guild_id}/members/@me"
+    status, body = await raw(local, "PATCH", nick, json={"nick": "n" * 33})
+    assert (status, body["code"]) == (400, 50035)
+    status, _ = await raw(local, "PATCH", nick, json={"nick": "字幕機械人"})
+    assert status == 200 and local.world.bot.nick == "字幕機械人"
+    status, _ = await raw(local, "GET", "/users/@me", auth=False)
+    assert status == 401
+
+
+# -- messages, threads, webhooks ------------------------------------------------------------------
+
+
+async def test_a_429_is_retried_by_discord_py_and_the_message_lands_once(
+    local: LocalDiscord, running: Running
+) -> None:
+    channel = running.client.get_channel(local.text_channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    path = f"/channels/{local.text_channel_id}/messages"
+    local.fail_next(1, status=429, path_prefix=path, retry_after=0.05)
+    sent = await channel.send("第一句")
+    assert sent.content == "第一句"
+    assert [r.status for r in local.requests if r.path == path] == [429, 200]
+    assert [m.content for m in local.messages] == ["第一句"]
+
+
+async def test_webhook_posts_into_a_thread_and_edits_are_recorded_with_names_and_files(
+    local: LocalDiscord, running: Running
+) -> None:
+    channel = running.client.get_channel(local.text_channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    thread = await channel.create_thread(name="Meeting 1", type=discord.ChannelType.public_thread)
+    hook = await channel.create_webhook(name="Captions")
+    assert [h.id for h in await channel.webhooks()] == [hook.id]
+    msg = await hook.send(
+        "alice: 你好",
+        username="alice",
+        thread=thread,
+        wait=True,
+        file=discord.File(__file__, filename="minutes.md"),
+        allowed_mentions=discord.AllowedMentions.none(),
+    )
+    await hook.edit_message(msg.id, content="alice: 你好呀", thread=thread)
+    first, edit = local.messages
+    assert (first.channel, first.thread, first.author, first.edit) == ("general", "Meeting 1", "alice", False)
+    assert first.attachments == ("minutes.md",)
+    assert first.allowed_mentions == {"parse": []}
+    assert (edit.content, edit.edit, edit.thread) == ("alice: 你好呀", True, "Meeting 1")
+
+
+# -- voice ----------------------------------------------------------------------------------------
+
+
+class PacketTap:
+    """A socket listener (runs on discord.py's reader thread) keeping every datagram."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            self.packets.append(bytes(data))
+
+    def rtp(self, ssrc: int) -> list[bytes]:
+        with self._lock:
+            return [p for p in self.packets if not is_rtcp(p) and len(p) > 12 and parse_rtp(p).ssrc == ssrc]
+
+
+async def connect_voice(running: Running, local: LocalDiscord) -> discord.VoiceClient:
+    channel = running.client.get_channel(local.voice_channel_id)
+    assert isinstance(channel, discord.VoiceChannel)
+    vc = await channel.connect(timeout=STEP_TIMEOUT, reconnect=False)
+    assert isinstance(vc, discord.VoiceClient) and vc.is_connected()
+    return vc
+
+
+async def test_the_stock_voice_client_connects_and_receives_a_members_encrypted_opus(
+    local: LocalDiscord, running: Running
+) -> None:
+    alice = local.member_ids["alice"]
+    await local.member_join_voice(alice)
+    vc = await connect_voice(running, local)
+    try:
+        assert vc.mode == "aead_xchacha20_poly1305_rtpsize"  # first offered mode stock supports
+        assert vc._connection.dave_protocol_version == 0
+        tap = PacketTap()
+        vc._connection.add_socket_listener(tap)
+        speech = np.concatenate([tone(0.2), np.zeros((48000 // 5, 2), np.int16)])
+        sent = await local.speak(alice, speech, realtime=False)
+        assert sent == 10 + 5  # 10 voiced frames, then exactly five silence frames, then nothing
+        ssrc = local.voice.members[alice].ssrc
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while len(tap.rtp(ssrc)) < sent:
+                await asyncio.sleep(0.01)
+        cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
+        frames = [cipher.decrypt(parse_rtp(p)) for p in tap.rtp(ssrc)]
+        assert frames[-5:] == [b"\xf8\xff\xfe"] * 5
+        pcm = OpusDecoder(48000, 2).decode(frames[3])
+        assert pcm.size == 960 * 2 and np.abs(pcm).max() > 1000
+        assert any(is_rtcp(p) for p in tap.packets)
+        assert alice in local.voice.connection.announced  # op 5 SPEAKING sent before the spurt
+    finally:
+        await vc.disconnect(force=True)
+
+
+async def test_with_dave_on_the_bot_joins_the_mls_group_and_decrypts_a_members_frames(
+    redirect: Any,
+) -> None:
+    async with LocalDiscord(dave=True) as d:
+        redirect(d)
+        r = Running(make_client(d))
+        await r.start(d.token)
+        try:
+            alice = d.member_ids["alice"]
+            await d.member_join_voice(alice)
+            vc = await connect_voice(r, d)
+            session = vc._connection.dave_session
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while session is None or not session.ready:
+                    await asyncio.sleep(0.01)
+                    session = vc._connection.dave_session
+            assert vc._connection.dave_protocol_version == 1
+            assert sorted(d.voice.group.members) == sorted([alice, d.bot_user_id])
+            tap = PacketTap()
+            vc._connection.add_socket_listener(tap)
+            await d.speak(alice, tone(0.1), realtime=False)
+            ssrc = d.voice.members[alice].ssrc
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while len(tap.rtp(ssrc)) < 5:
+                    await asyncio.sleep(0.01)
+            cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
+            e2ee = cipher.decrypt(parse_rtp(tap.rtp(ssrc)[1]))
+            assert e2ee.endswith(b"\xfa\xfa")  # DAVE footer magic
+            opus = session.decrypt(alice, davey.MediaType.audio, e2ee)
+            pcm = OpusDecoder(48000, 2).decode(opus)
+            assert np.abs(pcm).max() > 1000
+            await vc.disconnect(force=True)
+        finally:
+            await r.close()
