@@ -61,6 +61,7 @@ class WireBot:
         self.pending_transitions: dict[int, int] = {}
         self.received: list[str] = []
         self.corrupt_next_commit = False
+        self.downgraded = False
         self.ignore_proposals = False
 
     def session_description(self, dave_protocol_version: int) -> list[tuple[str, Any]]:
@@ -86,8 +87,19 @@ class WireBot:
                     self.session.set_passthrough_mode(True, 120)
                 return [("ready", d["transition_id"])]
             if op == Op.DAVE_EXECUTE_TRANSITION:
+                old = self.protocol_version
                 self.protocol_version = self.pending_transitions.pop(d["transition_id"])
+                if old != self.protocol_version and self.protocol_version == 0:
+                    self.downgraded = True
+                elif d["transition_id"] > 0 and self.downgraded:
+                    self.downgraded = False
+                    self.session.set_passthrough_mode(True, 10)
                 return []
+            if op == Op.DAVE_PREPARE_EPOCH:
+                if d["epoch"] != 1:
+                    return []
+                self.protocol_version = d["protocol_version"]
+                return self._reinit()
             raise AssertionError(f"unexpected JSON op {op}")
         op = frame[0]
         self.received.append(f"op {op}")
@@ -589,6 +601,35 @@ def test_a_downgrade_to_version_0_passes_plaintext_through_during_and_after_the_
         sent = alice.encrypt_opus(plain)
         assert sent == plain and receiver.decrypt(ALICE, sent) == plain
     assert receiver.stats["UnencryptedWhenPassthroughDisabled"] == 1
+
+
+def test_an_upgrade_back_to_dave_forms_a_new_group_and_encrypts_again(
+    group: DaveGroup, bot: WireBot
+) -> None:
+    alice, bob = SimulatedMember(ALICE, CHANNEL), SimulatedMember(BOB, CHANNEL)
+    member_joins(group, None, alice)
+    member_joins(group, None, bob)
+    bot_joins(group, bot)
+    (_, op21), = group.downgrade()
+    deliver(group, bot, [(BOT, op21)])
+    assert bot.protocol_version == group.protocol_version == 0 and group.epoch is None
+    received_before = len(bot.received)
+
+    deliver(group, bot, group.upgrade())
+
+    # The members, re-initialised in process, form the new group first; the bot's new key
+    # package (its answer to op 24) then gets it welcomed (op 30 → 23 → 22).
+    assert bot.received[received_before:] == ["op 24", "op 25", "op 30", "op 22"]
+    assert group.protocol_version == bot.protocol_version == alice.protocol_version == 1
+    assert group.epoch == bot.session.epoch == alice.session.epoch == bob.session.epoch == 2
+    assert group.members == [ALICE, BOB, BOT]
+    assert_leaves_match(group, alice, bob, bot=bot)
+    receiver = receiver_for(bot)
+    assert receiver.is_e2ee()
+    assert_decrypts(receiver, ALICE, speak(alice, OpusTalker(900)))
+    assert_decrypts(receiver, BOB, speak(bob, OpusTalker(950)))
+    with pytest.raises(DaveGroupError):
+        group.upgrade()
 
 
 def test_a_call_at_version_0_sends_no_mls_at_all() -> None:

@@ -31,6 +31,9 @@ send as a binary message after the transport's ``>H`` sequence number)::
     the bot never answers op 27           group.commit_timeout()                 a member commits
     DAVE switched off for the call        group.downgrade()                      op 21 {tid, 0}
                                                                                    then 22 after 23s
+    DAVE switched back on                 group.upgrade()                        op 24 {epoch 1},
+                                                                                   op 25; then as
+                                                                                   on joining
 
 Sequence when the bot joins a call whose members already share a group: ``join`` → op 25;
 bot's op 26 → ``on_key_package``: the members (in process) receive an Add proposal, one commits,
@@ -538,7 +541,32 @@ class DaveGroup:
 
     def downgrade(self) -> list[Delivery]:
         """Switch the call to protocol version 0 (no E2EE): op 21, op 22 once all are ready."""
+        if self.protocol_version == 0:
+            raise DaveGroupError("the call is already at protocol version 0")
         return self._prepare_transition(0)
+
+    def upgrade(self) -> list[Delivery]:
+        """Switch a version-0 call back to DAVE: op 24 ``{epoch: 1}`` asks every client for a
+        new group (discord.py re-inits its session and sends op 26), then one forms as usual;
+        its commit's transition (op 29/30 → 23 → 22) turns encryption on."""
+        if self.protocol_version != 0:
+            raise DaveGroupError("the call already uses DAVE")
+        self._set_protocol_version(DAVE_PROTOCOL_VERSION)
+        prepare = {
+            "op": int(Op.DAVE_PREPARE_EPOCH),
+            "d": {"epoch": 1, "protocol_version": DAVE_PROTOCOL_VERSION},
+        }
+        out: list[Delivery] = []
+        for uid, p in self._participants.items():
+            if p.member is None:
+                out.append((uid, dict(prepare)))
+                out.append((uid, _binary(Op.MLS_EXTERNAL_SENDER, self.sender.package())))
+                continue
+            session = p.member.session
+            session.reinit(DAVE_PROTOCOL_VERSION, uid, self.channel_id)
+            session.set_external_sender(self.sender.package())
+            p.key_package = session.get_serialized_key_package()
+        return out + self._pump()
 
     # -- the machinery --
 
@@ -758,14 +786,13 @@ class DaveGroup:
         for p in self._participants.values():
             if p.member is not None:
                 p.member.protocol_version = version
-            if version == 0:
-                p.in_group = False
-                p.key_package = None
-        if version == 0:
-            self._leaves = []
-            self.epoch = None
-            self._round = None
-            self._queued_removes = []
+            p.in_group = False
+            p.key_package = None
+        # Either way the old group is gone: version 0 has none, a new version starts afresh.
+        self._leaves = []
+        self.epoch = None
+        self._round = None
+        self._queued_removes = []
 
 
 def _binary(op: Op, payload: bytes) -> bytes:
