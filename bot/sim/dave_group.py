@@ -44,6 +44,12 @@ process); bot's op 23 *t* → op 22 *t*. While the bot is in the group it is the
 committer (as on Discord, whoever commits first wins; in-process members would always win, so
 they wait and their commit is only the fallback for :meth:`DaveGroup.commit_timeout`).
 
+A client message that cannot be accepted (malformed op 28, a key package from a member already
+in the group, an unknown user) raises :class:`DaveGroupError`; the gateway should close that
+client's voice connection, as Discord does. Nothing here times out: the gateway owns the
+clocks and calls :meth:`DaveGroup.commit_timeout` when the bot is slow to commit. A wire client
+that never sends op 23 holds its transition open until it leaves.
+
 Facts this relies on (Discord's DAVE protocol, https://daveprotocol.com, and RFC 9420):
 ciphersuite 2 (P-256, SHA-256); group id = channel id as 8 bytes big-endian; proposals are
 PublicMessages from sender type external, index 0, signed over FramedContentTBS with no group
@@ -725,6 +731,7 @@ class DaveGroup:
             out += self._deliver(uid, tid, Op.MLS_WELCOME, tid_bytes + welcome)
         for uid in existing:
             self._participants[uid].in_group = True
+            self._participants[uid].key_package = None  # the founder's was never used
         # Someone who left during the round was still added: take them out next.
         self._queued_removes += [u for u in rnd.adds if u not in self._participants]
         _log.debug(
