@@ -94,7 +94,7 @@ class DaveReceiver:
                 self._fail(REASON_NOT_READY, user_id, None)
                 return None
             return session.decrypt(user_id, davey.MediaType.audio, frame)
-        except Exception as exc:  # noqa: BLE001 - per-packet: count it, never raise
+        except Exception as exc:  # per packet: count it, never raise
             self._fail(failure_reason(exc), user_id, exc)
             return None
 
