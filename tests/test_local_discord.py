@@ -54,7 +54,9 @@ def redirect(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     def apply(d: LocalDiscord) -> None:
         monkeypatch.setattr(discord.http.Route, "BASE", d.api_base)
-        monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(d.gateway_url))
+        monkeypatch.setattr(
+            discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(d.gateway_url)
+        )
 
     yield apply
 
@@ -183,7 +185,9 @@ async def test_a_forced_reconnect_is_resumed_and_later_events_still_arrive(
 # -- commands and interactions --------------------------------------------------------------------
 
 
-def transcribe_tree(client: discord.Client, guild_id: int) -> tuple[app_commands.CommandTree[Any], list[str]]:
+def transcribe_tree(
+    client: discord.Client, guild_id: int
+) -> tuple[app_commands.CommandTree[Any], list[str]]:
     tree: app_commands.CommandTree[Any] = app_commands.CommandTree(client)
     seen: list[str] = []
     group = app_commands.Group(name="transcribe", description="Live captions")
@@ -212,7 +216,8 @@ async def test_a_command_sync_is_recorded_and_an_invoked_command_reaches_the_tre
     record = await local.invoke(
         "transcribe start", {"language": "yue", "minutes": True}, local.member_ids["alice"]
     )
-    await record.wait_followups(1, STEP_TIMEOUT)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await record.wait_followups(1)
     assert seen == ["alice:yue:True:True"]
     assert record.callback_type == 4 and record.response_content == "Captions on (yue)"
     assert record.followup_contents == ["Follow-up: listening"]
@@ -229,19 +234,27 @@ async def test_an_interaction_is_answered_once_and_within_three_seconds() -> Non
         path = f"/interactions/{first.id}/{first.token}/callback"
         status, _ = await raw(d, "POST", path, json={"type": 5}, auth=False)
         assert status == 204
-        status, body = await raw(d, "POST", path, json={"type": 4, "data": {"content": "x"}}, auth=False)
+        status, body = await raw(
+            d, "POST", path, json={"type": 4, "data": {"content": "x"}}, auth=False
+        )
         assert (status, body["code"]) == (400, 40060)
 
         late = await d.invoke("transcribe start", {"language": "yue"})
         clock.now += 3.5
         status, body = await raw(
-            d, "POST", f"/interactions/{late.id}/{late.token}/callback", json={"type": 5}, auth=False
+            d,
+            "POST",
+            f"/interactions/{late.id}/{late.token}/callback",
+            json={"type": 5},
+            auth=False,
         )
         assert (status, body["code"]) == (404, 10062)
         assert not late.acknowledged
 
 
-async def test_discords_content_webhook_name_and_nickname_rules_are_enforced(local: LocalDiscord) -> None:
+async def test_discords_content_webhook_name_and_nickname_rules_are_enforced(
+    local: LocalDiscord,
+) -> None:
     channel = f"/channels/{local.text_channel_id}"
     status, body = await raw(local, "POST", channel + "/messages", json={"content": "x" * 2001})
     assert (status, body["code"]) == (400, 50035)
@@ -294,7 +307,12 @@ async def test_webhook_posts_into_a_thread_and_edits_are_recorded_with_names_and
     )
     await hook.edit_message(msg.id, content="alice: 你好呀", thread=thread)
     first, edit = local.messages
-    assert (first.channel, first.thread, first.author, first.edit) == ("general", "Meeting 1", "alice", False)
+    assert (first.channel, first.thread, first.author, first.edit) == (
+        "general",
+        "Meeting 1",
+        "alice",
+        False,
+    )
     assert first.attachments == ("minutes.md",)
     assert first.allowed_mentions == {"parse": []}
     assert (edit.content, edit.edit, edit.thread) == ("alice: 你好呀", True, "Meeting 1")
@@ -306,17 +324,31 @@ async def test_webhook_posts_into_a_thread_and_edits_are_recorded_with_names_and
 class PacketTap:
     """A socket listener (runs on discord.py's reader thread) keeping every datagram."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.packets: list[bytes] = []
         self._lock = threading.Lock()
+        self._loop = loop
+        self._arrived = asyncio.Event()
 
     def __call__(self, data: bytes) -> None:
         with self._lock:
             self.packets.append(bytes(data))
+        self._loop.call_soon_threadsafe(self._arrived.set)
 
     def rtp(self, ssrc: int) -> list[bytes]:
         with self._lock:
-            return [p for p in self.packets if not is_rtcp(p) and len(p) > 12 and parse_rtp(p).ssrc == ssrc]
+            return [
+                p
+                for p in self.packets
+                if not is_rtcp(p) and len(p) > 12 and parse_rtp(p).ssrc == ssrc
+            ]
+
+    async def wait_rtp(self, ssrc: int, count: int) -> list[bytes]:
+        """Wait until ``count`` RTP packets from ``ssrc`` arrived (caller bounds the time)."""
+        while len(found := self.rtp(ssrc)) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return found
 
 
 async def connect_voice(running: Running, local: LocalDiscord) -> discord.VoiceClient:
@@ -336,17 +368,16 @@ async def test_the_stock_voice_client_connects_and_receives_a_members_encrypted_
     try:
         assert vc.mode == "aead_xchacha20_poly1305_rtpsize"  # first offered mode stock supports
         assert vc._connection.dave_protocol_version == 0
-        tap = PacketTap()
+        tap = PacketTap(asyncio.get_running_loop())
         vc._connection.add_socket_listener(tap)
         speech = np.concatenate([tone(0.2), np.zeros((48000 // 5, 2), np.int16)])
         sent = await local.speak(alice, speech, realtime=False)
         assert sent == 10 + 5  # 10 voiced frames, then exactly five silence frames, then nothing
         ssrc = local.voice.members[alice].ssrc
         async with asyncio.timeout(STEP_TIMEOUT):
-            while len(tap.rtp(ssrc)) < sent:
-                await asyncio.sleep(0.01)
+            packets = await tap.wait_rtp(ssrc, sent)
         cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
-        frames = [cipher.decrypt(parse_rtp(p)) for p in tap.rtp(ssrc)]
+        frames = [cipher.decrypt(parse_rtp(p)) for p in packets]
         assert frames[-5:] == [b"\xf8\xff\xfe"] * 5
         pcm = OpusDecoder(48000, 2).decode(frames[3])
         assert pcm.size == 960 * 2 and np.abs(pcm).max() > 1000
@@ -367,22 +398,20 @@ async def test_with_dave_on_the_bot_joins_the_mls_group_and_decrypts_a_members_f
             alice = d.member_ids["alice"]
             await d.member_join_voice(alice)
             vc = await connect_voice(r, d)
-            session = vc._connection.dave_session
             async with asyncio.timeout(STEP_TIMEOUT):
-                while session is None or not session.ready:
-                    await asyncio.sleep(0.01)
-                    session = vc._connection.dave_session
+                await d.voice.wait_for_bot_op(23)  # DAVE transition ready: commit processed
+            session = vc._connection.dave_session
+            assert session is not None and session.ready
             assert vc._connection.dave_protocol_version == 1
             assert sorted(d.voice.group.members) == sorted([alice, d.bot_user_id])
-            tap = PacketTap()
+            tap = PacketTap(asyncio.get_running_loop())
             vc._connection.add_socket_listener(tap)
             await d.speak(alice, tone(0.1), realtime=False)
             ssrc = d.voice.members[alice].ssrc
             async with asyncio.timeout(STEP_TIMEOUT):
-                while len(tap.rtp(ssrc)) < 5:
-                    await asyncio.sleep(0.01)
+                packets = await tap.wait_rtp(ssrc, 5)
             cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
-            e2ee = cipher.decrypt(parse_rtp(tap.rtp(ssrc)[1]))
+            e2ee = cipher.decrypt(parse_rtp(packets[1]))
             assert e2ee.endswith(b"\xfa\xfa")  # DAVE footer magic
             opus = session.decrypt(alice, davey.MediaType.audio, e2ee)
             pcm = OpusDecoder(48000, 2).decode(opus)

@@ -116,10 +116,9 @@ class Gateway:
         app.router.add_get("/", self.handle)
         return app
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Wait until a session has been sent READY + GUILD_CREATE."""
-        async with asyncio.timeout(timeout):
-            await self._ready.wait()
+    async def wait_ready(self) -> None:
+        """Wait until a session has been sent READY + GUILD_CREATE (bound it with a timeout)."""
+        await self._ready.wait()
 
     async def close(self) -> None:
         for ws in list(self._sockets):
@@ -131,7 +130,9 @@ class Gateway:
         _log.debug("gateway out op=%s t=%s s=%s", payload["op"], payload.get("t"), payload.get("s"))
         await ws.send_str(json.dumps(payload))
 
-    async def _send_dispatch(self, session: GatewaySession, event: str, data: dict[str, Any]) -> None:
+    async def _send_dispatch(
+        self, session: GatewaySession, event: str, data: dict[str, Any]
+    ) -> None:
         session.seq += 1
         payload = {"op": OP_DISPATCH, "t": event, "s": session.seq, "d": data}
         session.sent.append(payload)
@@ -164,7 +165,9 @@ class Gateway:
         _log.info("gateway: connection opened (%s)", request.query_string)
         session: GatewaySession | None = None
         try:
-            await self._send(ws, {"op": OP_HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}})
+            await self._send(
+                ws, {"op": OP_HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}}
+            )
             async for msg in ws:
                 if msg.type is not WSMsgType.TEXT:
                     continue
@@ -213,13 +216,17 @@ class Gateway:
             _log.warning("gateway: unexpected op %s", op)
         return session
 
-    async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> GatewaySession | None:
+    async def _identify(
+        self, ws: web.WebSocketResponse, data: dict[str, Any]
+    ) -> GatewaySession | None:
         if data.get("token") != self.world.token:
             _log.info("gateway: IDENTIFY with a wrong token, closing 4004")
             await ws.close(code=CLOSE_AUTHENTICATION_FAILED, message=b"Authentication failed.")
             return None
         self.identify_count += 1
-        session = GatewaySession(session_id=secrets.token_hex(16), intents=int(data.get("intents", 0)))
+        session = GatewaySession(
+            session_id=secrets.token_hex(16), intents=int(data.get("intents", 0))
+        )
         session.ws = ws
         self.sessions[session.session_id] = session
         self.current = session
@@ -247,7 +254,9 @@ class Gateway:
         self._ready.set()
         return session
 
-    async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> GatewaySession | None:
+    async def _resume(
+        self, ws: web.WebSocketResponse, data: dict[str, Any]
+    ) -> GatewaySession | None:
         session = self.sessions.get(str(data.get("session_id")))
         if session is None or data.get("token") != self.world.token:
             _log.info("gateway: RESUME of an unknown session, sending op 9")
@@ -258,7 +267,9 @@ class Gateway:
         session.ws = ws
         self.current = session
         missed = [p for p in session.sent if p["s"] > seq]
-        _log.info("gateway: session %s resumed, replaying %d events", session.session_id, len(missed))
+        _log.info(
+            "gateway: session %s resumed, replaying %d events", session.session_id, len(missed)
+        )
         for payload in missed:
             await self._send(ws, payload)
         await self._send_dispatch(session, "RESUMED", {})
@@ -277,12 +288,18 @@ class Gateway:
         _log.info("gateway: bot voice state -> channel %s", channel_id)
         token = secrets.token_hex(8)
         await self._on_bot_voice(channel_id, bot.voice_session_id, token)
-        await self._send_dispatch(session, "VOICE_STATE_UPDATE", self.world.voice_state_payload(bot))
+        await self._send_dispatch(
+            session, "VOICE_STATE_UPDATE", self.world.voice_state_payload(bot)
+        )
         if channel_id is not None:
             await self._send_dispatch(
                 session,
                 "VOICE_SERVER_UPDATE",
-                {"token": token, "guild_id": str(self.world.guild_id), "endpoint": self._voice_endpoint()},
+                {
+                    "token": token,
+                    "guild_id": str(self.world.guild_id),
+                    "endpoint": self._voice_endpoint(),
+                },
             )
 
     # -- simulated people ------------------------------------------------------------------------
@@ -309,7 +326,7 @@ class Gateway:
         return out
 
     def build_command_data(self, command: str, options: dict[str, Any]) -> dict[str, Any]:
-        """``"transcribe start"`` + options -> the ``data`` of an APPLICATION_COMMAND interaction."""
+        """``"transcribe start"`` + options -> ``data`` of an APPLICATION_COMMAND interaction."""
         parts = command.strip().lstrip("/").split()
         if not parts:
             raise ValueError("empty command")

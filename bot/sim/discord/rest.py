@@ -16,6 +16,7 @@ reached only through the injected ``dispatch`` callback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -59,8 +60,15 @@ CALLBACK_UPDATE_MESSAGE = 7
 FLAG_EPHEMERAL = 1 << 6
 
 #: Per-request storage: the parsed JSON body and the names of uploaded files.
-BODY_KEY = web.RequestKey("body", object)
-FILES_KEY = web.RequestKey("files", list)
+BODY_KEY: web.RequestKey[Any] = web.RequestKey("body", object)
+FILES_KEY: web.RequestKey[list[str]] = web.RequestKey("files", list)
+
+
+def _object_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object the request carried ({} for none or for a non-object)."""
+    body = request[BODY_KEY]
+    return body if isinstance(body, dict) else {}
+
 
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnMessage = Callable[[PostedMessage], Awaitable[None]]
@@ -105,21 +113,20 @@ class InteractionRecord:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_until(self, predicate: Callable[[InteractionRecord], bool], timeout: float) -> None:
-        """Wait until ``predicate(self)`` holds (checked after each change); TimeoutError if not."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self):
-                await self._changed.wait()
+    async def wait_until(self, predicate: Callable[[InteractionRecord], bool]) -> None:
+        """Wait until ``predicate(self)`` holds, checked after each change (caller bounds time)."""
+        while not predicate(self):
+            await self._changed.wait()
 
-    async def wait_acknowledged(self, timeout: float = 5.0) -> None:
-        await self.wait_until(lambda r: r.acknowledged, timeout)
+    async def wait_acknowledged(self) -> None:
+        await self.wait_until(lambda r: r.acknowledged)
 
-    async def wait_followups(self, count: int, timeout: float = 5.0) -> None:
-        await self.wait_until(lambda r: len(r.followup_message_ids) >= count, timeout)
+    async def wait_followups(self, count: int) -> None:
+        await self.wait_until(lambda r: len(r.followup_message_ids) >= count)
 
-    async def wait_original_content(self, timeout: float = 5.0) -> None:
+    async def wait_original_content(self) -> None:
         """Wait until the original response has content (a reply, or a deferral then edited)."""
-        await self.wait_until(lambda r: bool(r._original_content), timeout)
+        await self.wait_until(lambda r: bool(r._original_content))
 
     # Filled in by RestApi so records can describe their messages without holding the World.
     _original_content: str = ""
@@ -135,8 +142,10 @@ class InteractionRecord:
         return list(self._followup_contents)
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """JSON with ``Content-Type: application/json`` exactly (discord.py rejects a charset suffix)."""
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """JSON with ``Content-Type: application/json`` exactly (discord.py rejects a charset)."""
     all_headers = {"Content-Type": "application/json"}
     all_headers.update(headers or {})
     return web.Response(body=json.dumps(data).encode(), status=status, headers=all_headers)
@@ -188,12 +197,11 @@ class RestApi:
     def register_interaction(self, record: InteractionRecord) -> None:
         self.interactions[record.token] = record
 
-    async def wait_for_messages(self, count: int, timeout: float = 5.0) -> list[PostedMessage]:
-        """Wait until at least ``count`` posts/edits were recorded; returns them all."""
-        async with asyncio.timeout(timeout):
-            while len(self.messages) < count:
-                self._message_event.clear()
-                await self._message_event.wait()
+    async def wait_for_messages(self, count: int) -> list[PostedMessage]:
+        """Wait until at least ``count`` posts/edits were recorded (caller bounds the time)."""
+        while len(self.messages) < count:
+            self._message_event.clear()
+            await self._message_event.wait()
         return list(self.messages)
 
     # -- aiohttp plumbing ------------------------------------------------------------------------
@@ -213,15 +221,23 @@ class RestApi:
         r.add_put(p + "/applications/{app_id}/guilds/{guild_id}/commands", self.put_commands)
         r.add_post(p + "/interactions/{interaction_id}/{token}/callback", self.post_callback)
         r.add_post(p + "/webhooks/{webhook_id}/{token}", self.execute_webhook)
-        r.add_get(p + "/webhooks/{webhook_id}/{token}/messages/{message_id}", self.get_webhook_message)
-        r.add_patch(p + "/webhooks/{webhook_id}/{token}/messages/{message_id}", self.edit_webhook_message)
-        r.add_delete(p + "/webhooks/{webhook_id}/{token}/messages/{message_id}", self.delete_webhook_message)
+        r.add_get(
+            p + "/webhooks/{webhook_id}/{token}/messages/{message_id}", self.get_webhook_message
+        )
+        r.add_patch(
+            p + "/webhooks/{webhook_id}/{token}/messages/{message_id}", self.edit_webhook_message
+        )
+        r.add_delete(
+            p + "/webhooks/{webhook_id}/{token}/messages/{message_id}", self.delete_webhook_message
+        )
         r.add_get(p + "/channels/{channel_id}", self.get_channel)
         r.add_get(p + "/channels/{channel_id}/messages", self.get_channel_messages)
         r.add_post(p + "/channels/{channel_id}/messages", self.post_channel_message)
         r.add_get(p + "/channels/{channel_id}/messages/{message_id}", self.get_channel_message)
         r.add_patch(p + "/channels/{channel_id}/messages/{message_id}", self.edit_channel_message)
-        r.add_delete(p + "/channels/{channel_id}/messages/{message_id}", self.delete_channel_message)
+        r.add_delete(
+            p + "/channels/{channel_id}/messages/{message_id}", self.delete_channel_message
+        )
         r.add_post(p + "/channels/{channel_id}/threads", self.post_thread)
         r.add_post(p + "/channels/{channel_id}/messages/{message_id}/threads", self.post_thread)
         r.add_post(p + "/channels/{channel_id}/webhooks", self.post_webhook)
@@ -238,10 +254,15 @@ class RestApi:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        body, files = await self._read_body(request)
+        try:
+            body, files = await self._read_body(request)
+        except web.HTTPBadRequest:
+            return json_response({"message": "400: Bad Request", "code": 50109}, 400)
         request[BODY_KEY] = body
         request[FILES_KEY] = files
-        path = request.path[len(API_PREFIX) :] if request.path.startswith(API_PREFIX) else request.path
+        path = (
+            request.path[len(API_PREFIX) :] if request.path.startswith(API_PREFIX) else request.path
+        )
         record = RecordedRequest(
             method=request.method,
             path=path,
@@ -253,10 +274,12 @@ class RestApi:
         index = len(self.requests)
         self.requests.append(record)
         _log.debug("REST in  %s %s json=%s files=%s", request.method, path, body, files)
-        response = self._injected_fault(path)
+        response: web.StreamResponse | None = self._injected_fault(path)
         if response is None:
             if not self._authorised(request, path):
-                response = json_response({"message": "401: Unauthorized", "code": UNAUTHORIZED}, 401)
+                response = json_response(
+                    {"message": "401: Unauthorized", "code": UNAUTHORIZED}, 401
+                )
             else:
                 try:
                     response = await handler(request)
@@ -267,7 +290,7 @@ class RestApi:
                     response = json_response(
                         {"message": f"{exc.status}: {exc.reason}", "code": 0}, exc.status
                     )
-        self.requests[index] = RecordedRequest(**{**record.__dict__, "status": response.status})
+        self.requests[index] = dataclasses.replace(record, status=response.status)
         _log.debug("REST out %s %s -> %s", request.method, path, response.status)
         return response
 
@@ -310,7 +333,9 @@ class RestApi:
                 _log.info("REST injected %s for %s", fault.status, path)
                 if fault.status == 429:
                     return self._rate_limited(fault)
-                return json_response({"message": "500: Internal Server Error", "code": 0}, fault.status)
+                return json_response(
+                    {"message": "500: Internal Server Error", "code": 0}, fault.status
+                )
         self._faults = [f for f in self._faults if f.remaining > 0]
         return None
 
@@ -365,7 +390,9 @@ class RestApi:
         return json_response(data)
 
     async def get_user(self, request: web.Request) -> web.Response:
-        return json_response(user_payload(self.world.member(_snowflake(request.match_info["user_id"]))))
+        return json_response(
+            user_payload(self.world.member(_snowflake(request.match_info["user_id"])))
+        )
 
     async def get_application(self, request: web.Request) -> web.Response:
         return json_response(self.world.application_payload())
@@ -451,7 +478,7 @@ class RestApi:
             record.callback_errors.append(UNKNOWN_INTERACTION)
             record._notify()
             raise ApiError(404, UNKNOWN_INTERACTION, "Unknown interaction")
-        body = request[BODY_KEY] or {}
+        body = _object_body(request)
         ctype = body.get("type")
         data = body.get("data") or {}
         if ctype not in (1, 4, 5, 6, 7, 8, 9, 10, 12):
@@ -494,7 +521,9 @@ class RestApi:
         return json_response(callback)
 
     # -- webhooks (incl. interaction follow-ups) -------------------------------------------------
-    def _resolve_webhook(self, request: web.Request) -> tuple[Webhook | None, InteractionRecord | None]:
+    def _resolve_webhook(
+        self, request: web.Request
+    ) -> tuple[Webhook | None, InteractionRecord | None]:
         webhook_id = _snowflake(request.match_info["webhook_id"])
         token = request.match_info["token"]
         if webhook_id == self.world.application_id and token in self.interactions:
@@ -509,7 +538,9 @@ class RestApi:
             raise ApiError(404, UNKNOWN_WEBHOOK, "Unknown Webhook")
         return hook, None
 
-    def _target_channel(self, request: web.Request, hook: Webhook | None, record: InteractionRecord | None) -> int:
+    def _target_channel(
+        self, request: web.Request, hook: Webhook | None, record: InteractionRecord | None
+    ) -> int:
         base = hook.channel_id if hook is not None else record.channel_id  # type: ignore[union-attr]
         thread_id = request.query.get("thread_id")
         if thread_id is None:
@@ -521,7 +552,7 @@ class RestApi:
 
     async def execute_webhook(self, request: web.Request) -> web.Response:
         hook, record = self._resolve_webhook(request)
-        body = request[BODY_KEY] or {}
+        body = _object_body(request)
         files = request[FILES_KEY]
         content = body.get("content") or ""
         if not content and not files and not body.get("embeds"):
@@ -569,7 +600,7 @@ class RestApi:
 
     async def edit_webhook_message(self, request: web.Request) -> web.Response:
         msg = self._webhook_message(request)
-        self.world.edit_message(msg, request[BODY_KEY] or {}, request[FILES_KEY])
+        self.world.edit_message(msg, _object_body(request), request[FILES_KEY])
         await self._record(msg, edit=True)
         return json_response(self.world.message_payload(msg))
 
@@ -580,7 +611,7 @@ class RestApi:
 
     async def post_webhook(self, request: web.Request) -> web.Response:
         channel = self.world.channel(_snowflake(request.match_info["channel_id"]))
-        body = request[BODY_KEY] or {}
+        body = _object_body(request)
         name = body.get("name", "")
         self.world.check_webhook_name(name)
         hook = Webhook(
@@ -620,13 +651,14 @@ class RestApi:
 
     async def get_channel_message(self, request: web.Request) -> web.Response:
         msg = self.world.message(
-            _snowflake(request.match_info["channel_id"]), _snowflake(request.match_info["message_id"])
+            _snowflake(request.match_info["channel_id"]),
+            _snowflake(request.match_info["message_id"]),
         )
         return json_response(self.world.message_payload(msg))
 
     async def post_channel_message(self, request: web.Request) -> web.Response:
         channel = self.world.channel(_snowflake(request.match_info["channel_id"]))
-        body = request[BODY_KEY] or {}
+        body = _object_body(request)
         files = request[FILES_KEY]
         content = body.get("content") or ""
         if not content and not files and not body.get("embeds"):
@@ -645,24 +677,26 @@ class RestApi:
 
     async def edit_channel_message(self, request: web.Request) -> web.Response:
         msg = self.world.message(
-            _snowflake(request.match_info["channel_id"]), _snowflake(request.match_info["message_id"])
+            _snowflake(request.match_info["channel_id"]),
+            _snowflake(request.match_info["message_id"]),
         )
         if msg.author_id != self.world.bot.user_id or msg.webhook_id is not None:
             raise ApiError(403, 50005, "Cannot edit a message authored by another user")
-        self.world.edit_message(msg, request[BODY_KEY] or {}, request[FILES_KEY])
+        self.world.edit_message(msg, _object_body(request), request[FILES_KEY])
         await self._record(msg, edit=True)
         return json_response(self.world.message_payload(msg))
 
     async def delete_channel_message(self, request: web.Request) -> web.Response:
         msg = self.world.message(
-            _snowflake(request.match_info["channel_id"]), _snowflake(request.match_info["message_id"])
+            _snowflake(request.match_info["channel_id"]),
+            _snowflake(request.match_info["message_id"]),
         )
         del self.world.messages[msg.id]
         return web.Response(status=204)
 
     async def post_thread(self, request: web.Request) -> web.Response:
         parent_id = _snowflake(request.match_info["channel_id"])
-        body = request[BODY_KEY] or {}
+        body = _object_body(request)
         if "message_id" in request.match_info:
             self.world.message(parent_id, _snowflake(request.match_info["message_id"]))
         thread = self.world.create_thread(parent_id, body.get("name", ""), self.world.bot.user_id)
@@ -700,12 +734,14 @@ class RestApi:
 
     async def patch_me_member(self, request: web.Request) -> web.Response:
         self._guild(request)
-        body = request[BODY_KEY] or {}
+        body = _object_body(request)
         if "nick" in body:
             nick = body["nick"] or None
             self.world.check_nickname(nick)
             self.world.bot.nick = nick
             _log.info("bot nickname set to %r", nick)
         payload = self.world.member_payload(self.world.bot)
-        await self._dispatch("GUILD_MEMBER_UPDATE", {**payload, "guild_id": str(self.world.guild_id)})
+        await self._dispatch(
+            "GUILD_MEMBER_UPDATE", {**payload, "guild_id": str(self.world.guild_id)}
+        )
         return json_response(payload)

@@ -60,9 +60,14 @@ class LocalDiscord:
             token=self.token, human_names=human_names, moderators=moderators, clock=clock
         )
         self.rest = RestApi(
-            self.world, gateway_url=lambda: self.gateway_url, dispatch=self._dispatch, on_message=on_message
+            self.world,
+            gateway_url=lambda: self.gateway_url,
+            dispatch=self._dispatch,
+            on_message=on_message,
         )
-        self.voice = VoiceServer(self.world, modes=modes, dave=dave, speaking_late=speaking_late, rng=rng)
+        self.voice = VoiceServer(
+            self.world, modes=modes, dave=dave, speaking_late=speaking_late, rng=rng
+        )
         self.gateway = Gateway(
             self.world,
             resume_url=lambda: self.gateway_url,
@@ -192,8 +197,9 @@ class LocalDiscord:
     def on_message(self, callback: OnMessage | None) -> None:
         self.rest.on_message = callback
 
-    async def wait_for_messages(self, count: int, timeout: float = 5.0) -> list[PostedMessage]:
-        return await self.rest.wait_for_messages(count, timeout)
+    async def wait_for_messages(self, count: int) -> list[PostedMessage]:
+        """Wait until ``count`` posts/edits were recorded; bound it with ``asyncio.timeout``."""
+        return await self.rest.wait_for_messages(count)
 
     # -- controls --------------------------------------------------------------------------------
     def fail_next(
@@ -206,10 +212,13 @@ class LocalDiscord:
         is_global: bool = False,
     ) -> None:
         """Fail the next ``n`` REST requests under ``path_prefix`` (e.g. ``/channels/``)."""
-        self.rest.fail_next(n, status=status, path_prefix=path_prefix, retry_after=retry_after, is_global=is_global)
+        self.rest.fail_next(
+            n, status=status, path_prefix=path_prefix, retry_after=retry_after, is_global=is_global
+        )
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        await self.gateway.wait_ready(timeout)
+    async def wait_ready(self) -> None:
+        """Wait until the bot's gateway session got READY + GUILD_CREATE."""
+        await self.gateway.wait_ready()
 
     async def force_reconnect(self) -> None:
         await self.gateway.force_reconnect()
@@ -247,5 +256,10 @@ class LocalDiscord:
     ) -> int:
         """A member says ``pcm`` (48 kHz stereo int16); returns media packets sent."""
         return await self.voice.speak(
-            user_id, pcm_48k_stereo_int16, loss=loss, rng=rng, realtime=realtime, speaking_late=speaking_late
+            user_id,
+            pcm_48k_stereo_int16,
+            loss=loss,
+            rng=rng,
+            realtime=realtime,
+            speaking_late=speaking_late,
         )

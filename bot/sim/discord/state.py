@@ -106,7 +106,7 @@ class ApiError(CantobotError):
 
 def iso_timestamp(unix: float) -> str:
     """Discord's ISO 8601 timestamp with microseconds and +00:00."""
-    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(unix, datetime.UTC).isoformat()
 
 
 class SnowflakeFactory:
@@ -542,9 +542,7 @@ class World:
             "verify_key": "0" * 64,
             "flags": 0,
             "team": None,
-            "owner": user_payload(
-                Member(self.owner_id, "owner")
-            ),
+            "owner": user_payload(Member(self.owner_id, "owner")),
             "summary": "",
         }
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: Validity of the generated certificates; they live as long as one LocalDiscord, so a day is plenty.
+#: Validity of the generated certificates: they live as long as one LocalDiscord; a day is plenty.
 CERT_VALIDITY = datetime.timedelta(days=1)
 #: Backdating absorbs small clock differences between the generator and the verifier.
 CERT_BACKDATE = datetime.timedelta(minutes=5)
@@ -40,9 +40,9 @@ def _name(common_name: str) -> x509.Name:
 
 
 def generate_certificates(directory: Path) -> CertificatePaths:
-    """Write a new CA (``ca.pem``) and a leaf for 127.0.0.1/localhost (``cert.pem``, ``key.pem``)."""
+    """Write a new CA (``ca.pem``) and a 127.0.0.1/localhost leaf (``cert.pem``, ``key.pem``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - CERT_BACKDATE, now + CERT_VALIDITY
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -70,7 +70,9 @@ def generate_certificates(directory: Path) -> CertificatePaths:
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -98,7 +100,9 @@ def generate_certificates(directory: Path) -> CertificatePaths:
     )
 
     paths = CertificatePaths(
-        ca_file=directory / "ca.pem", cert_file=directory / "cert.pem", key_file=directory / "key.pem"
+        ca_file=directory / "ca.pem",
+        cert_file=directory / "cert.pem",
+        key_file=directory / "key.pem",
     )
     paths.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.cert_file.write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))

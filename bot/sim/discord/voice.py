@@ -117,7 +117,9 @@ def audio_level_dbov(rms: float) -> int:
     return int(min(127, max(0, round(-20 * np.log10(rms / 32768.0)))))
 
 
-def rtcp_sender_report(ssrc: int, rtp_timestamp: int, packets: int, octets: int, now: float) -> bytes:
+def rtcp_sender_report(
+    ssrc: int, rtp_timestamp: int, packets: int, octets: int, now: float
+) -> bytes:
     """A minimal RTCP SR (RFC 3550 section 6.4.1) with no report blocks: 28 bytes."""
     ntp = now + NTP_UNIX_OFFSET
     ntp_hi, ntp_lo = int(ntp), int((ntp % 1) * (1 << 32))
@@ -237,6 +239,7 @@ class VoiceServer:
         self.received_from_bot: list[bytes] = []
         self._sockets: set[web.WebSocketResponse] = set()
         self._connected = asyncio.Event()
+        self._bot_op = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -262,15 +265,23 @@ class VoiceServer:
             await self._udp.closed  # the socket is closed on a later loop iteration
             self._udp = None
 
-    async def wait_session(self, timeout: float = 10.0) -> VoiceConnection:
-        """Wait until the bot has a SESSION_DESCRIPTION (its key) and return its connection."""
-        async with asyncio.timeout(timeout):
-            while True:
-                conn = self.connection
-                if conn is not None and conn.cipher is not None:
-                    return conn
-                self._connected.clear()
-                await self._connected.wait()
+    async def wait_session(self) -> VoiceConnection:
+        """Wait until the bot has a SESSION_DESCRIPTION (its key); bound it with a timeout."""
+        while True:
+            conn = self.connection
+            if conn is not None and conn.cipher is not None:
+                return conn
+            self._connected.clear()
+            await self._connected.wait()
+
+    async def wait_for_bot_op(self, op: int) -> None:
+        """Wait until the bot's voice connection sent ``op`` (e.g. 23: DAVE transition ready)."""
+        while True:
+            conn = self.connection
+            if conn is not None and op in conn.ops_in:
+                return
+            self._bot_op.clear()
+            await self._bot_op.wait()
 
     # -- gateway side ----------------------------------------------------------------------------
     async def on_bot_voice(self, channel_id: int | None, session_id: str, token: str) -> None:
@@ -335,7 +346,10 @@ class VoiceServer:
                 json.dumps(
                     {
                         "op": OP_HELLO,
-                        "d": {"heartbeat_interval": VOICE_HEARTBEAT_INTERVAL_MS, "v": VOICE_GATEWAY_VERSION},
+                        "d": {
+                            "heartbeat_interval": VOICE_HEARTBEAT_INTERVAL_MS,
+                            "v": VOICE_GATEWAY_VERSION,
+                        },
                     }
                 )
             )
@@ -363,8 +377,12 @@ class VoiceServer:
         _log.debug("voice in  op=%s", op)
         if conn is not None:
             conn.ops_in.append(int(op or 0))
+            self._bot_op.set()
         if op == OP_HEARTBEAT:
-            reply = {"op": OP_HEARTBEAT_ACK, "d": {"t": data.get("t") if isinstance(data, dict) else data}}
+            reply = {
+                "op": OP_HEARTBEAT_ACK,
+                "d": {"t": data.get("t") if isinstance(data, dict) else data},
+            }
             await ws.send_str(json.dumps(reply))
         elif op == OP_IDENTIFY:
             return await self._identify(ws, data)
@@ -377,7 +395,9 @@ class VoiceServer:
         elif op == OP_SPEAKING:
             _log.debug("voice: bot speaking=%s", data.get("speaking"))
         elif op == OP_DAVE_TRANSITION_READY:
-            await self._deliver(self.group.on_transition_ready(conn.user_id, int(data["transition_id"])))
+            await self._deliver(
+                self.group.on_transition_ready(conn.user_id, int(data["transition_id"]))
+            )
         elif op == OP_MLS_INVALID_COMMIT_WELCOME:
             _log.info("voice: bot could not process transition %s", data.get("transition_id"))
             await self._deliver(
@@ -394,6 +414,7 @@ class VoiceServer:
             return
         op, payload = data[0], data[1:]
         conn.ops_in.append(op)
+        self._bot_op.set()
         _log.debug("voice in  binary op=%s (%d bytes)", op, len(payload))
         if op == OP_MLS_KEY_PACKAGE:
             await self._deliver(self.group.on_key_package(conn.user_id, payload))
@@ -402,7 +423,9 @@ class VoiceServer:
         else:
             _log.warning("voice: unexpected binary op %s", op)
 
-    async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> VoiceConnection | None:
+    async def _identify(
+        self, ws: web.WebSocketResponse, data: dict[str, Any]
+    ) -> VoiceConnection | None:
         exp = self.expected
         bot = self.world.bot
         ok = (
@@ -442,10 +465,17 @@ class VoiceServer:
         )
         return conn
 
-    async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> VoiceConnection | None:
+    async def _resume(
+        self, ws: web.WebSocketResponse, data: dict[str, Any]
+    ) -> VoiceConnection | None:
         conn = self.connection
         exp = self.expected
-        if conn is None or exp is None or data.get("session_id") != exp.session_id or data.get("token") != exp.token:
+        if (
+            conn is None
+            or exp is None
+            or data.get("session_id") != exp.session_id
+            or data.get("token") != exp.token
+        ):
             _log.info("voice: RESUME of an unknown session; closing 4006")
             await ws.close(code=CLOSE_SESSION_INVALID)
             return None
@@ -516,7 +546,10 @@ class VoiceServer:
         assert conn.cipher is not None and conn.client_addr is not None
         payload = mv.dave.encrypt_opus(opus) if mv.dave is not None else opus
         header, ext = build_rtp_header(
-            mv.sequence, mv.timestamp, mv.ssrc, extension=audio_level_extension(audio_level_dbov(rms))
+            mv.sequence,
+            mv.timestamp,
+            mv.ssrc,
+            extension=audio_level_extension(audio_level_dbov(rms)),
         )
         packet = conn.cipher.encrypt(header, ext, payload, mv.nonce)
         mv.nonce = (mv.nonce + 1) & 0xFFFFFFFF
@@ -528,7 +561,9 @@ class VoiceServer:
 
     def _send_rtcp(self, conn: VoiceConnection, mv: MemberVoice) -> None:
         assert conn.cipher is not None and conn.client_addr is not None
-        report = rtcp_sender_report(mv.ssrc, mv.timestamp, mv.packets_sent, mv.octets_sent, time.time())
+        report = rtcp_sender_report(
+            mv.ssrc, mv.timestamp, mv.packets_sent, mv.octets_sent, time.time()
+        )
         # _rtpsize modes: the first 8 bytes (header + sender SSRC) are clear and authenticated.
         packet = conn.cipher.encrypt(report[:8], b"", report[8:], mv.nonce)
         mv.nonce = (mv.nonce + 1) & 0xFFFFFFFF
@@ -606,5 +641,10 @@ class VoiceServer:
                     await asyncio.sleep(max(0.0, delay))
                 elif opus is not None:
                     await asyncio.sleep(FAST_PACKET_GAP)
-        _log.info("voice: %s spoke %d frames, %d packets sent", member.name, len(frames) // FRAME_SAMPLES, sent)
+        _log.info(
+            "voice: %s spoke %d frames, %d packets sent",
+            member.name,
+            len(frames) // FRAME_SAMPLES,
+            sent,
+        )
         return sent
