@@ -8,6 +8,7 @@ itself would never break. Media is real: libopus, AEAD transport encryption, dav
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -199,6 +200,11 @@ def transcribe_tree(
         await interaction.response.send_message(f"Captions on ({language})")
         await interaction.followup.send("Follow-up: listening")
 
+    @group.command(name="stop", description="Stop captions")
+    async def stop(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(thinking=True)
+        await interaction.edit_original_response(content="Captions off; minutes posted")
+
     tree.add_command(group, guild=discord.Object(guild_id))
     return tree, seen
 
@@ -225,6 +231,16 @@ async def test_a_command_sync_is_recorded_and_an_invoked_command_reaches_the_tre
         ("general", "Cantobot", "Captions on (yue)"),
         ("general", "Cantobot", "Follow-up: listening"),
     ]
+
+    deferred = await local.invoke("transcribe stop", {}, local.member_ids["bob"])
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await deferred.wait_original_content()
+    assert deferred.callback_type == 5
+    assert deferred.response_content == "Captions off; minutes posted"
+    assert (local.messages[-1].content, local.messages[-1].edit) == (
+        deferred.response_content,
+        True,
+    )
 
 
 async def test_an_interaction_is_answered_once_and_within_three_seconds() -> None:
@@ -274,6 +290,22 @@ async def test_discords_content_webhook_name_and_nickname_rules_are_enforced(
 
 
 # -- messages, threads, webhooks ------------------------------------------------------------------
+
+
+async def test_injected_server_errors_hit_only_matching_paths_and_posts_reach_on_message() -> None:
+    seen: list[str] = []
+
+    async def on_message(posted: Any) -> None:
+        seen.append(posted.content)
+
+    async with LocalDiscord(on_message=on_message) as d:
+        d.fail_next(1, status=500, path_prefix="/channels/")
+        assert (await raw(d, "GET", "/users/@me"))[0] == 200
+        path = f"/channels/{d.text_channel_id}/messages"
+        assert (await raw(d, "POST", path, json={"content": "a"}))[0] == 500
+        assert (await raw(d, "POST", path, json={"content": "b"}))[0] == 200
+        assert seen == ["b"]
+        assert [r.status for r in d.requests] == [200, 500, 200]
 
 
 async def test_a_429_is_retried_by_discord_py_and_the_message_lands_once(
@@ -387,6 +419,32 @@ async def test_the_stock_voice_client_connects_and_receives_a_members_encrypted_
         await vc.disconnect(force=True)
 
 
+async def test_late_speaking_and_random_loss_are_simulated_as_configured(
+    local: LocalDiscord, running: Running
+) -> None:
+    bob = local.member_ids["bob"]
+    await local.member_join_voice(bob)
+    vc = await connect_voice(running, local)
+    try:
+        tap = PacketTap(asyncio.get_running_loop())
+        vc._connection.add_socket_listener(tap)
+        rng = random.Random(7)
+        sent = await local.speak(
+            bob, tone(0.4), loss=0.3, rng=rng, realtime=False, speaking_late=True
+        )
+        events = [kind for kind, uid in local.voice.timeline if uid == bob]
+        assert events.index("speaking") == 3  # op 5 after the first three packets, as Discord may
+        assert 0 < events.count("lost") < 20 and sent == events.count("media")
+        ssrc = local.voice.members[bob].ssrc
+        async with asyncio.timeout(STEP_TIMEOUT):
+            packets = await tap.wait_rtp(ssrc, sent)
+        sequences = [parse_rtp(p).sequence for p in packets]
+        assert len(sequences) == sent < 20  # gaps in the sequence numbers are the losses
+        assert (sequences[-1] - sequences[0]) % 65536 + 1 > sent
+    finally:
+        await vc.disconnect(force=True)
+
+
 async def test_with_dave_on_the_bot_joins_the_mls_group_and_decrypts_a_members_frames(
     redirect: Any,
 ) -> None:
@@ -416,6 +474,34 @@ async def test_with_dave_on_the_bot_joins_the_mls_group_and_decrypts_a_members_f
             opus = session.decrypt(alice, davey.MediaType.audio, e2ee)
             pcm = OpusDecoder(48000, 2).decode(opus)
             assert np.abs(pcm).max() > 1000
+            await vc.disconnect(force=True)
+        finally:
+            await r.close()
+
+
+async def test_with_dave_on_members_joining_and_leaving_mid_call_advance_the_bots_epoch(
+    redirect: Any,
+) -> None:
+    async with LocalDiscord(dave=True) as d:
+        redirect(d)
+        r = Running(make_client(d))
+        await r.start(d.token)
+        try:
+            vc = await connect_voice(r, d)  # the bot arrives first, alone
+            alice, bob = d.member_ids["alice"], d.member_ids["bob"]
+            await d.member_join_voice(alice)  # bot commits: group forms (epoch 1)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await d.voice.wait_for_bot_op(23, count=1)
+            await d.member_join_voice(bob)  # bot commits the Add (epoch 2)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await d.voice.wait_for_bot_op(23, count=2)
+            await d.leave_voice(alice)  # bot commits the Remove (epoch 3)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await d.voice.wait_for_bot_op(23, count=3)
+            session = vc._connection.dave_session
+            assert session is not None and session.ready
+            assert session.epoch == d.voice.group.epoch == 3
+            assert sorted(d.voice.group.members) == sorted([d.bot_user_id, bob])
             await vc.disconnect(force=True)
         finally:
             await r.close()

@@ -237,6 +237,9 @@ class VoiceServer:
         self.members: dict[int, MemberVoice] = {}
         #: Datagrams the bot sent us (besides IP discovery): its own audio and keepalives.
         self.received_from_bot: list[bytes] = []
+        #: What members did, in order: ("speaking", user_id) for op 5 sent, ("media", user_id)
+        #: for an RTP packet sent, ("lost", user_id) for one dropped by ``loss``.
+        self.timeline: list[tuple[str, int]] = []
         self._sockets: set[web.WebSocketResponse] = set()
         self._connected = asyncio.Event()
         self._bot_op = asyncio.Event()
@@ -274,11 +277,11 @@ class VoiceServer:
             self._connected.clear()
             await self._connected.wait()
 
-    async def wait_for_bot_op(self, op: int) -> None:
-        """Wait until the bot's voice connection sent ``op`` (e.g. 23: DAVE transition ready)."""
+    async def wait_for_bot_op(self, op: int, count: int = 1) -> None:
+        """Wait until the bot's voice connection sent ``op`` ``count`` times (e.g. 23: ready)."""
         while True:
             conn = self.connection
-            if conn is not None and op in conn.ops_in:
+            if conn is not None and conn.ops_in.count(op) >= count:
                 return
             self._bot_op.clear()
             await self._bot_op.wait()
@@ -541,6 +544,7 @@ class VoiceServer:
             OP_SPEAKING, {"user_id": str(mv.user_id), "ssrc": mv.ssrc, "speaking": 1}
         )
         conn.announced.add(mv.user_id)
+        self.timeline.append(("speaking", mv.user_id))
 
     def _send_media(self, conn: VoiceConnection, mv: MemberVoice, opus: bytes, rms: float) -> None:
         assert conn.cipher is not None and conn.client_addr is not None
@@ -625,7 +629,10 @@ class VoiceServer:
                     mv.spoke_before = True
                     if usable and rng.random() >= loss:
                         self._send_media(conn, mv, opus, rms)  # type: ignore[arg-type]
+                        self.timeline.append(("media", user_id))
                         sent += 1
+                    elif usable:
+                        self.timeline.append(("lost", user_id))
                     packets_this_spurt += 1
                     mv.sequence = (mv.sequence + 1) & 0xFFFF
                     if (
