@@ -419,6 +419,39 @@ async def test_the_stock_voice_client_connects_and_receives_a_members_encrypted_
         await vc.disconnect(force=True)
 
 
+class AesGcmVoiceClient(discord.VoiceClient):
+    """The stock client taught to accept AES-GCM for receiving (as the bot's own client is)."""
+
+    supported_modes = ("aead_aes256_gcm_rtpsize", *discord.VoiceClient.supported_modes)
+
+
+async def test_a_server_offering_only_aes_gcm_is_joined_by_a_client_that_supports_it(
+    redirect: Any,
+) -> None:
+    async with LocalDiscord(modes=("aead_aes256_gcm_rtpsize",)) as d:
+        redirect(d)
+        r = Running(make_client(d))
+        await r.start(d.token)
+        try:
+            alice = d.member_ids["alice"]
+            await d.member_join_voice(alice)
+            channel = r.client.get_channel(d.voice_channel_id)
+            assert isinstance(channel, discord.VoiceChannel)
+            vc = await channel.connect(timeout=STEP_TIMEOUT, reconnect=False, cls=AesGcmVoiceClient)
+            assert vc.mode == "aead_aes256_gcm_rtpsize"
+            tap = PacketTap(asyncio.get_running_loop())
+            vc._connection.add_socket_listener(tap)
+            sent = await d.speak(alice, tone(0.06), realtime=False)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                packets = await tap.wait_rtp(d.voice.members[alice].ssrc, sent)
+            cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
+            pcm = OpusDecoder(48000, 2).decode(cipher.decrypt(parse_rtp(packets[0])))
+            assert np.abs(pcm).max() > 1000
+            await vc.disconnect(force=True)
+        finally:
+            await r.close()
+
+
 async def test_late_speaking_and_random_loss_are_simulated_as_configured(
     local: LocalDiscord, running: Running
 ) -> None:
@@ -453,15 +486,19 @@ async def test_with_dave_on_the_bot_joins_the_mls_group_and_decrypts_a_members_f
         r = Running(make_client(d))
         await r.start(d.token)
         try:
-            alice = d.member_ids["alice"]
+            alice, bob = d.member_ids["alice"], d.member_ids["bob"]
             await d.member_join_voice(alice)
+            await d.member_join_voice(bob)  # alice and bob form a group before the bot arrives
+            assert d.voice.group.epoch == 1
             vc = await connect_voice(r, d)
             async with asyncio.timeout(STEP_TIMEOUT):
-                await d.voice.wait_for_bot_op(23)  # DAVE transition ready: commit processed
+                await d.voice.wait_for_bot_op(23)  # DAVE transition ready: welcome processed
             session = vc._connection.dave_session
             assert session is not None and session.ready
             assert vc._connection.dave_protocol_version == 1
-            assert sorted(d.voice.group.members) == sorted([alice, d.bot_user_id])
+            assert d.voice.connection is not None
+            assert 30 in [op for _, op, _ in d.voice.connection.binary_sent]  # welcomed (op 30)
+            assert sorted(d.voice.group.members) == sorted([alice, bob, d.bot_user_id])
             tap = PacketTap(asyncio.get_running_loop())
             vc._connection.add_socket_listener(tap)
             await d.speak(alice, tone(0.1), realtime=False)

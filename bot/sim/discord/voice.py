@@ -162,6 +162,8 @@ class VoiceConnection:
     announced: set[int] = field(default_factory=set)
     in_dave_group: bool = False
     ops_in: list[int] = field(default_factory=list)
+    #: Binary frames sent: (sequence, opcode, payload length), for tests and logs.
+    binary_sent: list[tuple[int, int, int]] = field(default_factory=list)
     session_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send_json(self, op: int, data: Any) -> None:
@@ -174,6 +176,7 @@ class VoiceConnection:
 
     async def send_binary(self, frame: bytes) -> None:
         self.seq += 1
+        self.binary_sent.append((self.seq, frame[0], len(frame) - 1))
         _log.debug("voice out binary op=%s (%d bytes)", frame[0], len(frame) - 1)
         await self.ws.send_bytes(struct.pack(">H", self.seq & 0xFFFF) + frame)
 
