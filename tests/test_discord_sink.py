@@ -21,7 +21,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot.sim.discord.server import LocalDiscord
-from bot.sim.discord.state import ApiError, PostedMessage
+from bot.sim.discord.state import ApiError, PostedMessage, RecordedRequest
 from bot.sim.discord.tls import ssl_context_trusting
 from bot.sinks.discord_sink import WEBHOOK_NAME, DiscordTranscriptSink, SinkMode
 from bot.transcript.format import ZWSP, format_line
@@ -43,7 +43,7 @@ class Setup:
             channel=self.channel, bot_user_name=BOT_NAME, **defaults  # type: ignore[arg-type]
         )
 
-    def requests(self, method: str, path_part: str) -> list[object]:
+    def requests(self, method: str, path_part: str) -> list[RecordedRequest]:
         return [
             r for r in self.discord.requests if r.method == method and path_part in r.path
         ]
@@ -66,7 +66,10 @@ async def local_discord(*, deny_webhooks: bool = False) -> AsyncIterator[Setup]:
         Route.BASE = fake.api_base
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(fake.gateway_url)
         connector = aiohttp.TCPConnector(ssl=ssl_context_trusting(fake.ca_file))
-        client = discord.Client(intents=discord.Intents.default(), connector=connector)
+        # on_ready waits guild_ready_timeout (2 s by default) after the last GUILD_CREATE.
+        client = discord.Client(
+            intents=discord.Intents.default(), connector=connector, guild_ready_timeout=0.05
+        )
         ready = asyncio.Event()
 
         @client.event
@@ -188,7 +191,10 @@ async def test_a_429_in_the_middle_of_20_lines_loses_nothing_and_keeps_order() -
                 await wait_until(lambda: len(s.discord.messages) >= 1)
                 s.discord.fail_next(1, status=429, path_prefix="/webhooks/", retry_after=0.2)
         await sink.aclose()
-        assert [r.status for r in s.requests("POST", "/webhooks/")].count(429) == 1
+        posts = s.requests("POST", "/webhooks/")
+        assert [r.status for r in posts].count(429) == 1
+        limited = next(i for i, r in enumerate(posts) if r.status == 429)
+        assert posts[limited + 1].at - posts[limited].at >= 0.2  # waited the header's delay
         shown = lines_of(s.discord.messages)
         assert [line.split("` ", 1)[1] for line in shown] == texts
         assert_nobody_pinged(s.discord.messages)
