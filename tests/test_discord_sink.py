@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import discord
@@ -50,17 +51,23 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def local_discord(*, deny_webhooks: bool = False) -> AsyncIterator[Setup]:
-    """A LocalDiscord with a logged-in discord.Client; optionally without Manage Webhooks."""
+async def local_discord(
+    *, deny_webhooks: bool = False, deny_threads: bool = False
+) -> AsyncIterator[Setup]:
+    """A LocalDiscord with a logged-in discord.Client; optionally without Manage Webhooks or
+    Create Public Threads."""
     fake = LocalDiscord()
-    if deny_webhooks:
-        # LocalDiscord does not check the bot's Manage Webhooks permission (and fail_next only
-        # injects 429/5xx), so answer the webhook routes the way Discord does without it.
-        async def missing_permissions(request: object) -> object:
-            raise ApiError(403, 50013, "Missing Permissions")
 
-        fake.rest.post_webhook = missing_permissions  # type: ignore[method-assign,assignment]
-        fake.rest.get_channel_webhooks = missing_permissions  # type: ignore[method-assign,assignment]
+    # LocalDiscord does not check the bot's permissions (and fail_next only injects 429/5xx),
+    # so answer the guarded routes the way Discord does without the permission.
+    async def missing_permissions(request: object) -> object:
+        raise ApiError(403, 50013, "Missing Permissions")
+
+    rest: Any = fake.rest
+    if deny_webhooks:
+        rest.post_webhook = rest.get_channel_webhooks = missing_permissions
+    if deny_threads:
+        rest.post_thread = missing_permissions
     saved = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
     async with fake:
         Route.BASE = fake.api_base
@@ -274,6 +281,24 @@ async def test_captions_are_throttled_show_the_latest_text_and_become_the_commit
         assert_nobody_pinged(s.discord.messages)
 
 
+async def test_without_thread_permission_lines_still_reach_the_channel_and_it_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with local_discord(deny_threads=True) as s:
+        sink = s.sink(threads=True, captions=True)
+        await sink.start()
+        with caplog.at_level(logging.WARNING, logger="bot.sinks.discord_sink"):
+            sink.post_line(seg("one"), display_name="alice", avatar_url=None)
+            await wait_until(lambda: len(s.discord.messages) == 1)
+            await wait_until(lambda: sink.stats.permanent_failures == 1)
+            sink.update_caption(1, "partial", display_name="alice")
+            sink.post_line(seg("two"), display_name="alice", avatar_url=None)
+            await sink.aclose()
+        assert lines_of(s.discord.messages) == ["`[01:23]` one", "`[01:23]` two"]
+        assert len(s.requests("POST", "/threads")) == 1  # tried once, then threads are off
+        assert sum("Create Public Threads" in r.getMessage() for r in caplog.records) == 1
+
+
 # -- safety and minutes --------------------------------------------------------------------------
 
 
@@ -282,7 +307,8 @@ async def test_everyone_and_role_mentions_in_speech_never_ping() -> None:
         sink = s.sink(threads=True)
         await sink.start()
         sink.post_notice("Transcribing Meeting Room")
-        sink.post_line(seg("@everyone look <@&123> and @here"), display_name="alice", avatar_url=None)
+        speech = seg("@everyone look <@&123> and @here")
+        sink.post_line(speech, display_name="alice", avatar_url=None)
         await sink.aclose()
         assert_nobody_pinged(s.discord.messages)
         for m in s.discord.messages:
