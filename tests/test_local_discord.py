@@ -22,6 +22,7 @@ import yarl
 from discord import app_commands
 
 from bot.sim.discord import LocalDiscord
+from bot.sim.discord.state import BOT_ROLE_PERMISSIONS, PERM_MANAGE_WEBHOOKS
 from bot.sim.discord.tls import ssl_context_trusting
 from bot.voice.crypto import TransportCipher
 from bot.voice.opus import OpusDecoder
@@ -348,6 +349,29 @@ async def test_webhook_posts_into_a_thread_and_edits_are_recorded_with_names_and
     assert first.attachments == ("minutes.md",)
     assert first.allowed_mentions == {"parse": []}
     assert (edit.content, edit.edit, edit.thread) == ("alice: 你好呀", True, "Meeting 1")
+
+
+async def test_a_bot_without_manage_webhooks_is_refused_like_on_discord(
+    local: LocalDiscord, running: Running
+) -> None:
+    updated = asyncio.Event()
+
+    @running.client.event
+    async def on_guild_role_update(before: discord.Role, after: discord.Role) -> None:
+        updated.set()
+
+    await local.set_bot_permissions(BOT_ROLE_PERMISSIONS & ~PERM_MANAGE_WEBHOOKS)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await updated.wait()
+    guild = running.client.get_guild(local.guild_id)
+    assert guild is not None and not guild.me.guild_permissions.manage_webhooks
+    channel = running.client.get_channel(local.text_channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    with pytest.raises(discord.Forbidden) as refused:
+        await channel.create_webhook(name="Captions")
+    assert refused.value.code == 50013
+    await channel.send("still allowed to post")  # Send Messages comes from @everyone
+    assert [m.content for m in local.messages] == ["still allowed to post"]
 
 
 # -- voice ----------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ from bot.sim.discord.state import (
     INTERACTION_ALREADY_ACKNOWLEDGED,
     INTERACTION_TOKEN_LIFETIME,
     INVALID_FORM_BODY,
+    PERM_CHANGE_NICKNAME,
+    PERM_CREATE_PUBLIC_THREADS,
+    PERM_MANAGE_WEBHOOKS,
+    PERM_SEND_MESSAGES,
+    PERM_SEND_MESSAGES_IN_THREADS,
     UNAUTHORIZED,
     UNKNOWN_INTERACTION,
     UNKNOWN_WEBHOOK,
@@ -611,6 +616,7 @@ class RestApi:
 
     async def post_webhook(self, request: web.Request) -> web.Response:
         channel = self.world.channel(_snowflake(request.match_info["channel_id"]))
+        self.world.require(self.world.bot, PERM_MANAGE_WEBHOOKS)
         body = _object_body(request)
         name = body.get("name", "")
         self.world.check_webhook_name(name)
@@ -627,11 +633,13 @@ class RestApi:
 
     async def get_channel_webhooks(self, request: web.Request) -> web.Response:
         cid = self.world.channel(_snowflake(request.match_info["channel_id"])).id
+        self.world.require(self.world.bot, PERM_MANAGE_WEBHOOKS)
         hooks = [h for h in self.world.webhooks.values() if h.channel_id == cid]
         return json_response([self.world.webhook_payload(h) for h in hooks])
 
     async def get_guild_webhooks(self, request: web.Request) -> web.Response:
         self._guild(request)
+        self.world.require(self.world.bot, PERM_MANAGE_WEBHOOKS)
         return json_response([self.world.webhook_payload(h) for h in self.world.webhooks.values()])
 
     # -- channels and messages -------------------------------------------------------------------
@@ -658,6 +666,10 @@ class RestApi:
 
     async def post_channel_message(self, request: web.Request) -> web.Response:
         channel = self.world.channel(_snowflake(request.match_info["channel_id"]))
+        in_thread = channel.parent_id is not None
+        self.world.require(
+            self.world.bot, PERM_SEND_MESSAGES_IN_THREADS if in_thread else PERM_SEND_MESSAGES
+        )
         body = _object_body(request)
         files = request[FILES_KEY]
         content = body.get("content") or ""
@@ -696,6 +708,7 @@ class RestApi:
 
     async def post_thread(self, request: web.Request) -> web.Response:
         parent_id = _snowflake(request.match_info["channel_id"])
+        self.world.require(self.world.bot, PERM_CREATE_PUBLIC_THREADS)
         body = _object_body(request)
         if "message_id" in request.match_info:
             self.world.message(parent_id, _snowflake(request.match_info["message_id"]))
@@ -736,6 +749,7 @@ class RestApi:
         self._guild(request)
         body = _object_body(request)
         if "nick" in body:
+            self.world.require(self.world.bot, PERM_CHANGE_NICKNAME)
             nick = body["nick"] or None
             self.world.check_nickname(nick)
             self.world.bot.nick = nick

@@ -54,11 +54,14 @@ class LocalDiscord:
         on_message: OnMessage | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        bot_permissions: int | None = None,
     ) -> None:
         self.token = token or f"local.{secrets.token_urlsafe(24)}"
         self.world = World(
             token=self.token, human_names=human_names, moderators=moderators, clock=clock
         )
+        if bot_permissions is not None:
+            self.world.bot_role.permissions = bot_permissions
         self.rest = RestApi(
             self.world,
             gateway_url=lambda: self.gateway_url,
@@ -214,6 +217,17 @@ class LocalDiscord:
         """Fail the next ``n`` REST requests under ``path_prefix`` (e.g. ``/channels/``)."""
         self.rest.fail_next(
             n, status=status, path_prefix=path_prefix, retry_after=retry_after, is_global=is_global
+        )
+
+    async def set_bot_permissions(self, permissions: int) -> None:
+        """Give the bot's role exactly ``permissions`` (bits from ``state.PERM_*``) and tell the
+        bot (GUILD_ROLE_UPDATE). @everyone's permissions still apply on top, as on Discord."""
+        role = self.world.bot_role
+        role.permissions = permissions
+        _log.info("bot role permissions set to %d", permissions)
+        await self.gateway.dispatch(
+            "GUILD_ROLE_UPDATE",
+            {"guild_id": str(self.world.guild_id), "role": self.world.role_payload(role)},
         )
 
     async def wait_ready(self) -> None:

@@ -43,6 +43,7 @@ UNKNOWN_INTERACTION = 10062
 UNKNOWN_MEMBER = 10007
 INTERACTION_ALREADY_ACKNOWLEDGED = 40060
 INVALID_FORM_BODY = 50035
+MISSING_PERMISSIONS = 50013
 UNAUTHORIZED = 0
 
 # -- Permission bits (https://discord.com/developers/docs/topics/permissions) ---------------------
@@ -312,6 +313,11 @@ class World:
         if perms & PERM_ADMINISTRATOR or member.user_id == self.owner_id:
             return (1 << 53) - 1
         return perms
+
+    def require(self, member: Member, permission: int) -> None:
+        """Refuse (403 50013) unless ``member`` holds ``permission`` (no channel overwrites)."""
+        if self.permissions_of(member) & permission != permission:
+            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
 
     def describe_channel(self, channel_id: int) -> tuple[str, str | None]:
         """(channel name, thread name or None) as a person reading Discord would say it."""
