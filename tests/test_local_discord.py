@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,8 +23,15 @@ import yarl
 from discord import app_commands
 
 from bot.sim.discord import LocalDiscord
-from bot.sim.discord.state import BOT_ROLE_PERMISSIONS, PERM_MANAGE_WEBHOOKS
+from bot.sim.discord.gateway import Gateway
+from bot.sim.discord.state import (
+    BOT_ROLE_PERMISSIONS,
+    PERM_MANAGE_WEBHOOKS,
+    SnowflakeFactory,
+    World,
+)
 from bot.sim.discord.tls import ssl_context_trusting
+from bot.sim.discord.voice import ip_discovery_response, rtcp_sender_report
 from bot.voice.crypto import TransportCipher
 from bot.voice.opus import OpusDecoder
 from bot.voice.rtp import is_rtcp, parse_rtp
@@ -145,6 +153,10 @@ async def test_an_unmodified_client_logs_in_over_tls_and_receives_the_guild(
     assert client.application_id == local.application_id
     paths = [(r.method, r.path, r.status) for r in local.requests]
     assert ("GET", "/users/@me", 200) in paths
+    fetched = await client.fetch_channel(local.text_channel_id)
+    assert isinstance(fetched, discord.TextChannel) and fetched.name == "general"
+    member = await guild.fetch_member(local.member_ids["bob"])
+    assert member.name == "bob"
 
 
 async def test_a_wrong_token_is_refused_at_login(local: LocalDiscord, redirect: Any) -> None:
@@ -566,3 +578,65 @@ async def test_with_dave_on_members_joining_and_leaving_mid_call_advance_the_bot
             await vc.disconnect(force=True)
         finally:
             await r.close()
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+
+def test_the_ip_discovery_answer_reads_back_as_discord_py_reads_it() -> None:
+    answer = ip_discovery_response(1234, "127.0.0.1", 50123)
+    assert len(answer) == 74 and answer[1] == 2
+    assert answer[8 : answer.index(0, 8)].decode("ascii") == "127.0.0.1"
+    assert struct.unpack_from(">H", answer, len(answer) - 2)[0] == 50123
+    assert struct.unpack_from(">I", answer, 4)[0] == 1234
+
+
+def test_an_rtcp_sender_report_is_recognised_as_rtcp_not_media() -> None:
+    report = rtcp_sender_report(99, 960, 10, 1000, now=1_700_000_000.25)
+    assert len(report) == 28 and is_rtcp(report)
+    assert struct.unpack_from(">I", report, 4)[0] == 99
+
+
+def test_a_subcommand_with_a_channel_option_is_built_from_the_synced_schema() -> None:
+    world = World(token="t")
+    gateway = Gateway(
+        world,
+        resume_url=lambda: "wss://127.0.0.1:1",
+        voice_endpoint=lambda: "127.0.0.1:2",
+        on_bot_voice=_ignore_voice,
+        register_interaction=lambda record: None,
+    )
+    world.commands[world.guild_id] = [
+        {
+            "id": "42",
+            "name": "transcribe",
+            "options": [
+                {
+                    "type": 1,
+                    "name": "start",
+                    "options": [{"type": 7, "name": "output"}, {"type": 3, "name": "language"}],
+                }
+            ],
+        }
+    ]
+    data = gateway.build_command_data(
+        "/transcribe start", {"output": world.text_channel.id, "language": "yue"}
+    )
+    assert data["id"] == "42" and data["name"] == "transcribe"
+    (sub,) = data["options"]
+    assert (sub["type"], sub["name"]) == (1, "start")
+    assert sub["options"] == [
+        {"name": "output", "type": 7, "value": str(world.text_channel.id)},
+        {"name": "language", "type": 3, "value": "yue"},
+    ]
+    assert str(world.text_channel.id) in data["resolved"]["channels"]
+
+
+async def _ignore_voice(channel_id: int | None, session_id: str, token: str) -> None:
+    return None
+
+
+def test_snowflakes_increase_even_within_one_millisecond() -> None:
+    make = SnowflakeFactory(wall_clock=lambda: 1_700_000_000.0)
+    ids = [make() for _ in range(100)]
+    assert ids == sorted(ids) and len(set(ids)) == 100

@@ -284,7 +284,8 @@ class Gateway:
         bot.voice_channel_id = channel_id
         bot.self_mute = bool(data.get("self_mute"))
         bot.self_deaf = bool(data.get("self_deaf"))
-        bot.voice_session_id = secrets.token_hex(16)
+        # Discord's voice session id is the gateway session's id.
+        bot.voice_session_id = session.session_id
         _log.info("gateway: bot voice state -> channel %s", channel_id)
         token = secrets.token_hex(8)
         await self._on_bot_voice(channel_id, bot.voice_session_id, token)
@@ -332,7 +333,6 @@ class Gateway:
             raise ValueError("empty command")
         schema = self._command_schema(parts[0])
         level_schema: list[dict[str, Any]] = (schema or {}).get("options") or []
-        leaf_options = self._options([], options)
         # Walk sub-command groups / sub-commands from the innermost outwards.
         chain: list[tuple[str, int, list[dict[str, Any]]]] = []
         for depth, part in enumerate(parts[1:]):
