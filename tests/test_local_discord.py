@@ -196,6 +196,26 @@ async def test_a_forced_reconnect_is_resumed_and_later_events_still_arrive(
     assert [m.name for m in channel.members] == ["bob"]
 
 
+async def test_an_invalidated_session_makes_the_client_identify_again(
+    local: LocalDiscord, running: Running
+) -> None:
+    connected = asyncio.Event()
+
+    @running.client.event
+    async def on_connect() -> None:
+        connected.set()
+
+    async def identify_at_once(shard_id: int | None, *, initial: bool = False) -> None:
+        """discord.py waits 5 s before a non-initial IDENTIFY (Discord's identify rate limit)."""
+
+    running.client.before_identify_hook = identify_at_once  # type: ignore[method-assign]
+    await local.invalidate_session()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await connected.wait()
+    assert local.gateway.identify_count == 2 and local.gateway.resume_count == 0
+    assert running.client.get_guild(local.guild_id) is not None
+
+
 # -- commands and interactions --------------------------------------------------------------------
 
 

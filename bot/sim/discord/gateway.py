@@ -16,6 +16,7 @@ compress (discord.py only inflates binary frames), which real Discord also allow
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import secrets
@@ -47,8 +48,10 @@ OP_HEARTBEAT_ACK = 11
 HEARTBEAT_INTERVAL_MS = 41250
 #: Close code for a bad token ("Authentication failed").
 CLOSE_AUTHENTICATION_FAILED = 4004
-#: Close code for a RESUME of an unknown session is op 9; for a bad payload 4002 "Decode error".
+#: Close code for a payload that is not JSON ("Decode error").
 CLOSE_DECODE_ERROR = 4002
+#: Dispatches kept per session for RESUME; an older ``seq`` gets op 9 (re-IDENTIFY), as on Discord.
+RESUME_BUFFER = 1000
 
 #: Application command option types (https://discord.com/developers/docs/interactions/application-commands).
 OPTION_SUB_COMMAND = 1
@@ -72,7 +75,9 @@ class GatewaySession:
     session_id: str
     intents: int
     seq: int = 0
-    sent: list[dict[str, Any]] = field(default_factory=list)
+    sent: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=RESUME_BUFFER)
+    )
     ws: web.WebSocketResponse | None = None
 
 
@@ -156,6 +161,15 @@ class Gateway:
             raise RuntimeError("no connected gateway session to reconnect")
         _log.info("gateway: asking session %s to reconnect (op 7)", session.session_id)
         await self._send(session.ws, {"op": OP_RECONNECT, "d": None})
+
+    async def invalidate_session(self) -> None:
+        """Send op 9 (not resumable), as Discord does for a lost session: the bot must IDENTIFY."""
+        session = self.current
+        if session is None or session.ws is None:
+            raise RuntimeError("no connected gateway session to invalidate")
+        _log.info("gateway: invalidating session %s (op 9)", session.session_id)
+        self.sessions.pop(session.session_id, None)
+        await self._send(session.ws, {"op": OP_INVALID_SESSION, "d": False})
 
     # -- connection ------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
@@ -258,12 +272,13 @@ class Gateway:
         self, ws: web.WebSocketResponse, data: dict[str, Any]
     ) -> GatewaySession | None:
         session = self.sessions.get(str(data.get("session_id")))
-        if session is None or data.get("token") != self.world.token:
-            _log.info("gateway: RESUME of an unknown session, sending op 9")
+        seq = int(data.get("seq") or 0)
+        oldest = session.sent[0]["s"] if session is not None and session.sent else 1
+        if session is None or data.get("token") != self.world.token or seq < oldest - 1:
+            _log.info("gateway: RESUME of an unknown or too old session, sending op 9")
             await self._send(ws, {"op": OP_INVALID_SESSION, "d": False})
             return None
         self.resume_count += 1
-        seq = int(data.get("seq") or 0)
         session.ws = ws
         self.current = session
         missed = [p for p in session.sent if p["s"] > seq]

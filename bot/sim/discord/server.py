@@ -235,7 +235,12 @@ class LocalDiscord:
         await self.gateway.wait_ready()
 
     async def force_reconnect(self) -> None:
+        """Gateway op 7: the bot reconnects and RESUMEs (missed dispatches are replayed)."""
         await self.gateway.force_reconnect()
+
+    async def invalidate_session(self) -> None:
+        """Gateway op 9 (not resumable): the bot reconnects and IDENTIFYs afresh."""
+        await self.gateway.invalidate_session()
 
     async def invoke(
         self, command: str, options: dict[str, Any] | None = None, user_id: int | None = None

@@ -24,6 +24,7 @@ Boundary: sockets and timers live here; packet layouts come from ``bot.voice.rtp
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -98,6 +99,10 @@ LATE_SPEAKING_AFTER_PACKETS = 3
 FAST_PACKET_GAP = 0.001
 #: Seconds between 1900-01-01 (NTP epoch) and 1970-01-01 for RTCP timestamps (RFC 5905).
 NTP_UNIX_OFFSET = 2208988800
+#: Bounds on the test records kept by the voice server (a long simulation must not grow forever):
+#: about 30 minutes of one speaker's packets, and a few minutes of the bot's datagrams.
+TIMELINE_LIMIT = 100_000
+RECEIVED_FROM_BOT_LIMIT = 10_000
 
 
 def ip_discovery_response(ssrc: int, address: str, port: int) -> bytes:
@@ -239,10 +244,12 @@ class VoiceServer:
         self._udp: _UdpProtocol | None = None
         self.members: dict[int, MemberVoice] = {}
         #: Datagrams the bot sent us (besides IP discovery): its own audio and keepalives.
-        self.received_from_bot: list[bytes] = []
+        self.received_from_bot: collections.deque[bytes] = collections.deque(
+            maxlen=RECEIVED_FROM_BOT_LIMIT
+        )
         #: What members did, in order: ("speaking", user_id) for op 5 sent, ("media", user_id)
         #: for an RTP packet sent, ("lost", user_id) for one dropped by ``loss``.
-        self.timeline: list[tuple[str, int]] = []
+        self.timeline: collections.deque[tuple[str, int]] = collections.deque(maxlen=TIMELINE_LIMIT)
         self._sockets: set[web.WebSocketResponse] = set()
         self._connected = asyncio.Event()
         self._bot_op = asyncio.Event()
