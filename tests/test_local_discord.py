@@ -22,7 +22,7 @@ import pytest
 import yarl
 from discord import app_commands
 
-from bot.sim.discord import LocalDiscord
+from bot.sim.discord import LocalDiscord, client_kwargs
 from bot.sim.discord.gateway import Gateway
 from bot.sim.discord.state import (
     BOT_ROLE_PERMISSIONS,
@@ -78,8 +78,8 @@ def make_client(d: LocalDiscord, **kwargs: Any) -> discord.Client:
     intents.members = True
     return discord.Client(
         intents=intents,
-        connector=aiohttp.TCPConnector(ssl=ssl_context_trusting(d.ca_file)),
         guild_ready_timeout=GUILD_READY_TIMEOUT,
+        **client_kwargs(d.ca_file),
         **kwargs,
     )
 

@@ -14,6 +14,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -128,3 +129,13 @@ def ssl_context_trusting(ca_file: str | Path) -> ssl.SSLContext:
     """A client context that verifies the peer against ``ca_file`` only (hostname checked)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     return ctx
+
+
+def client_kwargs(ca_file: str | Path) -> dict[str, Any]:
+    """Keyword arguments for ``discord.Client(...)`` to trust ``ca_file`` (call inside the loop).
+
+    discord.py uses the one connector for REST, the gateway and the voice gateway.
+    """
+    import aiohttp  # here, so the certificate helpers above need no HTTP library
+
+    return {"connector": aiohttp.TCPConnector(ssl=ssl_context_trusting(ca_file))}
