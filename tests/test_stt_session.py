@@ -67,14 +67,12 @@ class Recorder:
         return [e.state for e in self.events if isinstance(e, StateChanged)]
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition (a bound against hangs, not a speed assertion)."""
-
-    async def poll() -> None:
-        while not condition():
+async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait for a condition (``limit`` guards against hangs; it is no speed assertion)."""
+    async with asyncio.timeout(limit):
+        # Conditions span the fake server and the session; neither has an event for each.
+        while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def make_session(url: str, recorder: Recorder, **kwargs: object) -> SttSession:
@@ -364,3 +362,19 @@ async def test_the_api_key_never_appears_in_logs(
     await session.stop()
     assert "streaming -> reconnecting" in caplog.text
     assert KEY not in caplog.text
+
+
+async def test_malformed_server_messages_are_counted_and_the_session_goes_on(
+    server: FakeSttServer,
+) -> None:
+    rec = Recorder()
+    session = make_session(server.url, rec)
+    await session.start()
+    await server.emit_raw("transcript-message", {"message_type": "committed_transcript"})
+    await server.emit_raw("transcript-message", "not an object")
+    await server.emit_raw("transcript-message", {"message_type": "some_future_type"})
+    await until(lambda: session.stats.protocol_errors == 2)
+    for chunk in chunks(pcm_of(timeline(SECOND))):
+        session.send_audio(chunk)
+    await session.stop()
+    assert rec.lines == [SECOND]

@@ -161,6 +161,12 @@ class FakeSttServer:
     def total_audio_bytes(self) -> int:
         return sum(r.audio_bytes for r in self.records.values())
 
+    async def emit_raw(self, event: str, payload: object = None) -> None:
+        """Send any event with any payload to every client (to test malformed input)."""
+        if self._sio is not None:
+            for sid in list(self._live):
+                await self._sio.emit(event, payload, to=sid)
+
     async def drop_all(self) -> None:
         """Server-side disconnect of every client now (python-socketio will not reconnect)."""
         if self._sio is not None:

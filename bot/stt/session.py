@@ -93,17 +93,17 @@ class SttState(enum.Enum):
     FAILED = "failed"
 
 
-S = SttState
+_S = SttState
 #: Legal transitions (anything else is a bug in this module).
 _TRANSITIONS: Final[dict[SttState, frozenset[SttState]]] = {
-    S.IDLE: frozenset({S.CONNECTING, S.CLOSED}),
-    S.CONNECTING: frozenset({S.STARTING, S.FAILED, S.CLOSED}),
-    S.STARTING: frozenset({S.STREAMING, S.FAILED, S.CLOSED}),
-    S.STREAMING: frozenset({S.RECONNECTING, S.STOPPING, S.CLOSED}),
-    S.RECONNECTING: frozenset({S.STREAMING, S.FAILED, S.CLOSED}),
-    S.STOPPING: frozenset({S.CLOSED}),
-    S.FAILED: frozenset({S.CONNECTING, S.CLOSED}),
-    S.CLOSED: frozenset(),
+    _S.IDLE: frozenset({_S.CONNECTING, _S.CLOSED}),
+    _S.CONNECTING: frozenset({_S.STARTING, _S.FAILED, _S.CLOSED}),
+    _S.STARTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
+    _S.STREAMING: frozenset({_S.RECONNECTING, _S.STOPPING, _S.CLOSED}),
+    _S.RECONNECTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
+    _S.STOPPING: frozenset({_S.CLOSED}),
+    _S.FAILED: frozenset({_S.CONNECTING, _S.CLOSED}),
+    _S.CLOSED: frozenset(),
 }
 
 
