@@ -378,3 +378,20 @@ async def test_malformed_server_messages_are_counted_and_the_session_goes_on(
         session.send_audio(chunk)
     await session.stop()
     assert rec.lines == [SECOND]
+
+
+async def test_stop_while_the_server_stays_away_gives_up_within_its_timeout(
+    server: FakeSttServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    session = make_session(server.url, rec, stop_timeout=0.3)
+    await session.start()
+    session.send_audio(pcm_of(timeline(SECOND))[:CHUNK])
+    await until(lambda: server.total_audio_bytes > 0)
+    await server.stop()  # gone for good: every reconnect attempt is refused
+    await until(lambda: session.state is SttState.RECONNECTING)
+    await session.stop()
+    assert session.state is SttState.CLOSED
+    assert rec.states[-2:] == [SttState.RECONNECTING, SttState.CLOSED]
+    assert "gave up: 0.1 s of audio were not transcribed" in caplog.text
+    assert session.stats.reconnects == 0
