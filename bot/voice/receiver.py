@@ -30,7 +30,7 @@ import numpy as np
 from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.jitter import Frame, JitterBuffer, Lost, Silence
-from bot.voice.opus import OPUS_SAMPLE_RATES, OpusDecoder, OpusError
+from bot.voice.opus import OPUS_SAMPLE_RATES, OPUS_SILENCE_FRAME, OpusDecoder, OpusError
 from bot.voice.rtp import MalformedPacket, is_rtcp, parse_rtp
 from bot.voice.speakers import PendingPackets, SpeakerMap
 
@@ -62,6 +62,8 @@ class _MemberState:
     emitted_until: float
     #: Output samples of real-time silence emitted since the last audio frame.
     silence_filled: int = 0
+    #: The member's last frame was Discord's end-of-spurt silence frame.
+    paused: bool = False
     last_packet: float = 0.0
     ssrcs: set[int] = field(default_factory=set)
 
@@ -80,6 +82,7 @@ class VoiceReceiver:
         jitter_packets: int = 3,
         idle_timeout: float = 10.0,
         fill_after: float = 0.12,
+        stall_fill_after: float = 1.0,
     ) -> None:
         #: libopus decodes straight to 8/12/16/24/48 kHz; other STT rates get 48 kHz here and
         #: the pipeline's resampler converts.
@@ -91,6 +94,7 @@ class VoiceReceiver:
         self._jitter_packets = jitter_packets
         self._idle_timeout = idle_timeout
         self._fill_after = fill_after
+        self._stall_fill_after = stall_fill_after
         self._cipher: TransportCipher | None = None
         self._cipher_id: tuple[str, bytes] | None = None
         self.speakers = SpeakerMap()
@@ -215,6 +219,7 @@ class VoiceReceiver:
     def _emit(self, state: _SsrcState, member: _MemberState,
               out: Frame | Lost | Silence, now: float) -> None:
         if isinstance(out, Frame):
+            member.paused = out.payload == OPUS_SILENCE_FRAME
             try:
                 pcm = state.decoder.decode(out.payload)
             except OpusError:
@@ -267,7 +272,11 @@ class VoiceReceiver:
                     self._drop_ssrc(ssrc)
                 self._on_idle(member.user_id)
                 continue
-            if silent_for > self._fill_after and now > member.emitted_until:
+            # After Discord's end-of-spurt silence frames the pause is real: fill at once so the
+            # STT hears it. Packets that merely stopped (network stall, lost end frames) may
+            # resume mid-word, so wait much longer before inventing silence.
+            threshold = self._fill_after if member.paused else self._stall_fill_after
+            if silent_for > threshold and now > member.emitted_until:
                 n = int(round((now - member.emitted_until) * self.output_rate))
                 if n > 0:
                     member.emitted_until = now

@@ -1,0 +1,199 @@
+"""The Discord bot process: `cantobot run`.
+
+:class:`CantoBot` is a discord.py ``AutoShardedBot``: ``setup_hook`` opens storage (applying
+migrations), purges expired transcripts (then daily), loads the ``cogs.transcribe`` extension and
+syncs the slash commands; ``close`` flushes every meeting first (stop-session, last commits,
+minutes) and then releases what ``setup_hook`` opened, in reverse order.
+
+Discord's endpoints come from config (``discord.api_base``, ``discord.gateway_url``,
+``discord.ca_file``) so that the bot can run behind a Discord-compatible proxy or against the
+local Discord of ``cantobot simulate``: the same code either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from datetime import UTC, datetime
+
+import aiohttp
+import discord
+import yarl
+from discord.ext import commands
+
+from bot.config import DEFAULT_DISCORD_API_BASE, DEFAULT_DISCORD_GATEWAY, Config, with_overrides
+from bot.errors import ConfigError
+from bot.meeting import MeetingManager
+from bot.storage.db import Storage
+
+log = logging.getLogger(__name__)
+
+#: Extensions loaded at start-up (RoboDanny's explicit list: a failure is logged by name).
+EXTENSIONS = ("cogs.transcribe",)
+#: Retention runs at start and then this often.
+RETENTION_INTERVAL = 24 * 3600.0
+
+TOKEN_HELP = (
+    "no Discord bot token: set DISCORD_TOKEN (or discord.token in the config). Create one at "
+    "https://discord.com/developers/applications -> your app -> Bot -> Reset Token. "
+    "To see the bot work without a token, run `cantobot simulate` or `cantobot demo`."
+)
+
+
+def redirect_discord(config: Config) -> None:
+    """Point discord.py at the configured REST base and gateway (process-wide settings)."""
+    discord.http.Route.BASE = config.discord.api_base.rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.discord.gateway_url)
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """System trust plus ``discord.ca_file`` when configured."""
+    if config.discord.ca_file is None:
+        return None
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cafile=config.discord.ca_file)
+    return ctx
+
+
+class CantoBot(commands.AutoShardedBot):
+    """cantobot's Discord client."""
+
+    def __init__(self, config: Config, *, storage: Storage | None = None) -> None:
+        intents = discord.Intents.default()
+        intents.voice_states = True
+        intents.members = False
+        ctx = ssl_context(config)
+        kwargs: dict[str, object] = {}
+        if ctx is not None:
+            kwargs["connector"] = aiohttp.TCPConnector(ssl=ctx)
+        if config.discord.shard_count is not None:
+            kwargs["shard_count"] = config.discord.shard_count
+        if config.discord.shard_ids is not None:
+            kwargs["shard_ids"] = list(config.discord.shard_ids)
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.config = config
+        self._storage = storage
+        self.meetings: MeetingManager | None = None
+        self._retention_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def storage(self) -> Storage:
+        assert self._storage is not None, "storage is opened in setup_hook"
+        return self._storage
+
+    async def setup_hook(self) -> None:
+        if self._storage is None:
+            self._storage = await Storage.open(self.config.storage.path)
+        self.meetings = MeetingManager(self.config, self._storage)
+        await self.meetings.load()
+        self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
+        for name in EXTENSIONS:
+            try:
+                await self.load_extension(name)
+            except Exception:
+                log.exception("failed to load extension %s", name)
+                raise
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        guilds = self.config.discord.guilds
+        if guilds:
+            for guild_id in guilds:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d command(s) to guild %d", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d command(s) globally", len(synced))
+
+    async def _retention_loop(self) -> None:
+        days = self.config.storage.retention_days
+        if days <= 0:
+            return
+        while True:
+            try:
+                deleted = await self.storage.purge_older_than(days, datetime.now(UTC))
+                if deleted:
+                    log.info("retention: deleted %d meeting(s) older than %d days", deleted, days)
+            except Exception:
+                log.exception("retention failed; will try again")
+            await asyncio.sleep(RETENTION_INTERVAL)
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d guild(s)", self.user, getattr(self.user, "id", "?"),
+                 len(self.guilds))
+
+    async def close(self) -> None:
+        """Flush every meeting, then close Discord and storage; safe to call twice."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.meetings is not None:
+            await self.meetings.shutdown()
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention_task
+        await super().close()
+        if self._storage is not None:
+            await self._storage.close()
+
+
+def _shard_overrides(args: argparse.Namespace, config: Config) -> Config:
+    ids = getattr(args, "shard_ids", None)
+    count = getattr(args, "shard_count", None)
+    return with_overrides(config, discord={"shard_ids": ids, "shard_count": count})
+
+
+async def run_bot(args: argparse.Namespace, config: Config) -> int:
+    """Run until SIGTERM/SIGINT; then flush every meeting and exit 0."""
+    config = _shard_overrides(args, config)
+    if not config.discord.token:
+        raise ConfigError(config.source, "discord.token", TOKEN_HELP)
+    if config.discord.shard_ids is not None and config.discord.shard_count is None:
+        raise ConfigError(config.source, "discord.shard_count",
+                          "shard_ids needs shard_count (the total number of shards)")
+    config.require_stt_key()
+    if (config.discord.api_base, config.discord.gateway_url) != (
+        DEFAULT_DISCORD_API_BASE, DEFAULT_DISCORD_GATEWAY
+    ):
+        log.info("using Discord endpoints %s and %s", config.discord.api_base,
+                 config.discord.gateway_url)
+    redirect_discord(config)
+    bot = CantoBot(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with bot:
+        runner = asyncio.create_task(bot.start(config.discord.token.reveal()), name="discord")
+        waiter = asyncio.create_task(stop.wait(), name="signal-wait")
+        done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            log.info("signal received: flushing meetings and exiting")
+            await bot.close()
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+        else:
+            waiter.cancel()
+            exc = runner.exception()
+            if isinstance(exc, discord.LoginFailure):
+                raise ConfigError(config.source, "discord.token",
+                                  "Discord rejected the bot token (login failed)") from exc
+            if exc is not None:
+                raise exc
+    return 0

@@ -1,0 +1,213 @@
+"""`/transcribe start|stop|status|minutes|optout|optin`: parse the interaction, call bot/, reply.
+
+Refusals and errors are ephemeral and say what to do. Long steps (joining voice, flushing every
+speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.errors import CantobotError
+from bot.meeting import MeetingManager, minutes_files
+from bot.transcript import minutes as minutes_fmt
+from bot.transcript.format import format_timestamp
+
+if TYPE_CHECKING:
+    from bot.app import CantoBot
+
+log = logging.getLogger(__name__)
+
+#: What the bot needs in the text channel / voice channel, with the names users see.
+TEXT_PERMISSIONS = (
+    ("send_messages", "Send Messages"),
+    ("create_public_threads", "Create Public Threads"),
+    ("manage_webhooks", "Manage Webhooks"),
+)
+VOICE_PERMISSIONS = (("connect", "Connect"), ("view_channel", "View Channel"))
+
+
+def missing_permissions(perms: discord.Permissions,
+                        wanted: tuple[tuple[str, str], ...]) -> list[str]:
+    return [label for attr, label in wanted if not getattr(perms, attr)]
+
+
+def may_manage(member: discord.Member, manager_role: str | None) -> bool:
+    """Members with Manage Channels, or the configured role, may start and stop."""
+    if member.guild_permissions.manage_channels:
+        return True
+    return manager_role is not None and any(r.name == manager_role for r in member.roles)
+
+
+class Transcribe(commands.Cog):
+    """The /transcribe command group."""
+
+    group = app_commands.Group(name="transcribe", description="Live Cantonese captions and minutes",
+                               guild_only=True)
+
+    def __init__(self, bot: CantoBot) -> None:
+        self.bot = bot
+
+    @property
+    def meetings(self) -> MeetingManager:
+        assert self.bot.meetings is not None
+        return self.bot.meetings
+
+    async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+    def _check_manager(self, interaction: discord.Interaction) -> str | None:
+        member = interaction.user
+        if not isinstance(member, discord.Member):
+            return "This command works in a server."
+        role = self.bot.config.discord.manager_role
+        if not may_manage(member, role):
+            who = "the Manage Channels permission" + (f" or the **{role}** role" if role else "")
+            return f"Only members with {who} can start or stop transcription."
+        return None
+
+    @group.command(name="start", description="Transcribe your voice channel into a text channel")
+    @app_commands.describe(
+        channel="Where transcripts go (default: this channel)",
+        threads="One caption thread per speaker",
+        captions="Live partial captions in the speaker threads",
+    )
+    async def start(
+        self,
+        interaction: discord.Interaction,
+        channel: discord.TextChannel | None = None,
+        threads: bool | None = None,
+        captions: bool | None = None,
+    ) -> None:
+        refusal = self._check_manager(interaction)
+        if refusal:
+            await self._refuse(interaction, refusal)
+            return
+        guild = interaction.guild
+        member = interaction.user
+        assert guild is not None and isinstance(member, discord.Member)
+        voice = member.voice.channel if member.voice is not None else None
+        if voice is None:
+            await self._refuse(interaction, "Join a voice channel first, then use "
+                                            "`/transcribe start`.")
+            return
+        target = channel or interaction.channel
+        if not isinstance(target, discord.TextChannel):
+            await self._refuse(interaction, "Pick a text channel for the transcript "
+                                            "(the `channel` option).")
+            return
+        me = guild.me
+        missing = missing_permissions(target.permissions_for(me), TEXT_PERMISSIONS)
+        missing += missing_permissions(voice.permissions_for(me), VOICE_PERMISSIONS)
+        if missing:
+            await self._refuse(interaction, "I am missing permissions: "
+                               + ", ".join(f"**{p}**" for p in missing)
+                               + f" (in #{target.name} / {voice.name}).")
+            return
+        defaults = self.bot.config.transcribe
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            meeting = await self.meetings.start(
+                guild=guild, voice_channel=voice, text_channel=target,
+                threads=defaults.threads if threads is None else threads,
+                captions=defaults.captions if captions is None else captions,
+            )
+        except CantobotError as exc:
+            await interaction.followup.send(f"Could not start: {exc.user_message}", ephemeral=True)
+            return
+        await interaction.followup.send(
+            f"Transcribing **{voice.name}** into {target.mention} (meeting #{meeting.meeting_id}).",
+            ephemeral=True)
+
+    @group.command(name="stop", description="Stop transcribing and post the minutes")
+    async def stop(self, interaction: discord.Interaction) -> None:
+        refusal = self._check_manager(interaction)
+        if refusal:
+            await self._refuse(interaction, refusal)
+            return
+        assert interaction.guild is not None
+        if self.meetings.get(interaction.guild.id) is None:
+            await self._refuse(interaction, "Nothing is being transcribed in this server.")
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        minutes = await self.meetings.stop(interaction.guild.id, "stopped by "
+                                           f"{interaction.user.display_name}")
+        lines = len(minutes.segments) if minutes is not None else 0
+        await interaction.followup.send(f"Stopped. {lines} line(s); the minutes are posted.",
+                                        ephemeral=True)
+
+    @group.command(name="status", description="Who is being transcribed and how it is going")
+    async def status(self, interaction: discord.Interaction) -> None:
+        assert interaction.guild is not None
+        meeting = self.meetings.get(interaction.guild.id)
+        if meeting is None:
+            await interaction.response.send_message("Nothing is being transcribed here.",
+                                                    ephemeral=True)
+            return
+        st = meeting.status()
+        speakers = "\n".join(
+            f"• {discord.utils.escape_markdown(s.name)}: {format_timestamp(s.seconds)} of audio, "
+            f"upstream {s.upstream}" for s in st.speakers) or "• nobody has spoken yet"
+        e2ee = (f"yes (DAVE), voice privacy code `{st.privacy_code}`" if st.e2ee and st.privacy_code
+                else "yes (DAVE)" if st.e2ee else "no")
+        text = (f"**Meeting #{st.meeting_id}**: {st.voice_channel} → #{st.text_channel}, "
+                f"running {format_timestamp(st.duration)}\n"
+                f"Lines posted: {st.lines_posted}\nSpeech-to-text: {st.upstream}\n"
+                f"End-to-end encrypted: {e2ee}\nSpeakers:\n{speakers}")
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @group.command(name="minutes", description="Post the minutes of this or an earlier meeting")
+    @app_commands.describe(session="Meeting number (default: the latest)")
+    async def minutes(self, interaction: discord.Interaction, session: int | None = None) -> None:
+        assert interaction.guild is not None
+        storage = self.bot.storage
+        await interaction.response.defer(thinking=True)
+        if session is None:
+            info = await storage.latest_meeting(interaction.guild.id)
+            if info is None:
+                await interaction.followup.send("No meetings recorded in this server yet.")
+                return
+            session = info.id
+        else:
+            known = {m.id for m in await storage.meetings(interaction.guild.id, limit=1000)}
+            if session not in known:
+                await interaction.followup.send(f"No meeting #{session} in this server.")
+                return
+        minutes = await storage.minutes(session)
+        files = [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
+                 for name, body in minutes_files(minutes).items()]
+        await interaction.followup.send(minutes_fmt.summary_text(minutes)[:2000], files=files,
+                                        allowed_mentions=discord.AllowedMentions.none())
+
+    @group.command(name="optout", description="Never transcribe my voice")
+    async def optout(self, interaction: discord.Interaction) -> None:
+        await self.meetings.set_opt_out(interaction.user.id, True)
+        await interaction.response.send_message(
+            "You are opted out: your voice is never decoded or sent for transcription, in any "
+            "meeting, until you use `/transcribe optin`.", ephemeral=True)
+
+    @group.command(name="optin", description="Allow my voice to be transcribed again")
+    async def optin(self, interaction: discord.Interaction) -> None:
+        await self.meetings.set_opt_out(interaction.user.id, False)
+        await interaction.response.send_message(
+            "You are opted in: your voice is transcribed in meetings again.", ephemeral=True)
+
+    @commands.Cog.listener()
+    async def on_voice_state_update(self, member: discord.Member, before: discord.VoiceState,
+                                    after: discord.VoiceState) -> None:
+        meeting = self.meetings.get(member.guild.id)
+        if meeting is not None:
+            meeting.check_empty()
+
+
+async def setup(bot: CantoBot) -> None:
+    await bot.add_cog(Transcribe(bot))
