@@ -660,3 +660,125 @@ def test_snowflakes_increase_even_within_one_millisecond() -> None:
     make = SnowflakeFactory(wall_clock=lambda: 1_700_000_000.0)
     ids = [make() for _ in range(100)]
     assert ids == sorted(ids) and len(set(ids)) == 100
+
+
+async def test_dave_can_be_switched_off_and_on_again_during_a_call(redirect: Any) -> None:
+    async with LocalDiscord(dave=True) as d:
+        redirect(d)
+        r = Running(make_client(d))
+        await r.start(d.token)
+        try:
+            alice = d.member_ids["alice"]
+            await d.member_join_voice(alice)
+            vc = await connect_voice(r, d)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await d.voice.wait_for_bot_op(23, count=1)
+            tap = PacketTap(asyncio.get_running_loop())
+            vc._connection.add_socket_listener(tap)
+            ssrc = d.voice.members[alice].ssrc
+            cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
+
+            await d.downgrade_dave()  # op 21 {protocol_version 0}; op 22 after the bot's op 23
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await d.voice.wait_for_bot_op(23, count=2)
+            assert d.voice.group.protocol_version == 0
+            sent = await d.speak(alice, tone(0.06), realtime=False)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                plain = cipher.decrypt(parse_rtp((await tap.wait_rtp(ssrc, sent))[0]))
+            assert not plain.endswith(b"\xfa\xfa")  # plain Opus, no DAVE footer
+            assert np.abs(OpusDecoder(48000, 2).decode(plain)).max() > 1000
+
+            await d.upgrade_dave()  # op 24 + op 25: the bot re-inits, a new group forms
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await d.voice.wait_for_bot_op(23, count=3)
+            session = vc._connection.dave_session
+            assert session is not None and session.ready and d.voice.group.protocol_version == 1
+            more = await d.speak(alice, tone(0.06), realtime=False)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                e2ee = cipher.decrypt(parse_rtp((await tap.wait_rtp(ssrc, sent + more))[sent + 1]))
+            assert e2ee.endswith(b"\xfa\xfa")
+            assert (
+                np.abs(
+                    OpusDecoder(48000, 2).decode(
+                        session.decrypt(alice, davey.MediaType.audio, e2ee)
+                    )
+                ).max()
+                > 1000
+            )
+            await vc.disconnect(force=True)
+        finally:
+            await r.close()
+
+
+class RawVoiceBot:
+    """A hand-driven voice client (aiohttp + davey) for DAVE paths discord.py never takes."""
+
+    def __init__(self, d: LocalDiscord, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.d = d
+        self.ws = ws
+        self.session = davey.DaveSession(1, d.bot_user_id, d.voice_channel_id)
+
+    async def next_binary(self) -> tuple[int, bytes]:
+        """The next binary frame (op, payload), skipping JSON ops."""
+        while True:
+            msg = await self.ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                return msg.data[2], msg.data[3:]
+            assert msg.type is aiohttp.WSMsgType.TEXT, msg
+
+    async def send_binary(self, op: int, payload: bytes) -> None:
+        await self.ws.send_bytes(bytes([op]) + payload)
+
+
+async def test_a_bot_that_never_commits_is_overtaken_by_a_members_commit() -> None:
+    async with LocalDiscord(dave=True) as d:
+        d.voice.dave_commit_timeout = 0.01
+        alice, bob = d.member_ids["alice"], d.member_ids["bob"]
+        d.world.bot.voice_channel_id = d.voice_channel_id
+        await d.voice.on_bot_voice(d.voice_channel_id, "voice-session", "voice-token")
+        await d.member_join_voice(alice)
+        connector = aiohttp.TCPConnector(ssl=ssl_context_trusting(d.ca_file))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.ws_connect(f"wss://{d.voice_endpoint}/?v=8") as ws:
+                bot = RawVoiceBot(d, ws)
+                identify = {
+                    "server_id": str(d.guild_id),
+                    "user_id": str(d.bot_user_id),
+                    "session_id": "voice-session",
+                    "token": "voice-token",
+                    "max_dave_protocol_version": 1,
+                }
+                await ws.send_json({"op": 0, "d": identify})
+                select = {
+                    "address": "127.0.0.1",
+                    "port": 9,
+                    "mode": "aead_xchacha20_poly1305_rtpsize",
+                }
+                await ws.send_json({"op": 1, "d": {"protocol": "udp", "data": select}})
+                op, payload = await bot.next_binary()
+                assert op == 25
+                bot.session.set_external_sender(payload)
+                await bot.send_binary(26, bot.session.get_serialized_key_package())
+                op, payload = await bot.next_binary()  # founding the group with alice: we commit
+                assert (op, payload[0]) == (27, 0)
+                result = bot.session.process_proposals(
+                    davey.ProposalsOperationType.append, payload[1:]
+                )
+                assert result is not None and result.welcome is not None
+                await bot.send_binary(28, result.commit + result.welcome)
+                op, payload = await bot.next_binary()
+                assert op == 29
+                bot.session.process_commit(payload[2:])
+                await ws.send_json(
+                    {"op": 23, "d": {"transition_id": int.from_bytes(payload[:2], "big")}}
+                )
+
+                await d.member_join_voice(bob)  # proposals again: we process them, never send
+                op, payload = await bot.next_binary()  # our commit (a slow client)
+                assert op == 27
+                bot.session.process_proposals(davey.ProposalsOperationType.append, payload[1:])
+                op, payload = await bot.next_binary()  # alice's fallback commit reaches us
+                assert op == 29
+                bot.session.process_commit(payload[2:])
+                assert bot.session.epoch == d.voice.group.epoch == 2
+                assert d.voice.group.history[-1][0] == alice

@@ -263,6 +263,14 @@ class LocalDiscord:
         await self.gateway.voice_state_changed(user_id)
         await self.voice.member_left(user_id)
 
+    async def downgrade_dave(self) -> None:
+        """Switch the call's end-to-end encryption off (DAVE protocol version 0)."""
+        await self.voice.downgrade_dave()
+
+    async def upgrade_dave(self) -> None:
+        """Switch the call's end-to-end encryption back on (DAVE protocol version 1)."""
+        await self.voice.upgrade_dave()
+
     async def speak(
         self,
         user_id: int,

@@ -102,6 +102,9 @@ NTP_UNIX_OFFSET = 2208988800
 #: Bounds on the test records kept by the voice server (a long simulation must not grow forever):
 #: about 30 minutes of one speaker's packets, and a few minutes of the bot's datagrams.
 TIMELINE_LIMIT = 100_000
+#: How long the bot may take to answer op 27 with a commit before a simulated member's commit is
+#: used instead (Discord takes whichever valid commit arrives first; the number is ours).
+DAVE_COMMIT_TIMEOUT = 5.0
 RECEIVED_FROM_BOT_LIMIT = 10_000
 
 
@@ -229,6 +232,7 @@ class VoiceServer:
         dave: bool = False,
         speaking_late: bool = False,
         rng: random.Random | None = None,
+        dave_commit_timeout: float = DAVE_COMMIT_TIMEOUT,
     ) -> None:
         if not modes:
             raise ValueError("offer at least one encryption mode")
@@ -253,6 +257,8 @@ class VoiceServer:
         self._sockets: set[web.WebSocketResponse] = set()
         self._connected = asyncio.Event()
         self._bot_op = asyncio.Event()
+        self.dave_commit_timeout = dave_commit_timeout
+        self._commit_timer: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -271,6 +277,10 @@ class VoiceServer:
         return self.udp_port
 
     async def close(self) -> None:
+        timer, self._commit_timer = self._commit_timer, None
+        if timer is not None:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
         for ws in list(self._sockets):
             await ws.close(code=1001)
         if self._udp is not None and self._udp.transport is not None:
@@ -346,6 +356,39 @@ class VoiceServer:
                 await conn.send_binary(frame)
             else:
                 await conn.send_json(int(frame["op"]), frame["d"])
+        self._arm_commit_timer()
+
+    def _arm_commit_timer(self) -> None:
+        """While proposals await the bot's commit, fall back to a member's after a timeout."""
+        if not self.group.awaiting_commit or self._commit_timer is not None:
+            return
+        self._commit_timer = asyncio.create_task(
+            self._commit_deadline(len(self.group.history)), name="dave-commit-deadline"
+        )
+
+    async def _commit_deadline(self, commits_before: int) -> None:
+        try:
+            await asyncio.sleep(self.dave_commit_timeout)
+        finally:
+            self._commit_timer = None
+        if self.group.awaiting_commit and len(self.group.history) == commits_before:
+            _log.info(
+                "voice: the bot did not commit within %.1fs; a member commits",
+                self.dave_commit_timeout,
+            )
+            await self._deliver(self.group.commit_timeout())
+        else:
+            self._arm_commit_timer()
+
+    async def downgrade_dave(self) -> None:
+        """Turn end-to-end encryption off for the call (op 21 → 23 → 22, protocol version 0)."""
+        _log.info("voice: downgrading the call to DAVE protocol version 0")
+        await self._deliver(self.group.downgrade())
+
+    async def upgrade_dave(self) -> None:
+        """Turn it back on (op 24 epoch 1 + op 25; a new group forms as on joining)."""
+        _log.info("voice: upgrading the call to DAVE protocol version 1")
+        await self._deliver(self.group.upgrade())
 
     # -- websocket -------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
