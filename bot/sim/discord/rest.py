@@ -546,7 +546,12 @@ class RestApi:
     def _target_channel(
         self, request: web.Request, hook: Webhook | None, record: InteractionRecord | None
     ) -> int:
-        base = hook.channel_id if hook is not None else record.channel_id  # type: ignore[union-attr]
+        if hook is not None:
+            base = hook.channel_id
+        elif record is not None:
+            base = record.channel_id
+        else:  # _resolve_webhook returns one of the two
+            raise ApiError(404, UNKNOWN_WEBHOOK, "Unknown Webhook")
         thread_id = request.query.get("thread_id")
         if thread_id is None:
             return base

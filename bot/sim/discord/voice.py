@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,7 @@ from aiohttp import WSMsgType, web
 from bot.sim.dave_group import DaveGroup, DaveGroupError, Delivery, SimulatedMember
 from bot.sim.discord.state import World
 from bot.voice.crypto import TransportCipher
+from bot.voice.opus import OpusEncoder
 from bot.voice.rtp import audio_level_extension, build_rtp_header
 
 _log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             self.closed.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a datagram endpoint's transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # a datagram endpoint's
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.server._on_datagram(data, addr)
@@ -592,6 +593,13 @@ class VoiceServer:
             self._udp.transport.sendto(data, addr)
 
     # -- members speaking ------------------------------------------------------------------------
+    def _live_connection(self) -> VoiceConnection | None:
+        """The bot's connection if media can be sent to it now (key and address known)."""
+        conn = self.connection
+        if conn is None or conn.cipher is None or conn.client_addr is None or conn.ws.closed:
+            return None
+        return conn
+
     async def _announce(self, conn: VoiceConnection, mv: MemberVoice) -> None:
         await conn.send_json(
             OP_SPEAKING, {"user_id": str(mv.user_id), "ssrc": mv.ssrc, "speaking": 1}
@@ -641,8 +649,6 @@ class VoiceServer:
 
         Returns the number of media packets handed to the network (lost ones excluded).
         """
-        from bot.voice.opus import OpusEncoder
-
         member = self.world.member(user_id)
         if member.voice_channel_id != self.world.voice_channel.id:
             raise ValueError(f"{member.name} is not in the voice channel")
@@ -665,36 +671,35 @@ class VoiceServer:
             for i in range(len(frames) // FRAME_SAMPLES):
                 frame = frames[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]
                 rms = frame_rms(frame)
-                conn = self.connection
-                usable = conn is not None and conn.cipher is not None and not conn.ws.closed
+                live = self._live_connection()
                 opus: bytes | None = None
                 if rms >= SILENCE_RMS:
                     if trailing_silence >= SILENCE_FRAMES_AFTER_SPURT:
                         packets_this_spurt = 0
                     trailing_silence = 0
                     opus = encoder.encode(np.ascontiguousarray(frame))
-                    if usable and not late and user_id not in conn.announced:  # type: ignore[union-attr]
-                        await self._announce(conn, mv)  # type: ignore[arg-type]
+                    if live is not None and not late and user_id not in live.announced:
+                        await self._announce(live, mv)
                 elif trailing_silence < SILENCE_FRAMES_AFTER_SPURT:
                     trailing_silence += 1
                     opus = OPUS_SILENCE_FRAME
                 if opus is not None:
                     mv.spoke_before = True
-                    if usable and rng.random() >= loss:
-                        self._send_media(conn, mv, opus, rms)  # type: ignore[arg-type]
+                    if live is not None and rng.random() >= loss:
+                        self._send_media(live, mv, opus, rms)
                         self.timeline.append(("media", user_id))
                         sent += 1
-                    elif usable:
+                    elif live is not None:
                         self.timeline.append(("lost", user_id))
                     packets_this_spurt += 1
                     mv.sequence = (mv.sequence + 1) & 0xFFFF
                     if (
-                        usable
+                        live is not None
                         and late
                         and packets_this_spurt >= LATE_SPEAKING_AFTER_PACKETS
-                        and user_id not in conn.announced  # type: ignore[union-attr]
+                        and user_id not in live.announced
                     ):
-                        await self._announce(conn, mv)  # type: ignore[arg-type]
+                        await self._announce(live, mv)
                 mv.timestamp = (mv.timestamp + FRAME_SAMPLES) & 0xFFFFFFFF
                 if realtime:
                     delay = start + (i + 1) * FRAME_SECONDS - now()
