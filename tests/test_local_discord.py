@@ -497,7 +497,7 @@ async def test_a_server_offering_only_aes_gcm_is_joined_by_a_client_that_support
             assert vc.mode == "aead_aes256_gcm_rtpsize"
             tap = PacketTap(asyncio.get_running_loop())
             vc._connection.add_socket_listener(tap)
-            sent = await d.speak(alice, tone(0.06), realtime=False)
+            sent = await d.speak(alice, tone(0.06))  # paced in real time: 3 frames, 60 ms
             async with asyncio.timeout(STEP_TIMEOUT):
                 packets = await tap.wait_rtp(d.voice.members[alice].ssrc, sent)
             cipher = TransportCipher(vc.mode, bytes(vc.secret_key))
