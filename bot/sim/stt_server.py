@@ -326,6 +326,10 @@ class FakeSttServer:
             }
             for w in event.words
         ]
+        if words:
+            # The checksum and end marker after the last character are part of the utterance:
+            # like a real recogniser, the last word ends where the speech ends.
+            words[-1]["end"] = round(max(event.end, words[-1]["end"]), 3)
         timed = {
             "message_type": "committed_transcript_with_timestamps",
             "text": event.text,

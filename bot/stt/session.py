@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
+import numpy as np
 import socketio
 
 from bot.errors import CantobotError, SttAuthError, SttError, SttSessionError, SttUnavailable
@@ -78,6 +79,12 @@ MAX_UNMATCHED: Final = 64
 #: A session must stream this long before the reconnect backoff starts again from its initial
 #: delay, so connections that die at once keep backing off (cf. pipecat's QuickFailureTracker).
 HEALTHY_AFTER_S: Final = 10.0
+#: RMS (int16 units, about -40 dBFS) above which a 20 ms frame counts as speech when a commit
+#: without word timestamps has to be placed in time.
+VOICED_RMS: Final = 330.0
+#: A pause this long ends a sentence; voiced stretches shorter than MIN_VOICED_S are ignored.
+SENTENCE_GAP_S: Final = 0.5
+MIN_VOICED_S: Final = 0.25
 #: Bound on disconnecting one client (sending the Engine.IO close packet).
 DISCONNECT_TIMEOUT_S: Final = 2.0
 
@@ -240,6 +247,7 @@ class SttSession:
         self._failures_in_a_row = 0
         self._stop_requested = False
         self._drained = asyncio.Event()
+        self._progress = asyncio.Event()  # set whenever audio went out or the state changed
 
     # -- public ------------------------------------------------------------------------------
 
@@ -271,6 +279,20 @@ class SttSession:
         self._appended += len(pcm) // BYTES_PER_SAMPLE
         self._enforce_bound()
         self._audio_ready.set()
+
+    async def drain(self, max_ahead_seconds: float = 0.0) -> None:
+        """Wait until at most ``max_ahead_seconds`` of queued audio is unsent.
+
+        Backpressure for a producer faster than real time (``replay --speed 0``): without it the
+        whole file would sit in the unconfirmed buffer and hit its bound. Returns at once when
+        the session cannot send (stopped, closed or failed).
+        """
+        limit = round(max_ahead_seconds * self.sample_rate)
+        sending = (SttState.CONNECTING, SttState.STARTING, SttState.STREAMING,
+                   SttState.RECONNECTING)
+        while self._appended - self._send_pos > limit and self.state in sending:
+            self._progress.clear()
+            await self._progress.wait()
 
     async def stop(self) -> None:
         """Send what is queued, stop the session, await its last commits; idempotent.
@@ -320,6 +342,7 @@ class SttSession:
             log.info("stt[%s] %s -> %s", self.speaker, old.value, new.value)
         else:
             log.info("stt[%s] %s -> %s (%s)", self.speaker, old.value, new.value, error)
+        self._progress.set()
         if new is SttState.STREAMING:
             self._streaming.set()
             self._streaming_since = asyncio.get_running_loop().time()
@@ -559,6 +582,7 @@ class SttSession:
                     self._send_pos = start + len(pcm) // BYTES_PER_SAMPLE
                     self.stats.chunks_sent += 1
                     self.stats.bytes_sent += len(pcm)
+                    self._progress.set()
             if self.state is SttState.STOPPING and self._send_pos >= self._appended:
                 self._drained.set()
 
@@ -618,9 +642,56 @@ class SttSession:
             self._on_timestamped_commit(conn, event)
 
     def _estimated_segment(self, text: str) -> Segment:
-        start = self._seconds(self._last_commit_end)
-        end = max(start, self._seconds(self._send_pos))
-        return Segment(self.speaker, text, start, end, speaker_id=self.speaker_id)
+        """Times of a commit without word timestamps: the voiced audio since the last commit.
+
+        The unconfirmed buffer still holds that audio, so the first and last 20 ms frames above
+        a speech threshold bound the sentence far better than "previous commit .. now" would
+        (that would start every sentence at the end of the previous one, pauses included).
+        """
+        lo, hi = self._last_commit_end, self._send_pos
+        span = self._voiced_span(lo, hi)
+        if span is not None:
+            lo, hi = span
+        start = self._seconds(lo)
+        return Segment(self.speaker, text, start, max(start, self._seconds(hi)),
+                       speaker_id=self.speaker_id)
+
+    def _voiced_span(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """The first stretch of speech in stream samples [lo, hi): voiced 20 ms frames joined
+        across pauses shorter than SENTENCE_GAP_S, ignoring blips shorter than MIN_VOICED_S
+        (a click, the tail of the previous sentence)."""
+        frame = max(1, self.sample_rate // 50)
+        pieces = [
+            (start, pcm) for start, pcm in self._buffer
+            if start < hi and start + len(pcm) // BYTES_PER_SAMPLE > lo
+        ]
+        if not pieces:
+            return None
+        first = max(lo, pieces[0][0])
+        audio = np.frombuffer(b"".join(pcm for _, pcm in pieces), dtype="<i2")
+        audio = audio[first - pieces[0][0]: hi - pieces[0][0]]
+        n = len(audio) // frame
+        if n == 0:
+            return None
+        frames = audio[: n * frame].astype(np.float32).reshape(n, frame)
+        voiced = np.sqrt(np.mean(frames * frames, axis=1)) > VOICED_RMS
+        gap = round(SENTENCE_GAP_S * 50)
+        shortest = max(1, round(MIN_VOICED_S * 50))
+        i = 0
+        while i < n:
+            if not voiced[i]:
+                i += 1
+                continue
+            begin = end = i
+            j = i
+            while j < n and j - end <= gap:
+                if voiced[j]:
+                    end = j
+                j += 1
+            if end - begin + 1 >= shortest:
+                return first + begin * frame, first + (end + 1) * frame
+            i = end + 1
+        return None
 
     def _settle_deferred(self) -> None:
         if self._deferred_boundary is not None:
