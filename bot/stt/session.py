@@ -108,7 +108,8 @@ _TRANSITIONS: Final[dict[SttState, frozenset[SttState]]] = {
     _S.STARTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
     _S.STREAMING: frozenset({_S.RECONNECTING, _S.STOPPING, _S.CLOSED}),
     _S.RECONNECTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
-    _S.STOPPING: frozenset({_S.CLOSED}),
+    # A drop while stopping reconnects (within stop_timeout) so the last sentences are not lost.
+    _S.STOPPING: frozenset({_S.RECONNECTING, _S.CLOSED}),
     _S.FAILED: frozenset({_S.CONNECTING, _S.CLOSED}),
     _S.CLOSED: frozenset(),
 }
@@ -305,17 +306,35 @@ class SttSession:
             self._stop_requested = True
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.stop_timeout
-            if self.state is SttState.RECONNECTING:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._streaming.wait(), self.stop_timeout)
             clean = self.state in (SttState.IDLE, SttState.FAILED)
-            if self.state is SttState.STREAMING:
+            attempt = 0
+            while not clean and loop.time() < deadline:
+                if self.state is SttState.RECONNECTING:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._streaming.wait(), deadline - loop.time())
+                if self.state is not SttState.STREAMING:
+                    break
                 self._set_state(SttState.STOPPING)
                 try:
                     await self._drain_and_stop(deadline)
                     clean = True
-                except (TimeoutError, SttError) as exc:
-                    log.warning("stt[%s] stop did not complete cleanly: %s", self.speaker, exc)
+                except TimeoutError:
+                    log.warning("stt[%s] stop timed out waiting for the last commits",
+                                self.speaker)
+                    break
+                except SttError as exc:
+                    # The connection dropped while stopping: reconnect and re-send what is
+                    # unconfirmed, as mid-session, within the same deadline.
+                    attempt += 1
+                    log.warning("stt[%s] lost while stopping (%s); reconnecting", self.speaker,
+                                exc)
+                    if self._reconnector is not None and not self._reconnector.done():
+                        continue
+                    self._set_state(SttState.RECONNECTING, exc)
+                    self._reconnector = asyncio.create_task(
+                        self._reconnect(self._conn, first_attempt=attempt - 1),
+                        name=f"stt-reconnect:{self.speaker}",
+                    )
             if not clean:
                 log.warning(
                     "stt[%s] gave up: %.1f s of audio were not transcribed",
@@ -493,11 +512,14 @@ class SttSession:
                 self._reconnect(conn), name=f"stt-reconnect:{self.speaker}"
             )
 
-    async def _reconnect(self, old: _Connection) -> None:
-        await self._drop_connection(old)
+    async def _reconnect(self, old: _Connection | None, first_attempt: int | None = None) -> None:
+        if old is not None:
+            await self._drop_connection(old)
         loop = asyncio.get_running_loop()
         healthy = loop.time() - self._streaming_since >= HEALTHY_AFTER_S
         attempt = 0 if healthy else self._failures_in_a_row
+        if first_attempt is not None:
+            attempt = first_attempt
         while True:
             delay = min(self.reconnect_max_delay, self.reconnect_initial_delay * 2**attempt)
             delay *= 0.5 + self._rng.random() / 2  # jitter: spread a fleet's retries
@@ -591,6 +613,7 @@ class SttSession:
         if conn is None:
             raise SttUnavailable("no connection to stop")
         loop = asyncio.get_running_loop()
+        self._drained.clear()  # may be left set by an earlier connection's loss
         self._audio_ready.set()
         if self._send_pos < self._appended:
             await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
