@@ -260,7 +260,7 @@ class RestApi:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
-            body, files = await self._read_body(request)
+            body, files, contents = await self._read_body(request)
         except web.HTTPBadRequest:
             return json_response({"message": "400: Bad Request", "code": 50109}, 400)
         request[BODY_KEY] = body
@@ -275,6 +275,7 @@ class RestApi:
             json=body,
             files=tuple(files),
             at=self.world.clock(),
+            file_contents=tuple(contents),
         )
         index = len(self.requests)
         self.requests.append(record)
@@ -300,13 +301,14 @@ class RestApi:
         return response
 
     @staticmethod
-    async def _read_body(request: web.Request) -> tuple[Any, list[str]]:
+    async def _read_body(request: web.Request) -> tuple[Any, list[str], list[bytes]]:
         if not request.can_read_body:
-            return None, []
+            return None, [], []
         ctype = request.content_type
         if ctype == "multipart/form-data":
             form = await request.post()
             files: list[str] = []
+            contents: list[bytes] = []
             body: Any = None
             for key, value in form.items():
                 if isinstance(value, web.FileField):
@@ -314,14 +316,15 @@ class RestApi:
                         body = json.loads(value.file.read())
                     else:
                         files.append(value.filename)
+                        contents.append(value.file.read())
                 elif key == "payload_json":
                     body = json.loads(value)
-            return body, files
+            return body, files, contents
         raw = await request.read()
         if not raw:
-            return None, []
+            return None, [], []
         try:
-            return json.loads(raw), []
+            return json.loads(raw), [], []
         except ValueError:
             raise web.HTTPBadRequest(reason="body is not JSON") from None
 

@@ -225,6 +225,8 @@ class RecordedRequest:
     files: tuple[str, ...]
     at: float
     status: int = 0
+    #: The uploaded files' bytes, in the order of ``files`` (so tests can parse attachments).
+    file_contents: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def user_payload(member: Member) -> dict[str, Any]:
