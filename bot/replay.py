@@ -60,7 +60,9 @@ class ReplayResult:
         self.segments.append(segment)
 
 
-def collect_tracks(speakers: list[tuple[str, str]], tracks: list[str]) -> list[tuple[str, AudioClip]]:
+def collect_tracks(
+    speakers: list[tuple[str, str]], tracks: list[str]
+) -> list[tuple[str, AudioClip]]:
     """Read every input up front so a bad file fails before any connection is made."""
     result: list[tuple[str, AudioClip]] = []
     for name, path in speakers:

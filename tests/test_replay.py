@@ -42,13 +42,17 @@ def tracks(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-async def run_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+#: Bound on one CLI run (s).
+CLI_TIMEOUT = 60.0
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANTONESE_AI")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(CLI_TIMEOUT):
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
