@@ -64,6 +64,7 @@ OP_CLIENT_DISCONNECT = 13
 OP_DAVE_TRANSITION_READY = 23
 OP_MLS_KEY_PACKAGE = 26
 OP_MLS_COMMIT_WELCOME = 28
+OP_MLS_ANNOUNCE_COMMIT_TRANSITION = 29
 OP_MLS_INVALID_COMMIT_WELCOME = 31
 
 #: Voice close code "Authentication failed" and "Session no longer valid".
@@ -107,12 +108,22 @@ TIMELINE_LIMIT = 100_000
 #: used instead (Discord takes whichever valid commit arrives first; the number is ours).
 DAVE_COMMIT_TIMEOUT = 5.0
 RECEIVED_FROM_BOT_LIMIT = 10_000
+#: Lines kept in the voice server's journal (ops in and out, joins, leaves, injected faults).
+JOURNAL_LIMIT = 5_000
 
 
 def ip_discovery_response(ssrc: int, address: str, port: int) -> bytes:
     """The 74-byte IP discovery answer: type 2, length 70, ssrc, address (NUL-padded), port."""
     addr = address.encode("ascii")[:63]
     return struct.pack(">HHI64sH", IP_DISCOVERY_RESPONSE, IP_DISCOVERY_LENGTH, ssrc, addr, port)
+
+
+def _brief(data: Any, limit: int = 120) -> str:
+    """A journal-sized rendering of an op's ``d`` (secret keys are never written out)."""
+    if isinstance(data, dict) and "secret_key" in data:
+        data = {**data, "secret_key": "<32 bytes>"}
+    text = json.dumps(data, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def frame_rms(frame: npt.NDArray[np.int16]) -> float:
@@ -174,6 +185,8 @@ class VoiceConnection:
     #: Binary frames sent: (sequence, opcode, payload length), for tests and logs.
     binary_sent: list[tuple[int, int, int]] = field(default_factory=list)
     session_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Where each op sent is noted (the voice server's journal), if anywhere.
+    journal: Callable[[str], None] | None = None
 
     async def send_json(self, op: int, data: Any) -> None:
         payload: dict[str, Any] = {"op": op, "d": data}
@@ -181,12 +194,16 @@ class VoiceConnection:
             self.seq += 1
             payload["seq"] = self.seq
         _log.debug("voice out op=%s", op)
+        if self.journal is not None and op != OP_HEARTBEAT_ACK:
+            self.journal(f"-> bot op {op} {_brief(data)}")
         await self.ws.send_str(json.dumps(payload))
 
     async def send_binary(self, frame: bytes) -> None:
         self.seq += 1
         self.binary_sent.append((self.seq, frame[0], len(frame) - 1))
         _log.debug("voice out binary op=%s (%d bytes)", frame[0], len(frame) - 1)
+        if self.journal is not None:
+            self.journal(f"-> bot op {frame[0]} ({len(frame) - 1} bytes)")
         await self.ws.send_bytes(struct.pack(">H", self.seq & 0xFFFF) + frame)
 
 
@@ -255,11 +272,32 @@ class VoiceServer:
         #: What members did, in order: ("speaking", user_id) for op 5 sent, ("media", user_id)
         #: for an RTP packet sent, ("lost", user_id) for one dropped by ``loss``.
         self.timeline: collections.deque[tuple[str, int]] = collections.deque(maxlen=TIMELINE_LIMIT)
+        #: Human-readable story of the voice side, oldest first: every op to and from the bot
+        #: (heartbeats left out), members joining and leaving, DAVE commits, injected faults.
+        #: ``cantobot simulate`` and the end-to-end tests print it when something goes wrong.
+        self.journal: collections.deque[str] = collections.deque(maxlen=JOURNAL_LIMIT)
+        self._journal_t0 = time.monotonic()
+        self._corrupt_commits = 0
+        self._commits_noted = 0
         self._sockets: set[web.WebSocketResponse] = set()
         self._connected = asyncio.Event()
         self._bot_op = asyncio.Event()
         self.dave_commit_timeout = dave_commit_timeout
         self._commit_timer: asyncio.Task[None] | None = None
+
+    def note(self, text: str) -> None:
+        """Add a line to :attr:`journal`, stamped with seconds since the server was made."""
+        self.journal.append(f"{time.monotonic() - self._journal_t0:8.3f} {text}")
+
+    def name_of(self, user_id: int) -> str:
+        member = self.world.members.get(user_id)
+        return member.name if member is not None else str(user_id)
+
+    def corrupt_next_commit(self, count: int = 1) -> None:
+        """Flip a byte in the next ``count`` op 29 commits sent to the bot (a damaged commit:
+        the bot must answer op 31 and be removed and re-added to the group)."""
+        self._corrupt_commits += count
+        self.note(f"fault armed: corrupt the next {count} op 29 commit(s) to the bot")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -331,6 +369,7 @@ class VoiceServer:
         """A simulated member entered the voice channel: op 11 and, with DAVE, an MLS Add."""
         mv = self.member_voice(user_id)
         mv.spoke_before = False
+        self.note(f"member {self.name_of(user_id)} joined (ssrc {mv.ssrc})")
         conn = self.connection
         if conn is not None and conn.cipher is not None:
             await conn.send_json(OP_CLIENTS_CONNECT, {"user_ids": [str(user_id)]})
@@ -338,7 +377,10 @@ class VoiceServer:
         await self._deliver(self.group.add_member(mv.dave))
 
     async def member_left(self, user_id: int) -> None:
-        mv = self.members.get(user_id)
+        """A simulated member left: op 13 and an MLS Remove. Its media state is dropped, so a
+        rejoin gets a new SSRC (a new connection on Discord)."""
+        mv = self.members.pop(user_id, None)
+        self.note(f"member {self.name_of(user_id)} left")
         conn = self.connection
         if conn is not None and conn.cipher is not None:
             await conn.send_json(OP_CLIENT_DISCONNECT, {"user_id": str(user_id)})
@@ -354,9 +396,21 @@ class VoiceServer:
                 _log.debug("voice: DAVE frame for %s not deliverable", user_id)
                 continue
             if isinstance(frame, bytes):
+                if frame[0] == OP_MLS_ANNOUNCE_COMMIT_TRANSITION and self._corrupt_commits > 0:
+                    self._corrupt_commits -= 1
+                    frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])  # a flipped signature byte
+                    self.note("fault: the next op 29 to the bot is corrupted")
                 await conn.send_binary(frame)
             else:
                 await conn.send_json(int(frame["op"]), frame["d"])
+        history = self.group.history
+        while self._commits_noted < len(history):
+            committer, epoch, tid = history[self._commits_noted]
+            self._commits_noted += 1
+            self.note(
+                f"DAVE epoch {epoch} committed by {self.name_of(committer)} (transition {tid}); "
+                f"group {[self.name_of(u) for u in self.group.members]}"
+            )
         self._arm_commit_timer()
 
     def _arm_commit_timer(self) -> None:
@@ -421,6 +475,7 @@ class VoiceServer:
         finally:
             self._sockets.discard(ws)
             _log.info("voice: gateway connection closed (code %s)", ws.close_code)
+            self.note(f"voice gateway connection closed (code {ws.close_code})")
             if conn is not None and self.connection is conn:
                 self.connection = None
                 if conn.in_dave_group:
@@ -432,6 +487,8 @@ class VoiceServer:
     ) -> VoiceConnection | None:
         op, data = payload.get("op"), payload.get("d") or {}
         _log.debug("voice in  op=%s", op)
+        if op != OP_HEARTBEAT:
+            self.note(f"<- bot op {op} {_brief(data)}")
         if conn is not None:
             conn.ops_in.append(int(op or 0))
             self._bot_op.set()
@@ -471,6 +528,7 @@ class VoiceServer:
             return
         op, payload = data[0], data[1:]
         conn.ops_in.append(op)
+        self.note(f"<- bot op {op} ({len(payload)} bytes)")
         self._bot_op.set()
         _log.debug("voice in  binary op=%s (%d bytes)", op, len(payload))
         if op == OP_MLS_KEY_PACKAGE:
@@ -502,7 +560,9 @@ class VoiceServer:
             if old.in_dave_group:
                 await self._deliver(self.group.leave(old.user_id))
             await old.ws.close(code=CLOSE_SESSION_INVALID)
-        conn = VoiceConnection(ws=ws, user_id=bot.user_id, ssrc=self._rng.randrange(1, 1 << 31))
+        conn = VoiceConnection(
+            ws=ws, user_id=bot.user_id, ssrc=self._rng.randrange(1, 1 << 31), journal=self.note
+        )
         self.connection = conn
         _log.info(
             "voice: bot identified (max DAVE version %s); offering %s",
@@ -661,6 +721,10 @@ class VoiceServer:
         rng = rng or self._rng
         late = self.speaking_late if speaking_late is None else speaking_late
         mv = self.member_voice(user_id)
+        self.note(
+            f"{member.name} starts speaking ({len(frames) / SAMPLE_RATE:.2f} s, ssrc {mv.ssrc})"
+        )
+        lost = 0
         loop = asyncio.get_running_loop()
         now = clock or loop.time
         start = now()
@@ -669,6 +733,8 @@ class VoiceServer:
         packets_this_spurt = 0
         with OpusEncoder(SAMPLE_RATE, CHANNELS) as encoder:
             for i in range(len(frames) // FRAME_SAMPLES):
+                if self.members.get(user_id) is not mv:
+                    break  # the member left the call mid-sentence
                 frame = frames[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]
                 rms = frame_rms(frame)
                 live = self._live_connection()
@@ -691,6 +757,7 @@ class VoiceServer:
                         sent += 1
                     elif live is not None:
                         self.timeline.append(("lost", user_id))
+                        lost += 1
                     packets_this_spurt += 1
                     mv.sequence = (mv.sequence + 1) & 0xFFFF
                     if (
@@ -712,4 +779,5 @@ class VoiceServer:
             len(frames) // FRAME_SAMPLES,
             sent,
         )
+        self.note(f"{member.name} stops speaking: {sent} packets sent, {lost} dropped as loss")
         return sent
