@@ -263,6 +263,16 @@ class LocalDiscord:
         await self.gateway.voice_state_changed(user_id)
         await self.voice.member_left(user_id)
 
+    def corrupt_next_commit(self, count: int = 1) -> None:
+        """Damage the next ``count`` DAVE commits (op 29) sent to the bot; it must answer op 31
+        and is then removed from and re-added to the call's MLS group."""
+        self.voice.corrupt_next_commit(count)
+
+    @property
+    def journal(self) -> list[str]:
+        """The voice server's story so far (ops to and from the bot, joins, leaves, commits)."""
+        return list(self.voice.journal)
+
     async def downgrade_dave(self) -> None:
         """Switch the call's end-to-end encryption off (DAVE protocol version 0)."""
         await self.voice.downgrade_dave()
