@@ -1,4 +1,5 @@
-"""Storage: real SQLite files in tmp_path, a real subprocess killed mid-meeting."""
+"""Storage, the same spec for both backends: real SQLite files in tmp_path and a fresh database
+on a real PostgreSQL server (see tests/pg_support.py), a real subprocess killed mid-meeting."""
 
 from __future__ import annotations
 
@@ -6,35 +7,75 @@ import asyncio
 import sqlite3
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot.storage import StorageBackend, open_storage_at
 from bot.storage.db import (
     LineNotFound,
     MeetingNotFound,
     Migration,
-    Storage,
     StorageClosed,
     StorageError,
     load_migrations,
     split_statements,
 )
 from bot.transcript.model import Segment, Word
+from tests.pg_support import fresh_database, with_database
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 4, 9, 30, tzinfo=UTC)
 GUILD = 1_234_567_890_123_456_789  # a real-sized snowflake: needs 64 bits
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> str:
-    return str(tmp_path / "cantobot.sqlite3")
+@dataclass(frozen=True)
+class Backend:
+    """One storage backend under test: where its data lives and a raw look inside."""
+
+    kind: str  # "sqlite" or "postgres"
+    target: str  # a file path or a postgresql:// URL
+
+    async def open(self, migrations: Sequence[Migration] | None = None) -> StorageBackend:
+        return await open_storage_at(self.target, migrations=migrations)
+
+    def migrations(self) -> list[Migration]:
+        return load_migrations(self.kind)
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run ``sql`` with the backend's own client, outside cantobot."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.target) as raw:
+                return raw.execute(sql).fetchall()
+        import asyncpg
+
+        conn = await asyncpg.connect(self.target)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    async def tables(self) -> set[str]:
+        sql = ("SELECT name FROM sqlite_master WHERE type = 'table'" if self.kind == "sqlite"
+               else "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r[0] for r in await self.query(sql)}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", str(tmp_path / "cantobot.sqlite3"))
+    else:
+        async with fresh_database() as url:
+            yield Backend("postgres", url)
 
 
 async def start(
-    storage: Storage, *, guild: int = GUILD, at: datetime = T0, title: str = "週會"
+    storage: StorageBackend, *, guild: int = GUILD, at: datetime = T0, title: str = "週會"
 ) -> int:
     return await storage.start_meeting(
         guild_id=guild, text_channel_id=11, voice_channel_id=22, title=title, started_at=at
@@ -55,8 +96,8 @@ SEGMENTS = (
 )
 
 
-async def test_segments_round_trip_with_words_speaker_ids_and_cantonese(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_segments_round_trip_with_words_speaker_ids_and_cantonese(backend: Backend) -> None:
+    storage = await backend.open()
     try:
         meeting = await start(storage)
         for s in SEGMENTS:
@@ -69,15 +110,15 @@ async def test_segments_round_trip_with_words_speaker_ids_and_cantonese(db_path:
     assert minutes.segments == SEGMENTS
 
 
-async def test_minutes_survive_closing_and_reopening(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_minutes_survive_closing_and_reopening(backend: Backend) -> None:
+    storage = await backend.open()
     meeting = await start(storage)
     for s in SEGMENTS:
         await storage.add_line(meeting, s)
     await storage.end_meeting(meeting, T0 + timedelta(minutes=30))
     await storage.close()
 
-    reopened = await Storage.open(db_path)
+    reopened = await backend.open()
     try:
         minutes = await reopened.minutes(meeting)
         assert minutes.segments == SEGMENTS
@@ -87,13 +128,14 @@ async def test_minutes_survive_closing_and_reopening(db_path: str) -> None:
         await reopened.close()
 
 
-async def test_the_timestamped_twin_replaces_a_lines_text_times_and_words(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_the_timestamped_twin_replaces_a_lines_text_times_and_words(backend: Backend) -> None:
+    storage = await backend.open()
     try:
         meeting = await start(storage)
         first = await storage.add_line(meeting, Segment("阿明", "今日開會", 1.0, 3.0))
         second = await storage.add_line(meeting, Segment("bob", "好", 4.0, 5.0))
-        twin = Segment("ignored", "今日 開會", 1.2, 2.8, (Word("今日", 1.2, 1.9), Word("開會", 2.0, 2.8)))
+        twin_words = (Word("今日", 1.2, 1.9), Word("開會", 2.0, 2.8))
+        twin = Segment("ignored", "今日 開會", 1.2, 2.8, twin_words)
         await storage.update_line_words(first, twin)
         await storage.update_line_words(first, twin)  # a repeat does not duplicate words
         minutes = await storage.minutes(meeting)
@@ -111,11 +153,11 @@ KILLED_WRITER = textwrap.dedent(
     import asyncio, os, signal, sys
     from datetime import UTC, datetime
     sys.path.insert(0, sys.argv[2])
-    from bot.storage.db import Storage
+    from bot.storage import open_storage_at
     from bot.transcript.model import Segment, Word
 
     async def main():
-        storage = await Storage.open(sys.argv[1])
+        storage = await open_storage_at(sys.argv[1])
         meeting = await storage.start_meeting(guild_id=1, text_channel_id=2,
             voice_channel_id=3, title="crash", started_at=datetime.now(UTC))
         print("meeting", meeting, flush=True)
@@ -136,10 +178,10 @@ KILLED_WRITER = textwrap.dedent(
 
 
 async def test_a_process_killed_mid_meeting_keeps_every_line_it_was_told_was_stored(
-    db_path: str,
+    backend: Backend,
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", KILLED_WRITER, db_path, str(REPO),
+        sys.executable, "-c", KILLED_WRITER, backend.target, str(REPO),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
@@ -149,7 +191,7 @@ async def test_a_process_killed_mid_meeting_keeps_every_line_it_was_told_was_sto
     acknowledged = [(int(ln.split()[1]), int(ln.split()[2])) for ln in lines[1:] if ln]
     assert len(acknowledged) == 121
 
-    storage = await Storage.open(db_path)
+    storage = await backend.open()
     try:
         minutes = await storage.minutes(meeting)
         unfinished = await storage.unfinished_meetings()
@@ -162,15 +204,15 @@ async def test_a_process_killed_mid_meeting_keeps_every_line_it_was_told_was_sto
     assert unfinished[0].line_count == len(minutes.segments) >= 121
 
 
-async def test_opt_outs_persist_and_can_be_withdrawn(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_opt_outs_persist_and_can_be_withdrawn(backend: Backend) -> None:
+    storage = await backend.open()
     await storage.set_opt_out(111, True)
     await storage.set_opt_out(111, True)  # idempotent
     await storage.set_opt_out(2**63 - 1, True)
     await storage.set_opt_out(333, False)  # withdrawing an absent opt-out is fine
     await storage.close()
 
-    storage = await Storage.open(db_path)
+    storage = await backend.open()
     try:
         assert await storage.is_opted_out(111)
         assert not await storage.is_opted_out(333)
@@ -181,9 +223,9 @@ async def test_opt_outs_persist_and_can_be_withdrawn(db_path: str) -> None:
         await storage.close()
 
 
-async def test_retention_deletes_only_old_meetings_and_their_lines(db_path: str) -> None:
+async def test_retention_deletes_only_old_meetings_and_their_lines(backend: Backend) -> None:
     now = datetime(2026, 6, 1, tzinfo=UTC)
-    storage = await Storage.open(db_path)
+    storage = await backend.open()
     try:
         old = await start(storage, at=now - timedelta(days=40), title="old")
         await storage.end_meeting(old, now - timedelta(days=40) + timedelta(hours=1))
@@ -204,13 +246,13 @@ async def test_retention_deletes_only_old_meetings_and_their_lines(db_path: str)
             await storage.minutes(old)
     finally:
         await storage.close()
-    with sqlite3.connect(db_path) as raw:  # no orphaned lines or words
-        assert raw.execute("SELECT COUNT(*) FROM lines").fetchone() == (2 * len(SEGMENTS),)
-        assert raw.execute("SELECT COUNT(*) FROM words").fetchone() == (2 * len(SEGMENTS[0].words),)
+    # No orphaned lines or words.
+    assert await backend.query("SELECT COUNT(*) FROM lines") == [(2 * len(SEGMENTS),)]
+    assert await backend.query("SELECT COUNT(*) FROM words") == [(2 * len(SEGMENTS[0].words),)]
 
 
-async def test_meetings_are_listed_newest_first_per_guild(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_meetings_are_listed_newest_first_per_guild(backend: Backend) -> None:
+    storage = await backend.open()
     try:
         assert await storage.latest_meeting(GUILD) is None
         ids = [await start(storage, at=T0 + timedelta(hours=h), title=f"m{h}") for h in range(5)]
@@ -224,36 +266,35 @@ async def test_meetings_are_listed_newest_first_per_guild(db_path: str) -> None:
         await storage.close()
 
 
-async def test_migrations_are_applied_once_and_the_version_is_recorded(db_path: str) -> None:
+async def test_migrations_are_applied_once_and_the_version_is_recorded(backend: Backend) -> None:
     for _ in range(2):
-        storage = await Storage.open(db_path)
-        assert await storage.schema_version() == len(load_migrations()) == 1
+        storage = await backend.open()
+        assert await storage.schema_version() == len(backend.migrations()) == 1
         await storage.close()
-    with sqlite3.connect(db_path) as raw:
-        versions = raw.execute("SELECT version, name FROM schema_version").fetchall()
-        assert versions == [(1, "initial")]
-        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    versions = await backend.query("SELECT version, name FROM schema_version")
+    assert versions == [(1, "initial")]
+    if backend.kind == "sqlite":
+        assert await backend.query("PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_a_failing_migration_changes_nothing(db_path: str) -> None:
-    good = load_migrations()
+async def test_a_failing_migration_changes_nothing(backend: Backend) -> None:
+    good = backend.migrations()
     broken = Migration(2, "broken", "CREATE TABLE extra (id INTEGER);\nCREATE TABLE oops (;\n")
-    storage = await Storage.open(db_path)  # the database exists at version 1
+    storage = await backend.open()  # the database exists at version 1
     await storage.close()
     with pytest.raises(StorageError):
-        await Storage.open(db_path, migrations=[*good, broken])
-    with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT MAX(version) FROM schema_version").fetchone() == (1,)
-        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert "extra" not in tables
+        await backend.open(migrations=[*good, broken])
+    assert await backend.query("SELECT MAX(version) FROM schema_version") == [(1,)]
+    tables = await backend.tables()
+    assert "extra" not in tables and {"meetings", "lines", "words", "opt_outs"} <= tables
 
 
-async def test_a_database_from_a_newer_cantobot_is_refused(db_path: str) -> None:
-    newer = [*load_migrations(), Migration(2, "future", "CREATE TABLE future (id INTEGER);")]
-    storage = await Storage.open(db_path, migrations=newer)
+async def test_a_database_from_a_newer_cantobot_is_refused(backend: Backend) -> None:
+    newer = [*backend.migrations(), Migration(2, "future", "CREATE TABLE future (id INTEGER);")]
+    storage = await backend.open(migrations=newer)
     await storage.close()
     with pytest.raises(StorageError, match="newer"):
-        await Storage.open(db_path)
+        await backend.open()
 
 
 def test_migration_scripts_split_into_statements_ignoring_comments() -> None:
@@ -269,8 +310,8 @@ def test_migration_scripts_split_into_statements_ignoring_comments() -> None:
         split_statements("CREATE TABLE b (x TEXT)")
 
 
-async def test_concurrent_add_line_calls_keep_their_order_and_count(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_concurrent_add_line_calls_keep_their_order_and_count(backend: Backend) -> None:
+    storage = await backend.open()
     try:
         meeting = await start(storage)
         called: list[str] = []
@@ -293,8 +334,8 @@ async def test_concurrent_add_line_calls_keep_their_order_and_count(db_path: str
     assert sorted(returned.values()) == [returned[t] for t in called]
 
 
-async def test_misuse_is_reported_as_storage_errors(db_path: str) -> None:
-    storage = await Storage.open(db_path)
+async def test_misuse_is_reported_as_storage_errors(backend: Backend) -> None:
+    storage = await backend.open()
     with pytest.raises(MeetingNotFound):
         await storage.add_line(999, SEGMENTS[0])
     with pytest.raises(MeetingNotFound):
@@ -307,6 +348,15 @@ async def test_misuse_is_reported_as_storage_errors(db_path: str) -> None:
         await storage.minutes(1)
 
 
-async def test_an_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
+async def test_an_unopenable_target_is_a_storage_error(backend: Backend, tmp_path: Path) -> None:
+    if backend.kind == "sqlite":
+        target = str(tmp_path / "missing-dir" / "db.sqlite3")
+    else:
+        target = with_database(backend.target, "no_such_database_here")
     with pytest.raises(StorageError):
-        await Storage.open(str(tmp_path / "missing-dir" / "db.sqlite3"))
+        await open_storage_at(target)
+
+
+async def test_an_unknown_url_scheme_is_refused_before_anything_opens() -> None:
+    with pytest.raises(StorageError, match="postgresql://"):
+        await open_storage_at("mysql://db.example/cantobot")

@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 #: Seconds a writer waits for another connection's lock before failing (SQLite busy_timeout).
 BUSY_TIMEOUT_MS = 5000
+#: Where each dialect's numbered migrations live, inside the package.
+MIGRATION_DIRS = {"sqlite": "migrations", "postgres": "migrations/postgres"}
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -82,10 +84,17 @@ class MeetingInfo:
     line_count: int
 
 
-def load_migrations() -> list[Migration]:
-    """The packaged migrations in version order; versions must run 1, 2, 3 ... without gaps."""
+def load_migrations(dialect: str = "sqlite") -> list[Migration]:
+    """The packaged migrations of ``dialect`` in version order (1, 2, 3 ... without gaps).
+
+    SQLite's live in ``migrations/``, PostgreSQL's twins (same numbers, same names) in
+    ``migrations/postgres/``.
+    """
+    if dialect not in MIGRATION_DIRS:
+        raise StorageError(f"unknown storage dialect {dialect!r}", permanent=True)
     found = []
-    for entry in resources.files("bot.storage").joinpath("migrations").iterdir():
+    folder = resources.files("bot.storage").joinpath(MIGRATION_DIRS[dialect])
+    for entry in folder.iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
