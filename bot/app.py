@@ -28,7 +28,7 @@ from discord.ext import commands
 from bot.config import DEFAULT_DISCORD_API_BASE, DEFAULT_DISCORD_GATEWAY, Config, with_overrides
 from bot.errors import ConfigError
 from bot.meeting import MeetingManager
-from bot.storage.db import Storage
+from bot.storage import StorageBackend, describe_target, open_storage, storage_target
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
 class CantoBot(commands.AutoShardedBot):
     """cantobot's Discord client."""
 
-    def __init__(self, config: Config, *, storage: Storage | None = None) -> None:
+    def __init__(self, config: Config, *, storage: StorageBackend | None = None) -> None:
         intents = discord.Intents.default()
         intents.voice_states = True
         intents.members = False
@@ -88,13 +88,14 @@ class CantoBot(commands.AutoShardedBot):
         self._closing = False
 
     @property
-    def storage(self) -> Storage:
+    def storage(self) -> StorageBackend:
         assert self._storage is not None, "storage is opened in setup_hook"
         return self._storage
 
     async def setup_hook(self) -> None:
         if self._storage is None:
-            self._storage = await Storage.open(self.config.storage.path)
+            log.info("storage: %s", describe_target(storage_target(self.config.storage)))
+            self._storage = await open_storage(self.config.storage)
         self.meetings = MeetingManager(self.config, self._storage)
         await self.meetings.load()
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")

@@ -29,7 +29,7 @@ from bot.config import Config
 from bot.errors import CantobotError, SttAuthError
 from bot.pipeline import SpeakerStream, Transcriber
 from bot.sinks.discord_sink import DiscordTranscriptSink
-from bot.storage.db import Storage
+from bot.storage import StorageBackend
 from bot.stt.session import (
     PartialText,
     SegmentCommitted,
@@ -95,7 +95,7 @@ class Meeting:
         self,
         *,
         config: Config,
-        storage: Storage,
+        storage: StorageBackend,
         guild: discord.Guild,
         voice_channel: discord.VoiceChannel | discord.StageChannel,
         text_channel: discord.TextChannel,
@@ -457,7 +457,7 @@ def minutes_files(minutes: Minutes) -> dict[str, str]:
 class MeetingManager:
     """The bot's meetings, one per guild, and the opt-out list (kept in storage)."""
 
-    def __init__(self, config: Config, storage: Storage) -> None:
+    def __init__(self, config: Config, storage: StorageBackend) -> None:
         self.config = config
         self.storage = storage
         self._meetings: dict[int, Meeting] = {}
