@@ -1,4 +1,4 @@
-"""The `cantobot` command line: run | replay | simulate | demo | fake-stt | check-config.
+"""The `cantobot` command line: run | replay | simulate | demo | fake-stt | check-config | migrate.
 
 Parsing and error reporting live here; each sub-command calls into the library. Any
 :class:`~bot.errors.CantobotError` becomes one line on stderr and a non-zero exit, never a
@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a config file and print it (no secrets)")
     p.add_argument("--config", metavar="FILE")
+
+    p = sub.add_parser("migrate", help="apply storage migrations (SQLite or PostgreSQL) and exit")
+    p.add_argument("--config", metavar="FILE", help="config.yaml (storage.url / storage.path)")
+    p.add_argument("--url", metavar="URL_OR_PATH",
+                   help="postgresql://user:pass@host/db or a SQLite file (overrides the config)")
     return parser
 
 
@@ -146,6 +151,17 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from bot.sim.stt_server import serve_forever
 
         await serve_forever(args.host, args.port, args.api_key)
+        return EXIT_OK
+    if command == "migrate":
+        from bot.storage import describe_target, open_storage_at, storage_target
+
+        target = args.url or storage_target(load_config(args.config).storage)
+        storage = await open_storage_at(target)
+        try:
+            version = await storage.schema_version()
+        finally:
+            await storage.close()
+        print(f"{describe_target(target)}: schema version {version}")
         return EXIT_OK
     if command == "check-config":
         config = load_config(args.config)
