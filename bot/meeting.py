@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -127,6 +128,10 @@ class Meeting:
         self._old_nick: str | None = None
         self._empty_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
+        # Shared backoff of failed first starts (see _start_stream).
+        self._start_backoff = 0.0
+        self._start_not_before = 0.0
+        self._start_lock = asyncio.Lock()
         self.transcriber = Transcriber(config.stt, self._on_stt_event)
         self.receiver = VoiceReceiver(
             sample_rate=config.stt.sample_rate,
@@ -293,11 +298,51 @@ class Meeting:
             stream.feed(pcm)
 
     async def _start_stream(self, stream: SpeakerStream) -> None:
+        """Start a speaker's session; a failed first start is retried, meeting-wide backoff.
+
+        The session retries by itself only after it once streamed; a first start that fails
+        (outage, no ``session-started``, ``session-error``, 401) is retried here while the
+        session keeps the speaker's audio. All streams share one capped, jittered backoff and,
+        while in trouble, try one at a time: a rejected key costs at most one connection per
+        backoff period, however many people talk.
+        """
+        while self._startable(stream):
+            wait = self._start_not_before - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self._start_backoff > 0:
+                async with self._start_lock:
+                    if self._start_not_before > time.monotonic() or not self._startable(stream):
+                        continue
+                    if await self._try_start(stream):
+                        return
+            elif await self._try_start(stream):
+                return
+
+    def _startable(self, stream: SpeakerStream) -> bool:
+        live = self.state in (MeetingState.STARTING, MeetingState.LIVE)
+        current = stream.speaker_id is None or self.transcriber.get(stream.speaker_id) is stream
+        return live and current and stream.session.state in (SttState.IDLE, SttState.FAILED)
+
+    async def _try_start(self, stream: SpeakerStream) -> bool:
         try:
             await stream.start()
         except CantobotError as exc:
-            # The session keeps its audio and retries by itself where that can succeed.
             self._upstream_trouble(exc)
+            stt = self.config.stt
+            self._start_backoff = min(stt.reconnect_max_delay,
+                                      max(stt.reconnect_initial_delay, 2 * self._start_backoff))
+            jitter = 0.5 + random.random() / 2
+            self._start_not_before = time.monotonic() + self._start_backoff * jitter
+            log.info("guild %s: STT start for %s failed; next attempt in %.2f s", self.guild.id,
+                     stream.speaker, self._start_backoff * jitter)
+            return False
+        except RuntimeError:  # stopped while connecting: nothing left to start
+            return True
+        self._start_backoff = 0.0
+        self._start_not_before = 0.0
+        return True
 
     def _on_idle(self, user_id: int) -> None:
         self.transcriber.finish_in_background(user_id)

@@ -1,0 +1,245 @@
+"""Faults a deployed meeting bot meets, injected on loopback: nothing said is lost or doubled.
+
+Every test runs the real :class:`bot.app.CantoBot` (discord.py, the voice receiver, one real
+Socket.IO session per speaker, SQLite) against :class:`LocalDiscord` and the loopback
+cantonese.ai fake, as ``cantobot simulate`` does; members speak short tone-coded sentences the
+fake decodes back to text, so the test knows exactly what must appear in the channel. Faults are
+the fakes' own knobs (restart, ignore ``session-started``, ``session-error``, close codes, 401,
+REST 429/5xx, gateway reconnect, voice websocket closed, UDP black hole) or real signals to a
+``python -m bot run`` subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import discord
+import numpy as np
+import pytest
+
+from bot.app import CantoBot, redirect_discord
+from bot.config import Config, load_config, with_overrides
+from bot.meeting import Meeting, MeetingState
+from bot.sim.discord.server import LocalDiscord
+from bot.sim.discord.state import PostedMessage
+from bot.sim.simulate import bot_config
+from bot.sim.stt_server import FakeSttServer
+from bot.sim.tonecode import speech_track, utterance_duration
+from bot.storage.db import Storage
+
+KEY = "reliability-key"
+HOST = "host"
+#: Bound on any one wait of these tests (a hang fails instead of blocking the suite).
+WAIT = 30.0
+#: Pause before and after each sentence in a member's track (the fake commits after 0.3 s).
+GAP = 0.6
+LINE_PREFIX = re.compile(r"^`\[\d\d:\d\d(?::\d\d)?\]` ")
+
+# Fast recovery so faults heal within a test's few seconds (the defaults are 0.5 s .. 30 s).
+STT_OVERRIDES: dict[str, Any] = {
+    "reconnect_initial_delay": 0.2,
+    "reconnect_max_delay": 2.0,
+    "start_timeout": 1.0,
+    "connect_timeout": 2.0,
+    "stop_timeout": 8.0,
+}
+VOICE_OVERRIDES: dict[str, Any] = {"idle_timeout": 4.0}
+
+
+# -- harness --------------------------------------------------------------------------------------
+
+
+def track(*texts: str, gap: float = GAP, lead: float = GAP) -> np.ndarray:
+    """Sentences one after another, as a Discord client captures them (48 kHz stereo int16)."""
+    lines, t = [], lead
+    for text in texts:
+        lines.append((t, text))
+        t += utterance_duration(text) + gap
+    mono = speech_track(lines, 48000, duration=t + gap)
+    pcm = np.clip(mono * 32767 * 0.5, -32768, 32767).astype(np.int16)
+    return np.repeat(pcm[:, None], 2, axis=1)
+
+
+def seconds_until(texts: Iterable[str], index: int, fraction: float = 0.5) -> float:
+    """When, from the start of :func:`track`, ``fraction`` of sentence ``index`` has been said."""
+    texts = list(texts)
+    t = GAP
+    for text in texts[:index]:
+        t += utterance_duration(text) + GAP
+    return t + fraction * utterance_duration(texts[index])
+
+
+async def until(condition: Callable[[], bool], limit: float = WAIT) -> None:
+    """Wait for a condition spanning several fakes (``limit`` only guards against hangs)."""
+    async with asyncio.timeout(limit):
+        while not condition():  # noqa: ASYNC110 - no one event covers bot, fakes and storage
+            await asyncio.sleep(0.02)
+
+
+def lines_of(messages: list[PostedMessage], speaker: str) -> list[str]:
+    """Transcript lines posted as ``speaker`` in the text channel (not edits, not threads)."""
+    return [
+        LINE_PREFIX.sub("", m.content)
+        for m in messages
+        if m.author == speaker and not m.edit and m.thread is None
+    ]
+
+
+def notices(messages: list[PostedMessage], marker: str) -> list[str]:
+    return [m.content for m in messages if not m.edit and marker in m.content]
+
+
+def make_config(stt: FakeSttServer, **sections: dict[str, Any]) -> Config:
+    base = load_config(None, environ={})
+    stt_values = {"url": stt.url, "api_key": KEY, **STT_OVERRIDES, **sections.pop("stt", {})}
+    voice_values = {**VOICE_OVERRIDES, **sections.pop("voice", {})}
+    return with_overrides(base, stt=stt_values, voice=voice_values, **sections)
+
+
+@dataclass
+class Rig:
+    discord: LocalDiscord
+    stt: FakeSttServer
+    bot: CantoBot
+    ids: dict[str, int]
+    tmp: Path
+
+    @property
+    def meeting(self) -> Meeting:
+        assert self.bot.meetings is not None
+        meeting = self.bot.meetings.get(self.discord.guild_id)
+        assert meeting is not None
+        return meeting
+
+    def lines(self, speaker: str) -> list[str]:
+        return lines_of(self.discord.messages, speaker)
+
+    async def speak(self, name: str, pcm: np.ndarray) -> None:
+        await self.discord.speak(self.ids[name], pcm)
+
+    async def wait_lines(self, expected: dict[str, list[str]], limit: float = WAIT) -> None:
+        await until(lambda: all(self.lines(n) == want for n, want in expected.items()), limit)
+
+    async def start_meeting(self) -> None:
+        start = await self.discord.invoke("transcribe start", {}, user_id=self.ids[HOST])
+        async with asyncio.timeout(WAIT):
+            await start.wait_followups(1)
+        assert self.bot.meetings is not None
+        await until(lambda: self.bot.meetings is not None
+                    and (m := self.bot.meetings.get(self.discord.guild_id)) is not None
+                    and m.state is MeetingState.LIVE
+                    and self.discord.voice.connection is not None
+                    and self.discord.voice.connection.cipher is not None)
+
+    async def stop_meeting(self) -> None:
+        stop = await self.discord.invoke("transcribe stop", {}, user_id=self.ids[HOST])
+        async with asyncio.timeout(WAIT):
+            await stop.wait_followups(1)
+
+
+@contextlib.asynccontextmanager
+async def logged_in_bot(config: Config) -> AsyncIterator[CantoBot]:
+    redirect_discord(config)
+    bot = CantoBot(config)
+    # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready;
+    # LocalDiscord sends its one guild at once, so waiting that long only slows the suite.
+    bot._connection.guild_ready_timeout = 0.05
+    task = asyncio.create_task(bot.start(config.discord.token.reveal()), name="bot")
+    try:
+        await until(lambda: bot.is_ready() or task.done())
+        if task.done():
+            task.result()
+        yield bot
+    finally:
+        await bot.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    tmp_path: Path,
+    *,
+    names: tuple[str, ...] = ("alice", "bob"),
+    dave: bool = False,
+    start: bool = True,
+    stt_key: str = KEY,
+    **sections: dict[str, Any],
+) -> AsyncIterator[Rig]:
+    """LocalDiscord + STT fake + the real bot, all members in voice, a meeting LIVE."""
+    async with asyncio.timeout(120):
+        async with (
+            FakeSttServer(api_key=stt_key) as stt,
+            LocalDiscord(human_names=(HOST, *names), moderators=(HOST,), dave=dave) as fake,
+        ):
+            cfg = bot_config(make_config(stt, **sections), fake, str(tmp_path / "bot.sqlite3"))
+            async with logged_in_bot(cfg) as bot:
+                ids = fake.member_ids
+                for name in (HOST, *names):
+                    await fake.member_join_voice(ids[name])
+                r = Rig(fake, stt, bot, ids, tmp_path)
+                if start:
+                    await r.start_meeting()
+                yield r
+
+
+# -- 1. STT server killed and restarted mid-utterance ---------------------------------------------
+
+
+async def test_stt_restart_mid_sentence_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    alice, bob = ["早晨", "開會", "好嘢"], ["收到", "明白", "拜拜"]
+    async with rig(tmp_path) as r:
+        speaking = asyncio.gather(r.speak("alice", track(*alice)),
+                                  r.speak("bob", track(*bob, lead=1.2)))
+        await asyncio.sleep(seconds_until(alice, 1))  # alice is in the middle of her 2nd line
+        sessions_before = len(r.stt.records)
+        await r.stt.restart()
+        await speaking
+        await r.wait_lines({"alice": alice, "bob": bob})
+        # Both speakers came back on new connections, each after a backoff delay.
+        assert len(r.stt.records) >= sessions_before + 2
+        assert all(s.session.stats.reconnects >= 1 for s in r.meeting.transcriber.streams())
+        await r.stop_meeting()
+        assert r.lines("alice") == alice and r.lines("bob") == bob
+        # Every sentence reached the server at least once: the re-sent audio is why.
+        assert {*alice, *bob} <= set(r.stt.committed_texts)
+
+
+# -- 2. session-started never comes / session-error / close with non-1000 -------------------------
+
+
+@pytest.mark.parametrize("fault", ["no-session-started", "session-error-at-start",
+                                   "session-error-mid", "close-1011-mid"])
+async def test_stt_session_faults_are_said_once_and_transcription_recovers(
+    tmp_path: Path, fault: str
+) -> None:
+    alice = ["你好", "開始", "完結"]
+    async with rig(tmp_path, names=("alice",)) as r:
+        if fault == "no-session-started":
+            r.stt.ignore_start_session = True
+        elif fault == "session-error-at-start":
+            r.stt.start_session_error = "upstream busy"
+        elif fault == "session-error-mid":
+            r.stt.error_after_chunks = 15  # 1.5 s into alice's stream: mid-sentence
+        else:
+            r.stt.close_code = 1011
+            r.stt.close_after_chunks = 15
+        await r.speak("alice", track(*alice))
+        await r.wait_lines({"alice": alice})
+        warnings = notices(r.discord.messages, "\N{WARNING SIGN}")
+        assert len(warnings) == 1, warnings
+        assert "cantonese.ai" in warnings[0] and "retrying" in warnings[0]
+        assert len(notices(r.discord.messages, "Speech-to-text is back")) == 1
+        await r.stop_meeting()
+        assert r.lines("alice") == alice
