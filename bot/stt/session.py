@@ -578,12 +578,18 @@ class SttSession:
 
     def _next_chunk(self) -> tuple[int, bytes] | None:
         """The next unsent piece of audio at the send cursor, at most MAX_CHUNK_BYTES."""
-        for start, pcm in self._buffer:
-            end = start + len(pcm) // BYTES_PER_SAMPLE
-            if end > self._send_pos:
-                offset = (self._send_pos - start) * BYTES_PER_SAMPLE
-                return self._send_pos, pcm[offset : offset + MAX_CHUNK_BYTES]
-        return None
+        # Scan from the newest piece: the unsent tail is short while the unconfirmed head can
+        # hold minutes of audio (a scan from the left cost O(buffer) per chunk sent).
+        found: tuple[int, bytes] | None = None
+        for start, pcm in reversed(self._buffer):
+            if start + len(pcm) // BYTES_PER_SAMPLE <= self._send_pos:
+                break
+            found = (start, pcm)
+        if found is None:
+            return None
+        start, pcm = found
+        offset = (self._send_pos - start) * BYTES_PER_SAMPLE
+        return self._send_pos, pcm[offset : offset + MAX_CHUNK_BYTES]
 
     async def _send_loop(self) -> None:
         while True:
