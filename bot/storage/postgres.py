@@ -8,7 +8,7 @@ are read by the others.
 Connection: one asyncpg connection, used by one call at a time behind a FIFO lock, so calls run
 in the order they were made (the SQLite backend's single worker thread gives the same promise,
 and ``add_line`` order is the minutes' order). A connection that died (server restart, network)
-is replaced on the next call; the call that saw it die fails with :class:`StorageError`.
+is replaced and the call retried once (see :meth:`PostgresStorage._run`).
 
 Durability: each :meth:`PostgresStorage.add_line` is its own transaction, committed before it
 returns (PostgreSQL's default ``synchronous_commit=on`` flushes the WAL at commit).
@@ -52,6 +52,14 @@ CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
 #: Advisory lock key serialising migrations across processes ("cantobot" in ASCII, as an int).
 MIGRATION_LOCK_KEY = 0x63616E746F626F74
+
+#: Errors meaning the connection itself is gone (not that the statement was wrong).
+_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+)
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -158,13 +166,23 @@ class PostgresStorage:
         async with self._lock:
             if self._closed:
                 raise StorageClosed("storage is closed", permanent=True)
-            if self._conn is None or self._conn.is_closed():
-                log.warning("storage: reconnecting to %s", redact(self._url))
-                self._conn = await _connect(self._url)
-            try:
-                return await fn(self._conn)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                raise StorageError(f"database error: {exc}") from exc
+            for attempt in (1, 2):
+                if self._conn is None or self._conn.is_closed():
+                    log.warning("storage: reconnecting to %s", redact(self._url))
+                    self._conn = await _connect(self._url)
+                try:
+                    return await fn(self._conn)
+                except _CONNECTION_LOST as exc:
+                    # The server went away (restart, failover, idle kill). Every call is one
+                    # transaction that was rolled back unless it committed as the link broke,
+                    # so one retry on a new connection loses nothing; the rare cost is a line
+                    # stored twice, which beats a line lost.
+                    if attempt == 2 or not self._conn.is_closed():
+                        raise StorageError(f"database connection lost: {exc}") from exc
+                    log.warning("storage: connection lost (%s); retrying once", exc)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    raise StorageError(f"database error: {exc}") from exc
+            raise AssertionError("unreachable")  # the loop returns or raises
 
     # -- meetings ------------------------------------------------------------------------
 
