@@ -82,9 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", action="store_true", help="one JSON object per committed line")
     p.add_argument("--minutes", metavar="DIR", help="write minutes (md, srt, vtt, json) here")
 
-    p = sub.add_parser("simulate", help="run the real bot against a local Discord")
+    p = sub.add_parser(
+        "simulate", help="run the real bot against a local Discord",
+        # The documented interface (issue 5) first, as written there; then the extras.
+        usage="%(prog)s --speaker NAME=FILE [--speaker ...] [--stt-url URL] [--api-key KEY] "
+        "[--sample-rate HZ] [--threads] [--mode MODE] [--dave | --no-dave] [--loss PCT] "
+        "[--jsonl] [--config FILE] [--captions]",
+    )
     p.add_argument("--speaker", metavar="NAME=FILE", type=_speaker_arg, action="append",
-                   default=[], help="a simulated member and the file they speak (repeatable)")
+                   required=True,
+                   help="a simulated member and the file they speak (repeatable)")
     _add_stt_flags(p)
     p.add_argument("--threads", action="store_true", help="one caption thread per speaker")
     p.add_argument("--captions", action="store_true", help="live partial captions")
