@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: What the bot needs in the text channel / voice channel, with the names users see.
-TEXT_PERMISSIONS = (
-    ("send_messages", "Send Messages"),
+TEXT_PERMISSIONS = (("view_channel", "View Channel"), ("send_messages", "Send Messages"))
+#: ... and in the text channel when caption threads are on.
+THREAD_PERMISSIONS = (
     ("create_public_threads", "Create Public Threads"),
-    ("manage_webhooks", "Manage Webhooks"),
+    ("send_messages_in_threads", "Send Messages in Threads"),
 )
-VOICE_PERMISSIONS = (("connect", "Connect"), ("view_channel", "View Channel"))
+VOICE_PERMISSIONS = (("view_channel", "View Channel"), ("connect", "Connect"))
+#: Wanted, not needed: without it lines are posted by the bot with the speaker's name in bold.
+WEBHOOK_PERMISSIONS = (("manage_webhooks", "Manage Webhooks"),)
 
 
 def missing_permissions(perms: discord.Permissions,
@@ -105,28 +108,37 @@ class Transcribe(commands.Cog):
             await self._refuse(interaction, "Pick a text channel for the transcript "
                                             "(the `channel` option).")
             return
+        defaults = self.bot.config.transcribe
+        threads = defaults.threads if threads is None else threads
+        captions = defaults.captions if captions is None else captions
         me = guild.me
-        missing = missing_permissions(target.permissions_for(me), TEXT_PERMISSIONS)
-        missing += missing_permissions(voice.permissions_for(me), VOICE_PERMISSIONS)
+        text_perms = target.permissions_for(me)
+        wanted = TEXT_PERMISSIONS + (THREAD_PERMISSIONS if threads or captions else ())
+        missing = missing_permissions(text_perms, wanted)
+        missing += [p for p in missing_permissions(voice.permissions_for(me), VOICE_PERMISSIONS)
+                    if p not in missing]
         if missing:
             await self._refuse(interaction, "I am missing permissions: "
                                + ", ".join(f"**{p}**" for p in missing)
-                               + f" (in #{target.name} / {voice.name}).")
+                               + f" (in #{target.name} / {voice.name}). Grant them to my role, "
+                               "then try again.")
             return
-        defaults = self.bot.config.transcribe
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             meeting = await self.meetings.start(
                 guild=guild, voice_channel=voice, text_channel=target,
-                threads=defaults.threads if threads is None else threads,
-                captions=defaults.captions if captions is None else captions,
+                threads=threads, captions=captions,
             )
         except CantobotError as exc:
             await interaction.followup.send(f"Could not start: {exc.user_message}", ephemeral=True)
             return
-        await interaction.followup.send(
-            f"Transcribing **{voice.name}** into {target.mention} (meeting #{meeting.meeting_id}).",
-            ephemeral=True)
+        reply = (f"Transcribing **{voice.name}** into {target.mention} "
+                 f"(meeting #{meeting.meeting_id}).")
+        if missing_permissions(text_perms, WEBHOOK_PERMISSIONS):
+            reply += ("\nI am missing **Manage Webhooks** in #" + target.name + ", so lines are "
+                      "posted by me with the speaker's name in bold; grant it to show each line "
+                      "as its speaker.")
+        await interaction.followup.send(reply, ephemeral=True)
 
     @group.command(name="stop", description="Stop transcribing and post the minutes")
     async def stop(self, interaction: discord.Interaction) -> None:

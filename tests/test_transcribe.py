@@ -1,0 +1,332 @@
+"""Spec for `/transcribe` (cogs/transcribe.py) as members see it: the real CantoBot, logged into
+the loopback Discord (LocalDiscord, unmodified discord.py over TLS), streaming to the loopback
+cantonese.ai fake (FakeSttServer), with members speaking tone-coded Cantonese in real time.
+
+Each test runs one LocalDiscord and as few bot start-ups as its story needs (a start-up costs
+discord.py's 2 s guild-ready wait); utterances are short (~0.72 s per Cantonese character).
+What users see is ``LocalDiscord.messages`` (posts and edits) and the interaction records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bot.app import CantoBot
+from bot.config import Config, load_config, with_overrides
+from bot.meeting import MeetingState
+from bot.sim.discord import state as s
+from bot.sim.discord.rest import InteractionRecord
+from bot.sim.discord.server import LocalDiscord
+from bot.sim.discord.state import PostedMessage, RecordedRequest
+from bot.sim.simulate import bot_config, running_bot
+from bot.sim.stt_server import FakeSttServer
+from bot.sim.tonecode import speech_track
+from bot.storage.db import Storage
+from bot.transcript.format import TRANSCRIBING_NOTICE, thread_name
+from bot.transcript.model import Segment
+from tests.test_minutes import validate_srt, validate_vtt
+
+KEY = "test-key"
+#: Bound on any one wait in these tests (s); real waits are a few seconds at most.
+STEP_TIMEOUT = 30.0
+#: After the last utterance, let the decoder hear the pause that ends it.
+TRAILING_SILENCE = 0.6
+MINUTES_FILES = ("minutes.md", "minutes.srt", "minutes.vtt", "minutes.json")
+#: Everything a bot could need, so a test can take away exactly one permission.
+ALL_BOT_PERMISSIONS = s.BOT_ROLE_PERMISSIONS | s.PERM_CONNECT | s.PERM_CREATE_PUBLIC_THREADS
+
+
+def say(*lines: tuple[float, str]) -> npt.NDArray[np.int16]:
+    """Tone-coded lines at their start seconds -> 48 kHz stereo int16, as a client captures."""
+    mono = speech_track(list(lines), 48000)
+    pcm = np.clip(mono * 32767 * 0.5, -32768, 32767).astype(np.int16)
+    return np.repeat(pcm[:, None], 2, axis=1)
+
+
+@dataclass
+class Harness:
+    """One LocalDiscord + FakeSttServer, and the bot currently logged in (if any)."""
+
+    discord: LocalDiscord
+    stt: FakeSttServer
+    tmp: Path
+    bot: CantoBot | None = None
+    records: list[InteractionRecord] = field(default_factory=list)
+
+    @property
+    def ids(self) -> dict[str, int]:
+        return self.discord.member_ids
+
+    def config(self, *, key: str = KEY, guilds: bool = True,
+               **sections: dict[str, Any]) -> Config:
+        stt = {"url": self.stt.url, "api_key": key, "reconnect_initial_delay": 0.1,
+               "reconnect_max_delay": 0.5, **sections.pop("stt", {})}
+        config = with_overrides(load_config(None, environ={}), stt=stt, **sections)
+        config = bot_config(config, self.discord, str(self.tmp / "bot.sqlite3"))
+        if not guilds:
+            config = with_overrides(config, discord={"guilds": ""})
+        return config
+
+    @contextlib.asynccontextmanager
+    async def running(self, config: Config) -> AsyncIterator[CantoBot]:
+        async with running_bot(config) as bot:
+            self.bot = bot
+            try:
+                yield bot
+            finally:
+                self.bot = None
+
+    async def invoke(self, command: str, options: dict[str, Any] | None = None, *,
+                     by: str = "alice") -> InteractionRecord:
+        """``/command`` typed by ``by``; returns once the bot answered (reply or follow-up)."""
+        record = await self.discord.invoke(command, options or {}, user_id=self.ids[by])
+        self.records.append(record)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            await record.wait_until(
+                lambda r: bool(r.followup_message_ids) or bool(r.response_content))
+        return record
+
+    def answer(self, record: InteractionRecord) -> str:
+        return (record.response_content + "\n" + "\n".join(record.followup_contents)).strip()
+
+    @property
+    def meeting(self) -> Any:
+        assert self.bot is not None and self.bot.meetings is not None
+        return self.bot.meetings.get(self.discord.guild_id)
+
+    async def start(self, options: dict[str, Any] | None = None, *, by: str = "alice",
+                    dave: bool = False) -> InteractionRecord:
+        record = await self.invoke("transcribe start", options, by=by)
+        assert "Transcribing" in self.answer(record), self.answer(record)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while True:
+                meeting = self.meeting
+                if (meeting is not None and meeting.state is MeetingState.LIVE
+                        and (not dave or meeting.status().e2ee)):
+                    break
+                await asyncio.sleep(0.02)
+        return record
+
+    async def speak(self, lines: dict[str, list[tuple[float, str]]]) -> None:
+        """Members say their lines concurrently, in real time, then a short pause."""
+        await asyncio.gather(*(self.discord.speak(self.ids[name], say(*said))
+                               for name, said in lines.items()))
+        await asyncio.sleep(TRAILING_SILENCE)
+
+    def posted(self) -> list[PostedMessage]:
+        """What members see in the channel and threads (interaction answers left out)."""
+        answers = {mid for r in self.records for mid in r.followup_message_ids}
+        return [m for m in self.discord.messages if m.message_id not in answers]
+
+    def requests(self, method: str, pattern: str) -> list[RecordedRequest]:
+        return [r for r in self.discord.requests
+                if r.method == method and re.search(pattern, r.path)]
+
+    async def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while not predicate():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp_path: Path, *, dave: bool = False, humans: tuple[str, ...] = ("alice", "bob"),
+                  stt_key: str = KEY) -> AsyncIterator[Harness]:
+    async with FakeSttServer(api_key=stt_key) as stt, LocalDiscord(
+            human_names=humans, moderators=("alice",), dave=dave) as discord:
+        yield Harness(discord, stt, tmp_path)
+
+
+def lines_in(messages: list[PostedMessage], *, thread: str | None = None) -> list[str]:
+    return [line for m in messages if m.thread == thread and not m.edit
+            for line in m.content.split("\n")]
+
+
+def minutes_uploads(h: Harness) -> list[RecordedRequest]:
+    return [r for r in h.requests("POST", r"^/channels/\d+/messages$") if r.files]
+
+
+def check_minutes_files(request: RecordedRequest, speakers: set[str]) -> dict[str, str]:
+    """The four attachments are there and parse; returns them by name."""
+    assert set(request.files) == set(MINUTES_FILES), request.files
+    files = {name: body.decode("utf-8") for name, body in
+             zip(request.files, request.file_contents, strict=True)}
+    srt = validate_srt(files["minutes.srt"])
+    vtt = validate_vtt(files["minutes.vtt"])
+    assert len(srt) == len(vtt) > 0
+    assert {voice for _, _, voice, _ in vtt} == speakers
+    data = json.loads(files["minutes.json"])
+    assert data  # the JSON parses; its shape is specified in tests/test_minutes.py
+    for name in speakers:
+        assert name in files["minutes.md"]
+    return files
+
+
+async def set_role_permissions(discord: LocalDiscord, role: s.Role, permissions: int) -> None:
+    """Change any role's permissions and tell the bot (GUILD_ROLE_UPDATE), as Discord does."""
+    role.permissions = permissions
+    await discord.gateway.dispatch("GUILD_ROLE_UPDATE", {
+        "guild_id": str(discord.guild_id), "role": discord.world.role_payload(role)})
+
+
+async def bot_has(h: Harness, permissions: int) -> None:
+    """Give the bot exactly ``permissions`` (@everyone too) and wait until it knows."""
+    await set_role_permissions(h.discord, h.discord.world.everyone_role,
+                               permissions & s.EVERYONE_PERMISSIONS)
+    await h.discord.set_bot_permissions(permissions)
+    assert h.bot is not None
+    guild = h.bot.get_guild(h.discord.guild_id)
+    assert guild is not None
+    await h.wait_for(lambda: guild.me.guild_permissions.value == permissions,
+                     "the bot to see its new permissions")
+
+
+# -- a meeting as members see it ------------------------------------------------------------------
+
+
+async def test_a_two_speaker_meeting_with_threads_and_captions_from_start_to_minutes(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path, dave=True) as h:
+        config = h.config(transcribe={"caption_edit_interval": 1.0})
+        async with h.running(config):
+            for name in ("alice", "bob"):
+                await h.discord.member_join_voice(h.ids[name])
+            start = await h.start({"threads": True, "captions": True}, dave=True)
+            assert start.ephemeral and "Transcribing" in h.answer(start)
+
+            # Consent: a notice in the channel saying how to opt out, and the nickname.
+            notice = h.posted()[0]
+            assert notice.thread is None and "being transcribed" in notice.content
+            assert "/transcribe optout" in notice.content
+            nick = h.requests("PATCH", r"/members/@me$")
+            assert nick and nick[-1].json["nick"].endswith(TRANSCRIBING_NOTICE)
+
+            await h.speak({"alice": [(0.2, "大家好"), (3.4, "開會")],
+                           "bob": [(1.0, "預算")]})
+            await h.wait_for(lambda: len(h.meeting.status().speakers) == 2
+                             and h.meeting.status().lines_posted == 3, "three committed lines")
+
+            status = await h.invoke("transcribe status", by="bob")
+            text = h.answer(status)
+            assert status.ephemeral
+            assert "alice" in text and "bob" in text
+            assert "Lines posted: 3" in text
+            assert re.search(r"running \d\d:\d\d", text)
+            assert "Speech-to-text: streaming" in text or "Speech-to-text: idle" in text, text
+            code = h.meeting.status().privacy_code
+            assert code and f"yes (DAVE), voice privacy code `{code}`" in text
+
+            stop = await h.invoke("transcribe stop")
+            assert stop.ephemeral and "Stopped. 3 line(s)" in h.answer(stop)
+            assert h.meeting is None
+            assert h.discord.world.bot.voice_channel_id is None, "the bot left the voice channel"
+
+        posted = h.posted()
+        # Each line in the channel as the speaker (webhook persona), with the time of speech.
+        channel = [m for m in posted if m.thread is None and not m.edit]
+        by_alice = [m.content for m in channel if m.author == "alice"]
+        by_bob = [m.content for m in channel if m.author == "bob"]
+        assert re.fullmatch(r"`\[00:0\d\]` 大家好\n?(`\[00:0\d\]` 開會)?", by_alice[0]), by_alice
+        assert "\n".join(by_alice).endswith("開會") and by_bob == [by_bob[0]]
+        assert re.fullmatch(r"`\[00:0\d\]` 預算", by_bob[0])
+        assert all(m.allowed_mentions == {"parse": []} for m in posted)
+
+        # One caption thread per speaker, created once even though alice spoke twice.
+        created = [r.json["name"] for r in h.requests("POST", r"^/channels/\d+/threads$")]
+        assert sorted(created) == [thread_name("alice"), thread_name("bob")]
+        for name, said in (("alice", ["大家好", "開會"]), ("bob", ["預算"])):
+            thread = thread_name(name)
+            final: dict[int, str] = {}
+            edits: dict[int, list[PostedMessage]] = {}
+            for m in posted:
+                if m.thread == thread:
+                    final[m.message_id] = m.content
+                    edits.setdefault(m.message_id, []).append(m)
+            # The same lines as in the channel: each caption ends as the committed text.
+            assert [re.sub(r"^`\[\d\d:\d\d\]` ", "", t) for t in final.values()] == said
+            for versions in edits.values():
+                partial = [v for v in versions if v.content.endswith("\u2026")]
+                assert partial, f"no live caption in {thread}"
+                gaps = [b.at - a.at for a, b in zip(partial, partial[1:], strict=False)]
+                assert all(gap >= 0.9 for gap in gaps), f"caption edits too fast: {gaps}"
+
+        # Stop: the minutes, after every line, with four parseable attachments.
+        (upload,) = minutes_uploads(h)
+        (summary,) = [m for m in posted if m.attachments]
+        assert summary == [m for m in posted if m.thread is None][-1], "minutes come last"
+        assert "2 participants" in summary.content and "3 lines" in summary.content
+        files = check_minutes_files(upload, {"alice", "bob"})
+        assert "預算" in files["minutes.md"]
+        assert not h.requests("PATCH", r"/members/@me$")[-1].json["nick"], "nickname restored"
+
+
+# -- who may start, and what the bot needs --------------------------------------------------------
+
+
+async def test_permissions_are_checked_with_clear_ephemeral_answers_and_webhooks_fall_back(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path) as h:
+        # The configured manager role is "Moderator", here without Manage Channels: alice has
+        # the role and nothing else; bob has neither.
+        h.discord.world.moderator_role.permissions = s.EVERYONE_PERMISSIONS
+        async with h.running(h.config(discord={"manager_role": "Moderator"})):
+            await h.discord.member_join_voice(h.ids["bob"])
+            for command in ("transcribe start", "transcribe stop"):
+                refused = await h.invoke(command, by="bob")
+                assert refused.ephemeral
+                assert h.answer(refused) == ("Only members with the Manage Channels permission "
+                                             "or the **Moderator** role can start or stop "
+                                             "transcription.")
+            assert h.meeting is None
+
+            # alice may (the role), but she is in no voice channel.
+            nowhere = await h.invoke("transcribe start")
+            assert nowhere.ephemeral and "Join a voice channel first" in h.answer(nowhere)
+            await h.discord.member_join_voice(h.ids["alice"])
+
+            for missing, label in ((s.PERM_CONNECT, "Connect"),
+                                   (s.PERM_SEND_MESSAGES, "Send Messages"),
+                                   (s.PERM_CREATE_PUBLIC_THREADS, "Create Public Threads")):
+                await bot_has(h, ALL_BOT_PERMISSIONS & ~missing)
+                refused = await h.invoke("transcribe start", {"threads": True})
+                assert refused.ephemeral
+                assert f"missing permissions: **{label}**" in h.answer(refused), h.answer(refused)
+                assert h.meeting is None and h.discord.world.bot.voice_channel_id is None
+
+            # Without Manage Webhooks it starts, says so, and posts lines itself, name in bold.
+            await bot_has(h, ALL_BOT_PERMISSIONS & ~s.PERM_MANAGE_WEBHOOKS)
+            start = await h.start()
+            assert start.ephemeral and "**Manage Webhooks**" in h.answer(start), h.answer(start)
+            await h.speak({"bob": [(0.2, "你好")]})
+            await h.wait_for(lambda: h.meeting.status().lines_posted == 1, "bob's line")
+
+            status = await h.invoke("transcribe status")
+            assert "End-to-end encrypted: no" in h.answer(status)
+            stop = await h.invoke("transcribe stop")
+            assert "Stopped. 1 line(s)" in h.answer(stop)
+
+        lines = [m for m in h.posted() if m.content.startswith("**bob**")]
+        assert len(lines) == 1 and re.fullmatch(r"\*\*bob\*\* `\[00:0\d\]` 你好", lines[0].content)
+        assert lines[0].author.startswith("Cantobot")
+        app = h.discord.application_id  # interaction follow-ups use /webhooks/{app id}/...
+        assert not [r for r in h.requests("POST", r"^/webhooks/")
+                    if not r.path.startswith(f"/webhooks/{app}/")], "no line went by webhook"
+        check_minutes_files(minutes_uploads(h)[-1], {"bob"})
