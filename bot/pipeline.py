@@ -5,12 +5,19 @@ This is the seam shared by `cantobot replay` (recorded tracks) and the Discord v
 :class:`Transcriber` owns every stream of one meeting and fans the STT events out to one
 callback. Audio conversion is pure (``bot.audio.convert``); the network lives in
 ``bot.stt.session``.
+
+Capacity: :class:`SessionSlots` caps the STT sessions open at once (``stt.max_sessions``; the bot
+shares one per process across its meetings). A speaker past the cap waits for a slot in arrival
+order, their audio kept by the session (up to ``stt.max_buffer_seconds``) and sent when the slot
+comes, so one process never falls behind real time for everyone; slots free as speakers pause.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -23,6 +30,58 @@ from bot.stt.session import SttEvent, SttSession, SttState
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[SttEvent], None]
+#: Told when a speaker must wait for a session slot: (the stream, its place in the queue, 1-based).
+WaitCallback = Callable[["SpeakerStream", int], None]
+
+
+class SessionSlots:
+    """At most ``limit`` sessions at once; waiters are served strictly in arrival order."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"session limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self._used
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def would_wait(self) -> bool:
+        return self._used >= self.limit or bool(self._waiters)
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting behind earlier callers; cancellation gives up the place."""
+        if not self.would_wait():
+            self._used += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over just as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: straight to the longest waiter, if any."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; the count stays
+                return
+        if self._used <= 0:
+            raise RuntimeError("release() without a slot held")
+        self._used -= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +110,19 @@ class SpeakerStream:
         in_channels: int = 1,
         speaker_id: int | None = None,
         stream_offset: float = 0.0,
+        slots: SessionSlots | None = None,
+        on_wait: WaitCallback | None = None,
     ) -> None:
         self.speaker = speaker
         self.speaker_id = speaker_id
         self.sample_rate = config.sample_rate
+        self._slots = slots
+        self._on_wait = on_wait
+        self._holds_slot = False
+        self._acquiring: asyncio.Task[None] | None = None
+        self._start_done = asyncio.Event()
+        self._start_called = False
+        self._closed = False
         self._converter = StreamConverter(in_rate, in_channels, config.sample_rate)
         self._chunker = Chunker(config.sample_rate, config.chunk_ms)
         self._samples_fed = 0
@@ -75,8 +143,37 @@ class SpeakerStream:
             reconnect_max_delay=config.reconnect_max_delay,
         )
 
+    @property
+    def waiting_for_slot(self) -> bool:
+        return self._acquiring is not None and not self._acquiring.done()
+
     async def start(self) -> None:
-        await self.session.start()
+        """Take a session slot (waiting in turn when all are busy), then start the session."""
+        self._start_called = True
+        try:
+            if self._slots is not None:
+                if self._slots.would_wait() and self._on_wait is not None:
+                    self._on_wait(self, self._slots.waiting + 1)
+                self._acquiring = asyncio.ensure_future(self._slots.acquire())
+                try:
+                    await self._acquiring
+                except asyncio.CancelledError:
+                    if self._closed:
+                        return  # closed while waiting: nothing to start
+                    raise
+                self._holds_slot = True
+                if self._closed:
+                    self._release_slot()
+                    return
+                log.debug("speaker %s: got a session slot", self.speaker)
+            await self.session.start()
+        finally:
+            self._start_done.set()
+
+    def _release_slot(self) -> None:
+        if self._holds_slot and self._slots is not None:
+            self._holds_slot = False
+            self._slots.release()
 
     def feed(self, pcm: np.ndarray | bytes) -> None:
         """Audio of this speaker at the stream's input rate and channel count."""
@@ -111,11 +208,23 @@ class SpeakerStream:
         rest = self._chunker.flush()
         if rest:
             self.session.send_audio(rest)
-        await self.session.stop()
+        if self._start_called:
+            await self._start_done.wait()  # a speaker waiting for a slot keeps their turn
+        try:
+            await self.session.stop()
+        finally:
+            self._release_slot()
 
     async def aclose(self) -> None:
+        """Close now (no flush); a wait for a slot is given up."""
         self._finished = True
-        await self.session.aclose()
+        self._closed = True
+        if self._acquiring is not None and not self._acquiring.done():
+            self._acquiring.cancel()
+        try:
+            await self.session.aclose()
+        finally:
+            self._release_slot()
 
     def info(self) -> StreamInfo:
         return StreamInfo(
@@ -135,9 +244,19 @@ class Transcriber:
     everyone at once rather than one after another.
     """
 
-    def __init__(self, config: SttConfig, on_event: EventCallback) -> None:
+    def __init__(
+        self,
+        config: SttConfig,
+        on_event: EventCallback,
+        *,
+        slots: SessionSlots | None = None,
+        on_wait: WaitCallback | None = None,
+    ) -> None:
         self._config = config
         self._on_event = on_event
+        #: Shared with other transcribers of the process when given, else this one's own.
+        self.slots = slots if slots is not None else SessionSlots(config.max_sessions)
+        self._on_wait = on_wait
         self._streams: dict[Hashable, SpeakerStream] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -172,6 +291,8 @@ class Transcriber:
             in_channels=in_channels,
             speaker_id=speaker_id,
             stream_offset=stream_offset,
+            slots=self.slots,
+            on_wait=self._on_wait,
         )
         self._streams[key] = stream
         log.info("speaker %s: stream opened", speaker)
@@ -183,6 +304,13 @@ class Transcriber:
             await stream.finish()
             log.info("speaker %s: stream finished (%.1f s of audio)", stream.speaker,
                      stream.seconds_fed)
+
+    async def discard(self, key: Hashable) -> None:
+        """Drop one stream without flushing: nothing more of it is sent (an opt-out)."""
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            await stream.aclose()
+            log.info("speaker %s: stream discarded", stream.speaker)
 
     def finish_in_background(self, key: Hashable) -> None:
         """Stop one stream without making the caller wait; :meth:`aclose` awaits it."""
