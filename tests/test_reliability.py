@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import signal
-import sys
-import textwrap
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import discord
 import numpy as np
 import pytest
 
@@ -35,7 +30,6 @@ from bot.sim.discord.state import PostedMessage
 from bot.sim.simulate import bot_config
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
-from bot.storage.db import Storage
 
 KEY = "reliability-key"
 HOST = "host"
@@ -224,7 +218,7 @@ async def test_stt_restart_mid_sentence_loses_and_doubles_nothing(tmp_path: Path
 async def test_stt_session_faults_are_said_once_and_transcription_recovers(
     tmp_path: Path, fault: str
 ) -> None:
-    alice = ["你好", "開始", "完結"]
+    alice = ["你好", "完結"]
     async with rig(tmp_path, names=("alice",)) as r:
         if fault == "no-session-started":
             r.stt.ignore_start_session = True
@@ -241,5 +235,101 @@ async def test_stt_session_faults_are_said_once_and_transcription_recovers(
         assert len(warnings) == 1, warnings
         assert "cantonese.ai" in warnings[0] and "retrying" in warnings[0]
         assert len(notices(r.discord.messages, "Speech-to-text is back")) == 1
+        await r.stop_meeting()
+        assert r.lines("alice") == alice
+
+
+# -- 3. rejected key (401) ------------------------------------------------------------------------
+
+
+def most_attempts(window: float, initial: float, cap: float, streams: int = 1) -> int:
+    """Connection attempts a capped exponential backoff with jitter in [0.5, 1] allows at most
+    in ``window`` seconds (each waits at least half its delay), plus one per concurrent stream
+    whose first attempt precedes the shared backoff."""
+    attempts, t, delay = 1, 0.0, initial
+    while True:
+        t += 0.5 * delay
+        if t > window:
+            return attempts + streams - 1
+        attempts += 1
+        delay = min(cap, delay * 2)
+
+
+async def test_rejected_key_makes_no_reconnect_storm_says_so_once_and_status_shows_it(
+    tmp_path: Path,
+) -> None:
+    async with rig(tmp_path, stt_key="the-real-key") as r:  # the bot's key is wrong
+        attempts_at_start = r.stt.connection_attempts
+        talk = asyncio.gather(r.speak("alice", track("你好", "喂喂", "聽唔聽到")),
+                              r.speak("bob", track("收到", "冇聲")))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await talk
+        window = loop.time() - began
+        attempts = r.stt.connection_attempts - attempts_at_start
+        stt = r.bot.config.stt
+        assert 1 <= attempts <= most_attempts(window, stt.reconnect_initial_delay,
+                                              stt.reconnect_max_delay, streams=2), attempts
+        assert r.stt.rejected_attempts == r.stt.connection_attempts  # never got in
+        said = notices(r.discord.messages, "rejected the API key")
+        assert len(said) == 1 and "retrying" not in said[0], said
+        status = await r.discord.invoke("transcribe status", {}, user_id=r.ids[HOST])
+        async with asyncio.timeout(WAIT):
+            await status.wait_original_content()
+        assert "rejected the API key" in status.response_content
+        assert r.lines("alice") == [] and r.lines("bob") == []
+
+
+# -- 5. rejoin with a new SSRC, overlapping speakers ----------------------------------------------
+
+
+async def test_rejoin_with_new_ssrc_keeps_one_stream_and_overlapping_speakers_both_transcribed(
+    tmp_path: Path,
+) -> None:
+    alice, bob = ["第一", "第二"], ["我講", "你講", "佢講"]
+    async with rig(tmp_path, voice={"idle_timeout": 8.0}) as r:
+        uid = r.ids["alice"]
+        bob_talks = asyncio.create_task(r.speak("bob", track(*bob, gap=0.3)))
+        await r.speak("alice", track(alice[0]))  # overlaps bob's first sentence
+        old_ssrc = r.discord.voice.members[uid].ssrc
+        await r.discord.leave_voice(uid)
+        # Discord gives a member who comes back a new SSRC: forget the simulated client's.
+        r.discord.voice.members.pop(uid, None)
+        await r.discord.member_join_voice(uid)
+        await r.speak("alice", track(alice[1], lead=0.2))
+        assert r.discord.voice.members[uid].ssrc != old_ssrc
+        await bob_talks
+        await r.wait_lines({"alice": alice, "bob": bob})
+        # One STT session per speaker: the rejoin continued alice's stream.
+        assert sum(rec.session_starts for rec in r.stt.records.values()) == 2
+        await r.stop_meeting()
+        assert r.lines("alice") == alice and r.lines("bob") == bob
+
+
+# -- 6. Discord 429 and 5xx on line posts ---------------------------------------------------------
+
+
+async def test_rate_limits_and_server_errors_on_posts_delay_but_never_drop_or_reorder_lines(
+    tmp_path: Path,
+) -> None:
+    alice = ["一號", "二號", "三號"]
+    async with rig(tmp_path, names=("alice",)) as r:
+        lines_path = "/webhooks/"  # lines are posted as the speaker through the captions webhook
+        # The first line meets a server error, two rate limits and a global one, in that order
+        # (discord.py sleeps 1 s after a first 5xx and Retry-After after each 429).
+        r.discord.fail_next(1, status=503, path_prefix=lines_path)
+        r.discord.fail_next(2, status=429, path_prefix=lines_path, retry_after=0.4)
+        r.discord.fail_next(1, status=429, path_prefix=lines_path, retry_after=0.3,
+                            is_global=True)
+        await r.speak("alice", track(*alice))
+        await r.wait_lines({"alice": alice})
+        followups = f"/webhooks/{r.discord.application_id}/"  # interaction replies
+        posts = [q for q in r.discord.requests if q.method == "POST"
+                 and q.path.startswith(lines_path) and not q.path.startswith(followups)]
+        statuses = [q.status for q in posts]
+        assert statuses.count(429) == 3 and statuses.count(503) == 1, statuses
+        for failed, retry in zip(posts, posts[1:], strict=False):
+            if failed.status == 429:
+                assert retry.at - failed.at >= 0.3, "retried before Retry-After"
         await r.stop_meeting()
         assert r.lines("alice") == alice
