@@ -30,7 +30,7 @@ import numpy.typing as npt
 from bot.sim.dave_group import DaveGroup, Delivery, Op, SimulatedMember
 from bot.voice.crypto import MODE_AES256_GCM, MODE_XCHACHA20, TransportCipher
 from bot.voice.opus import OpusEncoder
-from bot.voice.rtp import audio_level_extension, build_rtp_header
+from bot.voice.rtp import AUDIO_LEVEL_EXTENSION_ID, build_rtp_header, one_byte_extension
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,21 @@ def level_dbov(frame_pcm: npt.NDArray[np.float32]) -> int:
     """RFC 6464 level of one frame: 0 (loudest) .. 127 (silence) -dBov."""
     rms = float(np.sqrt(np.mean(frame_pcm.astype(np.float64) ** 2)) + 1e-12)
     return int(min(127, max(0, round(-20 * np.log10(rms)))))
+
+
+#: A second one-byte-form element after the audio level, so the extension body is two 32-bit
+#: words: py-cord's receive path assumes 8 bytes of decrypted extension (``result[8:]``), and
+#: the bench must feed every contender packets it can parse.
+SECOND_EXTENSION_ID: Final = 2
+EXTENSION_BODY_BYTES: Final = 8
+
+
+def extension_body(level: int) -> bytes:
+    """Audio level (RFC 6464, voice flag set) plus a 4-byte element: 8 bytes, two words."""
+    body = one_byte_extension([(AUDIO_LEVEL_EXTENSION_ID, bytes([0x80 | level])),
+                               (SECOND_EXTENSION_ID, bytes(4))])
+    assert len(body) == EXTENSION_BODY_BYTES
+    return body
 
 
 # --- DAVE: a bot session in a real group ------------------------------------------------------
@@ -244,7 +259,7 @@ def make_packets(
             payload = call.members[s.user_id].encrypt_opus(frame) if dave and call else frame
             header, ext = build_rtp_header(
                 i & 0xFFFF, (i * FRAME_SAMPLES) & 0xFFFFFFFF, s.ssrc,
-                extension=audio_level_extension(level),
+                extension=extension_body(level),
             )
             out.append(cipher.encrypt(header, ext, payload, nonce))
             nonce += 1

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 
 from bench.media import (
+    EXTENSION_BODY_BYTES,
     FRAME_SAMPLES,
     PACKETS_PER_SECOND,
     PacketSet,
@@ -54,8 +55,8 @@ CHUNK_MS: Final = 100
 TICK_SECONDS: Final = 0.05
 #: Clear bytes before the ciphertext in our packets: 12-byte RTP header + 4-byte BEDE header.
 HEADER_BYTES: Final = 16
-#: The audio-level extension body (encrypted with the payload): one 4-byte word.
-EXT_BODY_BYTES: Final = 4
+#: The extension body (encrypted with the payload): see bench.media.extension_body.
+EXT_BODY_BYTES: Final = EXTENSION_BODY_BYTES
 _PAD12 = bytes(8)
 _PAD24 = bytes(20)
 _US: Final = 1e6

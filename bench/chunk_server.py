@@ -1,0 +1,108 @@
+"""A minimal cantonese.ai stand-in for the upstream benchmark, run as its own process.
+
+``python -m bench.chunk_server [--commit-every N]`` serves the documented Socket.IO path on
+127.0.0.1 (a free port, printed as ``PORT <n>`` on stdout), starts every session at once and
+only *counts* ``audio-chunk`` events: each chunk's first 8 bytes of PCM are the bench's
+(session, chunk) numbers, and the arrival time (``time.monotonic``, the same clock as the bench's
+on Linux: CLOCK_MONOTONIC is system-wide) is recorded. Every ``N`` chunks of a session it sends a
+plain committed transcript, so the client's unconfirmed buffer is trimmed as with the real
+service. ``GET /results`` returns the arrivals as JSON; ``GET /reset`` forgets them.
+
+It runs in a separate process so that its CPU is not charged to the client, and it does no work
+a real server would not (no tone decoding, unlike :mod:`bot.sim.stt_server`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import resource
+import struct
+import sys
+import time
+from typing import Any
+
+import socketio
+from aiohttp import web
+
+from bot.stt import protocol as p
+
+_HEAD = struct.Struct("<II")
+
+
+def raise_fd_limit() -> int:
+    """Soft open-files limit up to the hard one (500 sessions need ~1000 sockets); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def build_app(commit_every: int) -> web.Application:
+    sio = socketio.AsyncServer(async_mode="aiohttp", max_http_buffer_size=2_000_000)
+    app = web.Application()
+    sio.attach(app, socketio_path=p.SOCKETIO_PATH.strip("/"))
+    arrivals: list[tuple[int, int, float]] = []
+    counts: dict[str, int] = {}
+
+    @sio.on(p.START_SESSION)  # type: ignore[untyped-decorator]
+    async def on_start(sid: str, payload: Any = None) -> None:
+        counts[sid] = 0
+        await sio.emit(p.TRANSCRIPT_MESSAGE,
+                       {"message_type": "session_started", "session_id": sid}, to=sid)
+        await sio.emit(p.SESSION_STARTED, to=sid)
+
+    @sio.on(p.AUDIO_CHUNK)  # type: ignore[untyped-decorator]
+    async def on_audio(sid: str, payload: Any = None) -> None:
+        now = time.monotonic()
+        head = base64.b64decode(payload["audio_base_64"][:12])
+        session, chunk = _HEAD.unpack_from(head)
+        arrivals.append((session, chunk, now))
+        counts[sid] = n = counts.get(sid, 0) + 1
+        if commit_every and n % commit_every == 0:
+            await sio.emit(p.TRANSCRIPT_MESSAGE, {"message_type": "committed_transcript",
+                                                  "text": f"line {n // commit_every}"}, to=sid)
+
+    @sio.on(p.STOP_SESSION)  # type: ignore[untyped-decorator]
+    async def on_stop(sid: str, *args: Any) -> None:
+        await sio.emit(p.SESSION_CLOSED, {"code": p.CLOSE_NORMAL, "reason": "stopped"}, to=sid)
+
+    async def results(request: web.Request) -> web.Response:
+        return web.json_response({"arrivals": arrivals})
+
+    async def reset(request: web.Request) -> web.Response:
+        arrivals.clear()
+        return web.json_response({"ok": True})
+
+    app.router.add_get("/results", results)
+    app.router.add_get("/reset", reset)
+    return app
+
+
+async def serve(commit_every: int) -> None:
+    raise_fd_limit()
+    runner = web.AppRunner(build_app(commit_every), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"PORT {port}", flush=True)
+    # Run until stdin closes (the bench process ended or closed the pipe).
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(Exception):
+        await loop.run_in_executor(None, sys.stdin.read)
+    await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commit-every", type=int, default=30,
+                        help="chunks between committed transcripts per session (0: never)")
+    args = parser.parse_args()
+    asyncio.run(serve(args.commit_every))
+
+
+if __name__ == "__main__":
+    main()
