@@ -102,7 +102,8 @@ def encode_opus(mono: npt.NDArray[np.float32]) -> list[bytes]:
     stereo = np.repeat(pcm[:, None], CHANNELS, axis=1)
     frames = len(stereo) // FRAME_SAMPLES
     with OpusEncoder(SAMPLE_RATE, CHANNELS, bitrate=BITRATE, fec=True) as enc:
-        return [enc.encode(stereo[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(frames)]
+        return [enc.encode(stereo[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES])
+                for i in range(frames)]
 
 
 def level_dbov(frame_pcm: npt.NDArray[np.float32]) -> int:

@@ -1,0 +1,54 @@
+"""The bench still runs: every row-1/row-4 contender and a tiny row 2 on 20 packets.
+
+Nothing here is timed or compared: a contender that loses packets raises, and the figures must
+merely exist. Speed lives in ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.media import MODE_AES256_GCM, MODE_XCHACHA20, make_packets, record
+from bench.memory import per_speaker
+from bench.receive import CONTENDERS, row1
+from bench.upstream import chunk_server, run_upstream
+
+PACKETS = 20
+
+
+@pytest.fixture(scope="module")
+def rec():  # type: ignore[no-untyped-def]
+    r = record(PACKETS / 50)
+    assert len(r.opus) == PACKETS
+    return r
+
+
+def test_every_receive_contender_turns_every_packet_into_audio_with_dave_on_and_off(rec) -> None:  # type: ignore[no-untyped-def]
+    sets = [make_packets(rec.opus, rec.levels, mode=MODE_AES256_GCM, dave=True),
+            make_packets(rec.opus, rec.levels, mode=MODE_XCHACHA20, dave=False, speakers=2)]
+    timings = row1(rec, sets, repeats=2)  # a second repeat needs freshly DAVE-encrypted frames
+    assert {(t.name, t.label) for t in timings} == {
+        (name, s.label) for s in sets for name in CONTENDERS}
+    assert all(t.us_per_packet > 0 for t in timings)
+
+
+def test_dave_frames_in_the_bench_packets_really_are_end_to_end_encrypted(rec) -> None:  # type: ignore[no-untyped-def]
+    plain = make_packets(rec.opus, rec.levels, mode=MODE_AES256_GCM, dave=False)
+    dave = make_packets(rec.opus, rec.levels, mode=MODE_AES256_GCM, dave=True,
+                        secret_key=plain.secret_key)
+    assert dave.call is not None and dave.call.session.ready
+    assert all(a != b for (_, a), (_, b) in zip(plain.datagrams, dave.datagrams, strict=True))
+
+
+async def test_upstream_row_counts_every_chunk_at_the_server() -> None:
+    async with asyncio.timeout(60), chunk_server(commit_every=5) as server:
+        result = await run_upstream(server, sessions=3, seconds=0.5)
+    assert result.chunks_arrived == result.chunks_sent > 0
+    assert result.lag_p99_ms >= 0
+
+
+def test_memory_per_speaker_runs_with_every_speaker_active_in_the_receiver() -> None:
+    result = per_speaker(3)
+    assert result["speakers"] == 3  # per_speaker itself checks the receiver holds all 3
