@@ -240,6 +240,15 @@ class VoiceListener:
         except (OSError, TypeError, AttributeError):
             log.debug("voice keepalive not sent", exc_info=True)
 
+    def voice_client_gone(self, vc: ReceiveVoiceClient) -> None:
+        """discord.py dropped the voice connection by itself (e.g. a 4015 resume that timed
+        out): without this the meeting would stay live and deaf. Reported like a stall."""
+        if vc is not self._vc or not self._tasks or self._on_stalled is None:
+            return  # an older client, or we are closed: nothing to recover
+        log.warning("voice connection dropped by discord.py without our asking")
+        self._stall_reported_at = self._clock()
+        self._on_stalled("Discord closed the voice connection and it could not be resumed")
+
     def reset_watchdog(self) -> None:
         self.last_speaking_at = None
         self._stall_reported_at = None
@@ -257,8 +266,18 @@ class ReceiveVoiceClient(discord.VoiceClient):
                  listener: VoiceListener) -> None:
         self.listener = listener  # before super().__init__, which builds the connection state
         self._send_cipher: tuple[bytes, TransportCipher] | None = None
+        self._leaving = False
         super().__init__(client, channel)  # type: ignore[arg-type]
         listener.bind(self)
+
+    async def disconnect(self, *, force: bool = False) -> None:
+        self._leaving = True  # asked for: not a lost connection
+        await super().disconnect(force=force)
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if not self._leaving:
+            self.listener.voice_client_gone(self)
 
     def create_connection_state(self) -> VoiceConnectionState:
         return VoiceConnectionState(self, hook=self._voice_ws_hook)
