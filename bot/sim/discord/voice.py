@@ -269,6 +269,9 @@ class VoiceServer:
         self.received_from_bot: collections.deque[bytes] = collections.deque(
             maxlen=RECEIVED_FROM_BOT_LIMIT
         )
+        #: Datagrams to this address are dropped (see black_hole_bot) and counted.
+        self.black_holed: tuple[str, int] | None = None
+        self.black_holed_datagrams = 0
         #: What members did, in order: ("speaking", user_id) for op 5 sent, ("media", user_id)
         #: for an RTP packet sent, ("lost", user_id) for one dropped by ``loss``.
         self.timeline: collections.deque[tuple[str, int]] = collections.deque(maxlen=TIMELINE_LIMIT)
@@ -543,6 +546,7 @@ class VoiceServer:
     ) -> VoiceConnection | None:
         exp = self.expected
         bot = self.world.bot
+        self.black_holed = None  # a new voice session: a new path through the NAT
         ok = (
             exp is not None
             and str(data.get("server_id")) == str(self.world.guild_id)
@@ -648,7 +652,17 @@ class VoiceServer:
             return
         self.received_from_bot.append(data)
 
+    def black_hole_bot(self) -> None:
+        """Silently drop every datagram to the bot's current voice address (a NAT that forgot
+        the mapping: the bot stays connected but goes deaf) until it identifies afresh."""
+        conn = self.connection
+        self.black_holed = conn.client_addr if conn is not None else None
+        _log.info("voice: black-holing UDP to the bot at %s", self.black_holed)
+
     def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr == self.black_holed:
+            self.black_holed_datagrams += 1
+            return
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.sendto(data, addr)
 
