@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -333,3 +334,79 @@ async def test_rate_limits_and_server_errors_on_posts_delay_but_never_drop_or_re
                 assert retry.at - failed.at >= 0.3, "retried before Retry-After"
         await r.stop_meeting()
         assert r.lines("alice") == alice
+
+
+# -- 4. Discord voice: connection closed, gateway RESUME, deaf connection, keepalive -------------
+
+
+async def voice_session_renewed(r: Rig, old: object) -> None:
+    await until(lambda: (c := r.discord.voice.connection) is not None and c is not old
+                and c.cipher is not None)
+
+
+SLOW_VOICE_RECONNECT = pytest.mark.skipif(
+    not os.environ.get("CANTOBOT_SLOW_TESTS"),
+    reason="passes, but discord.py 2.7.1's full voice reconnect waits ~27 s for the IP "
+           "discovery answer here (not yet understood); set CANTOBOT_SLOW_TESTS=1 to run it")
+
+
+@pytest.mark.parametrize("fault", ["voice-ws-closed-4015",
+                                   pytest.param("voice-ws-closed-4006", marks=SLOW_VOICE_RECONNECT),
+                                   "gateway-resume"])
+async def test_voice_reconnects_and_resumes_keep_transcribing(tmp_path: Path, fault: str) -> None:
+    # LocalDiscord has one voice channel, so "moved to another channel" is not simulated; a move
+    # reaches the bot as the same voice-websocket close (4014) plus a new voice session.
+    alice = ["之前", "之後"]
+    async with rig(tmp_path, names=("alice",)) as r:
+        await r.speak("alice", track(alice[0]))
+        await r.wait_lines({"alice": alice[:1]})
+        conn = r.discord.voice.connection
+        assert conn is not None
+        if fault == "gateway-resume":
+            await r.discord.force_reconnect()
+            await until(lambda: r.discord.gateway.resume_count >= 1)
+        else:
+            code = int(fault.rsplit("-", 1)[1])
+            if code == 4015:
+                # discord.py tries a voice RESUME, which waits for gateway voice updates that
+                # LocalDiscord (like Discord for a channel the bot is already in) does not send;
+                # it gives up after the connect timeout (30 s; shortened here) and drops the
+                # voice client. The listener notices and the meeting rejoins.
+                vc = r.meeting.listener.voice_client
+                assert vc is not None
+                vc._connection.timeout = 1.0
+            await conn.ws.close(code=code)
+            await voice_session_renewed(r, conn)  # a new session, UDP path and SSRCs
+        await r.speak("alice", track(alice[1]))
+        await r.wait_lines({"alice": alice})
+        await r.stop_meeting()
+        assert r.lines("alice") == alice
+
+
+async def test_deaf_voice_connection_is_noticed_said_and_reconnected(tmp_path: Path) -> None:
+    alice, bob = ["聽到", "又聽到"], ["喂", "有冇人", "聽到嗎"]
+    async with rig(tmp_path, voice={"watchdog_seconds": 1.5, "keepalive_seconds": 0.5}) as r:
+        await r.speak("alice", track(alice[0]))
+        await r.wait_lines({"alice": alice[:1]})
+        conn = r.discord.voice.connection
+        r.discord.voice.black_hole_bot()  # connected, but no datagram reaches the bot any more
+        # bob starts talking: Discord says so (op 5) but his packets go nowhere.
+        await r.speak("bob", track(bob[0]))
+        await voice_session_renewed(r, conn)
+        assert r.discord.voice.black_holed_datagrams > 0
+        said = notices(r.discord.messages, "Voice receive stalled")
+        assert len(said) == 1, said
+        await asyncio.gather(r.speak("bob", track(*bob[1:])), r.speak("alice", track(alice[1])))
+        await r.wait_lines({"alice": alice, "bob": bob[1:]})
+
+
+async def test_udp_keepalive_is_sent_while_nobody_speaks(tmp_path: Path) -> None:
+    # discord.py 2.7.1 sends no keepalive while the bot plays nothing; NATs then forget the
+    # mapping after a while and receive goes deaf. Ours: an 8-byte counter every few seconds.
+    async with rig(tmp_path, names=("alice",), voice={"keepalive_seconds": 0.5}) as r:
+        r.discord.voice.received_from_bot.clear()
+        await asyncio.sleep(2.0)
+        keepalives = [d for d in r.discord.voice.received_from_bot if len(d) == 8]
+        counters = [int.from_bytes(d, "little") for d in keepalives]
+        assert len(counters) >= 2
+        assert counters == sorted(counters) and len(set(counters)) == len(counters)
