@@ -15,6 +15,9 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from bot.sim.discord.state import PostedMessage
 from bot.sim.simulate import bot_config
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
+from bot.storage.db import Storage
 
 KEY = "reliability-key"
 HOST = "host"
@@ -410,3 +414,123 @@ async def test_udp_keepalive_is_sent_while_nobody_speaks(tmp_path: Path) -> None
         counters = [int.from_bytes(d, "little") for d in keepalives]
         assert len(counters) >= 2
         assert counters == sorted(counters) and len(set(counters)) == len(counters)
+
+
+# -- 7./8. the bot process: SIGTERM / SIGINT flush everything; SIGKILL loses nothing stored -------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.asynccontextmanager
+async def bot_process(tmp_path: Path, fake: LocalDiscord, stt: FakeSttServer,
+                      name: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m bot run`` configured like a deployment (env + a config file) against the
+    fakes of this test; killed at the end if the test left it running."""
+    config = tmp_path / "cantobot.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        discord:
+          guilds: [{fake.guild_id}]
+        stt:
+          stop_timeout: 8
+          reconnect_initial_delay: 0.2
+        voice:
+          idle_timeout: 30
+        """))
+    env = {
+        **os.environ,
+        "DISCORD_TOKEN": fake.token,
+        "DISCORD_API_BASE": fake.api_base,
+        "DISCORD_GATEWAY_URL": fake.gateway_url,
+        "DISCORD_CA_FILE": fake.ca_file,
+        "CANTONESE_AI_URL": stt.url,
+        "CANTONESE_AI_API_KEY": KEY,
+        "CANTOBOT_STORAGE_PATH": str(tmp_path / "bot.sqlite3"),
+        "CANTOBOT_LOG_LEVEL": "INFO",
+    }
+    log = (tmp_path / f"{name}.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", "--config", str(config),
+        cwd=REPO, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT)
+    try:
+        # Ready once on_ready ran (interactions before that may be dropped by discord.py).
+        log_path = tmp_path / f"{name}.log"
+        await until(lambda: b"logged in as" in log_path.read_bytes()
+                    or proc.returncode is not None)
+        assert proc.returncode is None, log_path.read_text()
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log.close()
+
+
+async def live_meeting_in_process(fake: LocalDiscord) -> dict[str, int]:
+    ids = fake.member_ids
+    for name in ids:
+        await fake.member_join_voice(ids[name])
+    start = await fake.invoke("transcribe start", {}, user_id=ids[HOST])
+    async with asyncio.timeout(WAIT):
+        await start.wait_followups(1)
+    await until(lambda: (c := fake.voice.connection) is not None and c.cipher is not None)
+    return ids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_mid_meeting_flushes_every_session_posts_minutes_and_exits_0(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    alice, bob = ["散會", "再見"], ["好嘅"]
+    async with (
+        FakeSttServer(api_key=KEY) as stt,
+        LocalDiscord(human_names=(HOST, "alice", "bob"), moderators=(HOST,)) as fake,
+        bot_process(tmp_path, fake, stt, sig.name) as proc,
+    ):
+        ids = await live_meeting_in_process(fake)
+        # The last sentences end right before the signal: they are still pending upstream and
+        # only stop-session (the fake then commits what it heard) brings them in.
+        await asyncio.gather(fake.speak(ids["alice"], track(*alice, gap=0.05)),
+                             fake.speak(ids["bob"], track(*bob, gap=0.05, lead=2.0)))
+        await asyncio.sleep(0.2)  # the last packets reach the bot
+        assert "再見" not in stt.committed_texts
+        proc.send_signal(sig)
+        async with asyncio.timeout(WAIT):
+            code = await proc.wait()
+        log_text = (tmp_path / f"{sig.name}.log").read_text()
+        assert code == 0, log_text
+        assert lines_of(fake.messages, "alice") == alice
+        assert lines_of(fake.messages, "bob") == bob
+        live = [r for r in stt.records.values() if r.session_starts]
+        assert len(live) == 2 and all(r.session_stops == 1 for r in live)
+        minutes = [m for m in fake.messages if "minutes.md" in m.attachments]
+        assert len(minutes) == 1 and "3 lines" in minutes[0].content
+        storage = await Storage.open(str(tmp_path / "bot.sqlite3"))
+        try:
+            stored = await storage.minutes(1)
+        finally:
+            await storage.close()
+        assert sorted(s.text for s in stored.segments) == sorted(alice + bob)
+
+
+async def test_sigkill_mid_meeting_keeps_stored_lines_and_minutes_posts_them_after_restart(
+    tmp_path: Path,
+) -> None:
+    alice = ["記低", "唔好唔見"]
+    async with (
+        FakeSttServer(api_key=KEY) as stt,
+        LocalDiscord(human_names=(HOST, "alice"), moderators=(HOST,)) as fake,
+    ):
+        async with bot_process(tmp_path, fake, stt, "killed") as proc:
+            ids = await live_meeting_in_process(fake)
+            await fake.speak(ids["alice"], track(*alice))
+            await until(lambda: lines_of(fake.messages, "alice") == alice)
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+        async with bot_process(tmp_path, fake, stt, "restarted"):
+            asked = await fake.invoke("transcribe minutes", {}, user_id=ids[HOST])
+            async with asyncio.timeout(WAIT):
+                await asked.wait_followups(1)
+        uploads = [q for q in fake.requests if "minutes.md" in q.files]
+        assert len(uploads) == 1
+        markdown = uploads[0].file_contents[uploads[0].files.index("minutes.md")].decode()
+        assert all(text in markdown for text in alice), markdown
