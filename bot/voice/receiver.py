@@ -222,7 +222,7 @@ class VoiceReceiver:
             member.paused = out.payload == OPUS_SILENCE_FRAME
             try:
                 pcm = state.decoder.decode(out.payload)
-            except OpusError:
+            except (OpusError, ValueError):  # ValueError: an empty payload (no Opus packet)
                 self.stats["opus_errors"] += 1
                 pcm = state.decoder.conceal(self._out_samples(FRAME_SAMPLES_48K))
             member.silence_filled = 0
