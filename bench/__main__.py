@@ -23,8 +23,9 @@ import sys
 import time
 from typing import Any
 
-from bench.media import MODE_AES256_GCM, MODE_XCHACHA20, MODES, make_packets, record
+from bench.media import MODES, make_packets, record
 from bench.receive import Timing, row1
+from bot.voice.crypto import MODE_AES256_GCM, MODE_XCHACHA20
 
 log = logging.getLogger("bench")
 

@@ -91,9 +91,9 @@ def speech_like(seconds: float, seed: int = 1, rate: int = SAMPLE_RATE) -> npt.N
         pos += talk + int(rng.uniform(0.4, 1.2) * rate)
     smooth = np.convolve(gate, np.hanning(int(0.02 * rate)) / (0.01 * rate), mode="same")
     room = 0.003 * rng.standard_normal(n)
-    return np.clip(0.5 * out * envelope * np.minimum(smooth, 1.0) + room, -1, 1).astype(
-        np.float32
-    )
+    voice: npt.NDArray[np.float32] = np.clip(
+        0.5 * out * envelope * np.minimum(smooth, 1.0) + room, -1, 1).astype(np.float32)
+    return voice
 
 
 def encode_opus(mono: npt.NDArray[np.float32]) -> list[bytes]:

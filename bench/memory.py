@@ -23,10 +23,11 @@ from typing import Any, Final
 
 import numpy as np
 
-from bench.media import MODE_AES256_GCM, PACKETS_PER_SECOND, make_packets, record
+from bench.media import PACKETS_PER_SECOND, make_packets, record
 from bench.receive import STT_RATE, TICK_SECONDS
 from bot.audio.convert import Chunker
 from bot.stt.session import SttSession
+from bot.voice.crypto import MODE_AES256_GCM
 from bot.voice.receiver import VoiceReceiver
 
 UNCONFIRMED_SECONDS: Final = 3.0

@@ -62,8 +62,9 @@ def pipeline(flavor: str, mode: str, key: bytes) -> Any:
         def make_decryptor(vc: Any) -> Any:
             return PacketDecryptor(mode, key)
     else:
-        from discord.opus import PacketDecoder
-        from discord.voice.packets.rtp import decode as decode_rtp
+        # py-cord's modules (mypy sees discord.py's package of the same name)
+        from discord.opus import PacketDecoder  # type: ignore[attr-defined]
+        from discord.voice.packets.rtp import decode as decode_rtp  # type: ignore
         from discord.voice.receive.reader import PacketDecryptor
 
         def make_decryptor(vc: Any) -> Any:
