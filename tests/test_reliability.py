@@ -534,3 +534,34 @@ async def test_sigkill_mid_meeting_keeps_stored_lines_and_minutes_posts_them_aft
         assert len(uploads) == 1
         markdown = uploads[0].file_contents[uploads[0].files.index("minutes.md")].decode()
         assert all(text in markdown for text in alice), markdown
+
+
+# -- 5c. one speaker, ten minutes without a pause long enough to end the stream ------------------
+
+
+async def test_ten_minutes_of_nonstop_talk_commits_every_line_and_stays_bounded() -> None:
+    from bench.soak import run_soak
+
+    async with asyncio.timeout(120):
+        result = await run_soak(minutes=10, speakers=1)
+    assert result.ok, result.report()
+    assert result.expected_lines > 200 and result.committed_lines == result.expected_lines
+    assert result.dropped_s == 0
+
+
+async def test_unconfirmed_audio_is_bounded_when_nothing_is_ever_committed() -> None:
+    from bot.stt.session import SttSession
+
+    async with asyncio.timeout(30), FakeSttServer(api_key=KEY) as server:
+        server.ignore_start_session = True  # the session never streams: nothing is confirmed
+        session = SttSession(url=server.url, api_key=KEY, sample_rate=16000, speaker="alice",
+                             on_event=lambda e: None, start_timeout=0.5, max_buffer_seconds=3.0)
+        with contextlib.suppress(Exception):
+            await session.start()
+        chunk = b"\x01\x00" * 1600  # 100 ms
+        for _ in range(6000):  # ten minutes
+            session.send_audio(chunk)
+        buffered = sum(len(pcm) for _, pcm in session._buffer) // 2
+        assert buffered <= 3 * 16000
+        assert session.stats.dropped_seconds == pytest.approx(600 - 3, abs=0.2)
+        await session.aclose()
