@@ -142,6 +142,7 @@ def test_corrupt_opus_frames_are_concealed_counted_and_the_stream_goes_on(
     for seq, payload in enumerate(payloads):
         now += 0.02
         r.handle_packet(packet(seq, payload), now)
+    before = sink.samples
     # The stream survives: good frames after the bad ones still decode.
     for good in OPUS_FRAMES[:5]:
         seq += 1
@@ -149,8 +150,9 @@ def test_corrupt_opus_frames_are_concealed_counted_and_the_stream_goes_on(
         r.handle_packet(packet(seq, good), now)
     r.tick(now + 0.5)
     assert r.stats["bad_tag"] == 0 and r.stats["malformed"] == 0
-    frame_out = 16000 // 50
-    assert sink.samples >= (len(payloads) + 5 - 3) * frame_out  # every frame became audio
+    # (Garbage may parse as a valid shorter packet, e.g. b"\x00" is 10 ms of SILK: less audio,
+    # which is what the packet says; only the good 20 ms frames have a known length.)
+    assert sink.samples - before >= 5 * (16000 // 50)
 
 
 def test_a_frame_libopus_refuses_is_counted_and_concealed() -> None:
