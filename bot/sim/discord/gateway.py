@@ -6,7 +6,10 @@ carrying every member (so discord.py never needs to chunk), heartbeat ACKs, RESU
 missed dispatches + RESUMED, and op 7 RECONNECT on demand (:meth:`Gateway.force_reconnect`) for
 reliability tests. The bot's op 4 voice state update is answered with VOICE_STATE_UPDATE and
 VOICE_SERVER_UPDATE pointing at the voice server. :meth:`Gateway.invoke` sends an
-INTERACTION_CREATE for an application command the way Discord builds it.
+INTERACTION_CREATE for an application command the way Discord builds it. Shards: IDENTIFY's
+``shard`` [id, count] is honoured; only the session whose shard owns the guild by Discord's
+formula (:func:`shard_of`) gets it in READY, its GUILD_CREATE and its dispatches; other shards get
+a READY without guilds (see ``bot.sim.discord.cluster`` for several guilds across shards).
 
 Boundary: websocket frames in and out, :class:`~bot.sim.discord.state.World` read and changed; the
 voice server and the REST interaction registry are reached through injected callbacks. We never
@@ -63,6 +66,8 @@ OPTION_CHANNEL = 7
 OPTION_NUMBER = 10
 #: Interaction type for slash commands.
 INTERACTION_APPLICATION_COMMAND = 2
+#: Close code for an IDENTIFY whose ``shard`` is malformed ("Invalid shard").
+CLOSE_INVALID_SHARD = 4010
 
 #: Called when the bot asks to join (channel id) or leave (None) voice: (channel, session, token).
 BotVoiceCallback = Callable[[int | None, str, str], Awaitable[None]]
@@ -74,11 +79,28 @@ class GatewaySession:
 
     session_id: str
     intents: int
+    #: IDENTIFY's ``shard``: (shard id, shard count); (0, 1) when the bot did not shard.
+    shard: tuple[int, int] = (0, 1)
     seq: int = 0
     sent: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=RESUME_BUFFER)
     )
     ws: web.WebSocketResponse | None = None
+
+
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """The shard that receives a guild's events: Discord's ``(guild_id >> 22) % num_shards``."""
+    return (guild_id >> 22) % shard_count
+
+
+def parse_shard(raw: Any) -> tuple[int, int] | None:
+    """IDENTIFY's ``shard`` ([id, count]) or (0, 1) when absent; None when malformed."""
+    if raw is None:
+        return (0, 1)
+    if (isinstance(raw, list) and len(raw) == 2 and all(type(v) is int for v in raw)
+            and raw[1] >= 1 and 0 <= raw[0] < raw[1]):
+        return (raw[0], raw[1])
+    return None
 
 
 def _infer_option_type(value: Any) -> int:
@@ -109,6 +131,7 @@ class Gateway:
         self._on_bot_voice = on_bot_voice
         self._register_interaction = register_interaction
         self.sessions: dict[str, GatewaySession] = {}
+        #: The session of the shard that owns the guild: where its dispatches go.
         self.current: GatewaySession | None = None
         #: Count of IDENTIFYs and RESUMEs seen, for reliability tests.
         self.identify_count = 0
@@ -237,19 +260,26 @@ class Gateway:
             _log.info("gateway: IDENTIFY with a wrong token, closing 4004")
             await ws.close(code=CLOSE_AUTHENTICATION_FAILED, message=b"Authentication failed.")
             return None
+        shard = parse_shard(data.get("shard"))
+        if shard is None:
+            _log.info("gateway: IDENTIFY with an invalid shard %r, closing 4010", data.get("shard"))
+            await ws.close(code=CLOSE_INVALID_SHARD, message=b"Invalid shard.")
+            return None
         self.identify_count += 1
         session = GatewaySession(
-            session_id=secrets.token_hex(16), intents=int(data.get("intents", 0))
+            session_id=secrets.token_hex(16), intents=int(data.get("intents", 0)), shard=shard
         )
         session.ws = ws
         self.sessions[session.session_id] = session
-        self.current = session
+        owns_guild = self.owns_guild(session)
+        if owns_guild:
+            self.current = session
         me = user_payload(self.world.bot)
         me.update(verified=True, mfa_enabled=False)
         ready: dict[str, Any] = {
             "v": 10,
             "user": me,
-            "guilds": [{"id": str(self.world.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(self.world.guild_id), "unavailable": True}] if owns_guild else [],
             "session_id": session.session_id,
             "session_type": "normal",
             "resume_gateway_url": self._resume_url(),
@@ -263,10 +293,20 @@ class Gateway:
         if "shard" in data:
             ready["shard"] = data["shard"]
         await self._send_dispatch(session, "READY", ready)
+        if not owns_guild:
+            _log.info("gateway: session %s ready as shard %s, without the guild (shard %d owns it)",
+                      session.session_id, list(shard), shard_of(self.world.guild_id, shard[1]))
+            return session
         await self._send_dispatch(session, "GUILD_CREATE", self.world.guild_payload())
-        _log.info("gateway: session %s ready (intents %s)", session.session_id, session.intents)
+        _log.info("gateway: session %s ready (intents %s, shard %s)", session.session_id,
+                  session.intents, list(shard))
         self._ready.set()
         return session
+
+    def owns_guild(self, session: GatewaySession) -> bool:
+        """Whether the guild's events go to ``session`` (its shard by Discord's formula)."""
+        shard_id, shard_count = session.shard
+        return shard_of(self.world.guild_id, shard_count) == shard_id
 
     async def _resume(
         self, ws: web.WebSocketResponse, data: dict[str, Any]
@@ -280,7 +320,8 @@ class Gateway:
             return None
         self.resume_count += 1
         session.ws = ws
-        self.current = session
+        if self.owns_guild(session):
+            self.current = session
         missed = [p for p in session.sent if p["s"] > seq]
         _log.info(
             "gateway: session %s resumed, replaying %d events", session.session_id, len(missed)

@@ -181,6 +181,8 @@ class RestApi:
         self.requests: list[RecordedRequest] = []
         self.messages: list[PostedMessage] = []
         self.interactions: dict[str, InteractionRecord] = {}
+        #: The shard count /gateway/bot recommends (Discord's: about one per 1000 guilds).
+        self.recommended_shards = 1
         self._faults: list[Fault] = []
         self._message_event = asyncio.Event()
 
@@ -412,7 +414,7 @@ class RestApi:
         return json_response(
             {
                 "url": self._gateway_url(),
-                "shards": 1,
+                "shards": self.recommended_shards,
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,

@@ -55,10 +55,15 @@ class LocalDiscord:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         bot_permissions: int | None = None,
+        application_id: int | None = None,
+        guild_id: int | None = None,
+        user_ids: dict[str, int] | None = None,
+        recommended_shards: int = 1,
     ) -> None:
         self.token = token or f"local.{secrets.token_urlsafe(24)}"
         self.world = World(
-            token=self.token, human_names=human_names, moderators=moderators, clock=clock
+            token=self.token, human_names=human_names, moderators=moderators, clock=clock,
+            application_id=application_id, guild_id=guild_id, user_ids=user_ids,
         )
         if bot_permissions is not None:
             self.world.bot_role.permissions = bot_permissions
@@ -68,6 +73,7 @@ class LocalDiscord:
             dispatch=self._dispatch,
             on_message=on_message,
         )
+        self.rest.recommended_shards = recommended_shards
         self.voice = VoiceServer(
             self.world, modes=modes, dave=dave, speaking_late=speaking_late, rng=rng
         )

@@ -13,7 +13,7 @@ import datetime
 import itertools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,13 +255,19 @@ class World:
         moderators: tuple[str, ...] = ("alice",),
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        application_id: int | None = None,
+        guild_id: int | None = None,
+        user_ids: Mapping[str, int] | None = None,
     ) -> None:
+        """``application_id`` (the bot's user id), ``guild_id`` and ``user_ids`` (by human name)
+        are generated unless given: several worlds given the same ones are one bot and the same
+        people in several guilds (the sharded cluster)."""
         self.token = token
         self.clock = clock
         self.wall_clock = wall_clock
         self.snowflake = SnowflakeFactory(wall_clock)
-        self.application_id = self.snowflake()
-        self.guild_id = self.snowflake()
+        self.application_id = application_id if application_id is not None else self.snowflake()
+        self.guild_id = guild_id if guild_id is not None else self.snowflake()
         self.guild_name = guild_name
         self.owner_id = self.snowflake()
         self.everyone_role = Role(self.guild_id, "@everyone", EVERYONE_PERMISSIONS)
@@ -273,7 +279,8 @@ class World:
         self.humans: dict[str, Member] = {}
         for name in human_names:
             roles = [self.moderator_role.id] if name in moderators else []
-            member = Member(self.snowflake(), name, role_ids=roles)
+            uid = (user_ids or {}).get(name)
+            member = Member(uid if uid is not None else self.snowflake(), name, role_ids=roles)
             self.members[member.user_id] = member
             self.humans[name] = member
         self.text_channel = Channel(self.snowflake(), "general", CHANNEL_GUILD_TEXT, position=0)
