@@ -233,10 +233,12 @@ class Meeting:
             await self.sink.aclose(SINK_FLUSH_TIMEOUT)
         finally:
             await self.transcriber.aclose()
-            for task in list(self._tasks):
+            # An automatic stop runs in one of our own tasks: never cancel or await ourselves.
+            others = [t for t in self._tasks if t is not asyncio.current_task()]
+            for task in others:
                 task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if others:
+                await asyncio.gather(*others, return_exceptions=True)
             self.state = MeetingState.ENDED
             self._stopped.set()
             if self._on_ended is not None:
