@@ -43,6 +43,8 @@ from tests.test_minutes import validate_srt, validate_vtt
 KEY = "test-key"
 #: Bound on any one wait in these tests (s); real waits are a few seconds at most.
 STEP_TIMEOUT = 30.0
+#: Bound on a whole test, bot shutdown included.
+TEST_TIMEOUT = 60.0
 #: After the last utterance, let the decoder hear the pause that ends it.
 TRAILING_SILENCE = 0.6
 MINUTES_FILES = ("minutes.md", "minutes.srt", "minutes.vtt", "minutes.json")
@@ -148,8 +150,8 @@ class Harness:
 @contextlib.asynccontextmanager
 async def harness(tmp_path: Path, *, dave: bool = False, humans: tuple[str, ...] = ("alice", "bob"),
                   stt_key: str = KEY) -> AsyncIterator[Harness]:
-    async with FakeSttServer(api_key=stt_key) as stt, LocalDiscord(
-            human_names=humans, moderators=("alice",), dave=dave) as discord:
+    async with asyncio.timeout(TEST_TIMEOUT), FakeSttServer(api_key=stt_key) as stt, \
+            LocalDiscord(human_names=humans, moderators=("alice",), dave=dave) as discord:
         yield Harness(discord, stt, tmp_path)
 
 
@@ -159,7 +161,8 @@ def lines_in(messages: list[PostedMessage], *, thread: str | None = None) -> lis
 
 
 def minutes_uploads(h: Harness) -> list[RecordedRequest]:
-    return [r for r in h.requests("POST", r"^/channels/\d+/messages$") if r.files]
+    """Posts with files: minutes at stop (channel) or re-posted (interaction follow-up)."""
+    return [r for r in h.discord.requests if r.method == "POST" and r.files]
 
 
 def check_minutes_files(request: RecordedRequest, speakers: set[str]) -> dict[str, str]:
@@ -330,3 +333,100 @@ async def test_permissions_are_checked_with_clear_ephemeral_answers_and_webhooks
         assert not [r for r in h.requests("POST", r"^/webhooks/")
                     if not r.path.startswith(f"/webhooks/{app}/")], "no line went by webhook"
         check_minutes_files(minutes_uploads(h)[-1], {"bob"})
+
+
+# -- a member's own choice ------------------------------------------------------------------------
+
+
+async def test_an_opted_out_member_never_reaches_the_stt_server_even_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path) as h:
+        async with h.running(h.config()):
+            optout = await h.invoke("transcribe optout", by="bob")
+            assert optout.ephemeral and "/transcribe optin" in h.answer(optout)
+        # Commands went to the configured guild.
+        assert h.requests("PUT", rf"^/applications/\d+/guilds/{h.discord.guild_id}/commands$")
+        assert not h.requests("PUT", r"^/applications/\d+/commands$")
+
+        # The same SQLite file, a new bot process; no guilds configured: global sync.
+        async with h.running(h.config(guilds=False)):
+            assert h.requests("PUT", r"^/applications/\d+/commands$")
+            for name in ("alice", "bob"):
+                await h.discord.member_join_voice(h.ids[name])
+            await h.start()
+            await h.speak({"alice": [(0.2, "早晨")], "bob": [(0.2, "秘密")]})
+            await h.wait_for(lambda: h.meeting.status().lines_posted >= 1, "alice's line")
+            await h.invoke("transcribe stop")
+
+            # One STT session, alice's; not one byte of bob's audio, not one session for him.
+            sessions = [r for r in h.stt.records.values() if r.session_starts]
+            assert len(sessions) == 1 and sessions[0].committed == ["早晨"]
+            assert "秘密" not in h.stt.committed_texts
+            assert not any("秘密" in m.content for m in h.discord.messages)
+
+            optin = await h.invoke("transcribe optin", by="bob")
+            assert optin.ephemeral and "opted in" in h.answer(optin)
+            assert h.bot is not None and h.bot.meetings is not None
+            assert not h.bot.meetings.is_opted_out(h.ids["bob"])
+            assert not await h.bot.storage.is_opted_out(h.ids["bob"])
+
+
+# -- minutes, retention, and a meeting that ends by itself ----------------------------------------
+
+
+async def seed_meeting(storage: Storage, guild_id: int, days_ago: float, text: str) -> int:
+    """A finished meeting of ``days_ago`` with one line of alice's."""
+    started = datetime.now(UTC) - timedelta(days=days_ago)
+    meeting_id = await storage.start_meeting(guild_id=guild_id, text_channel_id=1,
+                                             voice_channel_id=2, title="Earlier meeting",
+                                             started_at=started)
+    await storage.add_line(meeting_id, Segment(speaker="alice", text=text, start=1.0, end=2.0,
+                                               speaker_id=7))
+    await storage.end_meeting(meeting_id, started + timedelta(minutes=5))
+    return meeting_id
+
+
+async def test_old_meetings_are_purged_earlier_minutes_reposted_and_an_empty_call_ends_itself(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path) as h:
+        config = h.config(storage={"retention_days": 30},
+                          transcribe={"empty_channel_timeout": 1.0})
+        storage = await Storage.open(config.storage.path)
+        try:
+            old = await seed_meeting(storage, h.discord.guild_id, 40, "舊嘢")
+            recent = await seed_meeting(storage, h.discord.guild_id, 2, "上次")
+        finally:
+            await storage.close()
+
+        async with h.running(config) as bot:
+            await h.wait_for(lambda: bool(h.bot), "the bot")
+            kept = [m.id for m in await bot.storage.meetings(h.discord.guild_id)]
+            assert kept == [recent], "the 40-day-old meeting is deleted at start"
+
+            gone = await h.invoke("transcribe minutes", {"session": old})
+            assert h.answer(gone) == f"No meeting #{old} in this server."
+            earlier = await h.invoke("transcribe minutes", {"session": recent})
+            assert h.answer(earlier).startswith("**Minutes: Earlier meeting**")
+            assert not earlier.ephemeral, "minutes are for everyone in the channel"
+            (upload,) = minutes_uploads(h)
+            assert "上次" in check_minutes_files(upload, {"alice"})["minutes.md"]
+
+            # alice starts, says one line and leaves: the meeting ends by itself.
+            await h.discord.member_join_voice(h.ids["alice"])
+            await h.start()
+            live = h.meeting
+            await h.speak({"alice": [(0.2, "拜拜")]})
+            await h.wait_for(lambda: live.lines >= 1, "alice's line")
+            await h.discord.leave_voice(h.ids["alice"])
+            await h.wait_for(lambda: live.state is MeetingState.ENDED, "the meeting to end")
+            assert h.meeting is None and h.discord.world.bot.voice_channel_id is None
+            await h.wait_for(lambda: len(minutes_uploads(h)) == 2, "the minutes")
+            assert "拜拜" in check_minutes_files(minutes_uploads(h)[-1], {"alice"})["minutes.md"]
+
+            # /transcribe minutes with no session: the latest one, the meeting just ended.
+            latest = await h.invoke("transcribe minutes", by="bob")
+            assert not latest.ephemeral
+            await h.wait_for(lambda: len(minutes_uploads(h)) == 3, "the re-posted minutes")
+            assert "拜拜" in check_minutes_files(minutes_uploads(h)[-1], {"alice"})["minutes.md"]
