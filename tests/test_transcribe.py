@@ -141,7 +141,7 @@ class Harness:
     async def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
-                while not predicate():
+                while not predicate():  # noqa: ASYNC110 - bot, fakes and storage together
                     await asyncio.sleep(0.02)
         except TimeoutError:
             raise AssertionError(f"timed out waiting for {what}") from None
@@ -430,3 +430,62 @@ async def test_old_meetings_are_purged_earlier_minutes_reposted_and_an_empty_cal
             assert not latest.ephemeral
             await h.wait_for(lambda: len(minutes_uploads(h)) == 3, "the re-posted minutes")
             assert "拜拜" in check_minutes_files(minutes_uploads(h)[-1], {"alice"})["minutes.md"]
+
+
+# -- trouble upstream is said once, where the users are -------------------------------------------
+
+
+def notices(h: Harness, marker: str) -> list[str]:
+    return [m.content for m in h.posted() if not m.edit and marker in m.content]
+
+
+async def test_a_rejected_key_and_an_outage_are_each_said_once_in_the_channel(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path, stt_key="the-real-key") as h:  # the bot's key is wrong
+        async with h.running(h.config()):
+            for name in ("alice", "bob"):
+                await h.discord.member_join_voice(h.ids[name])
+            await h.start()
+            await h.speak({"alice": [(0.2, "你好")], "bob": [(0.4, "收到")]})
+            await h.wait_for(lambda: bool(notices(h, "rejected the API key")), "the notice")
+            status = await h.invoke("transcribe status")
+            assert "rejected the API key" in h.answer(status)
+            await h.invoke("transcribe stop")
+
+            # The key is fixed upstream; a new meeting, then the service goes away and returns.
+            h.stt.api_key = KEY
+            await h.start()
+            await h.speak({"alice": [(0.2, "早晨")]})
+            await h.wait_for(lambda: h.meeting.lines == 1, "alice's line")
+            await h.stt.stop()
+            await h.speak({"alice": [(0.2, "斷咗")], "bob": [(0.3, "冇聲")]})
+            await h.stt.start()
+            await h.wait_for(lambda: h.meeting.lines == 3, "the lines said during the outage")
+            await h.speak({"bob": [(0.2, "返嚟")]})
+            await h.wait_for(lambda: h.meeting.lines == 4, "bob's line after the outage")
+            await h.invoke("transcribe stop")
+
+        # Two speakers, two troubles: one message for each trouble and one for the recovery.
+        warnings = notices(h, "\N{WARNING SIGN}")
+        assert len(warnings) == 2 and "rejected the API key" in warnings[0], warnings
+        assert "retrying" in warnings[1]
+        assert len(notices(h, "Speech-to-text is back")) == 1
+        said = [re.sub(r"^`\[\d\d:\d\d\]` ", "", m.content) for m in h.posted()
+                if m.author in ("alice", "bob") and not m.edit]
+        assert sorted(said) == sorted(["早晨", "斷咗", "冇聲", "返嚟"]), said
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cantobot_run_without_a_token_says_in_one_line_how_to_get_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DISCORD_TOKEN", "CANTONESE_AI_API_KEY")}
+    done = subprocess.run([sys.executable, "-m", "bot", "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert "DISCORD_TOKEN" in line and "discord.com/developers" in line
+    assert "cantobot simulate" in line

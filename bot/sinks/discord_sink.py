@@ -38,7 +38,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import discord
 
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 #: "discord"/"clyde", which Discord rejects in webhook names).
 WEBHOOK_NAME = "cantobot captions"
 #: Caption threads hide after a day of inactivity (one of Discord's allowed values, minutes).
-THREAD_AUTO_ARCHIVE_MINUTES = 1440
+THREAD_AUTO_ARCHIVE_MINUTES: Literal[60, 1440, 4320, 10080] = 1440
 #: Shown after a live partial so readers can tell it from a committed line.
 CAPTION_MARK = " " + ELLIPSIS
 #: Never ping anyone: users, roles, @everyone/@here, replies.

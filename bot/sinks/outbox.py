@@ -184,7 +184,7 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
     "Equal jitter": half the capped exponential is fixed, half random, so retries from many
     destinations spread out but never retry immediately.
     """
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, attempt - 1))
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** max(0, attempt - 1))
     return ceiling / 2 + rng.random() * ceiling / 2
 
 
