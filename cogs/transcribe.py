@@ -213,6 +213,20 @@ class Transcribe(commands.Cog):
         await interaction.response.send_message(
             "You are opted in: your voice is transcribed in meetings again.", ephemeral=True)
 
+    async def cog_app_command_error(self, interaction: discord.Interaction,
+                                    error: app_commands.AppCommandError) -> None:
+        """Whatever failed, the member hears it (ephemeral) rather than "did not respond"."""
+        original = getattr(error, "original", error)
+        command = interaction.command.qualified_name if interaction.command else "?"
+        log.error("/%s failed: %s", command, original, exc_info=original)
+        reason = (original.user_message if isinstance(original, CantobotError)
+                  else "an unexpected error (details are in the bot's log)")
+        text = f"Sorry, `/{command}` failed: {reason}. Please try again."
+        try:
+            await self._refuse(interaction, text[:2000])
+        except discord.HTTPException as exc:
+            log.warning("could not tell %s that /%s failed: %s", interaction.user, command, exc)
+
     @commands.Cog.listener()
     async def on_voice_state_update(self, member: discord.Member, before: discord.VoiceState,
                                     after: discord.VoiceState) -> None:

@@ -371,6 +371,14 @@ async def test_an_opted_out_member_never_reaches_the_stt_server_even_after_a_res
             assert not h.bot.meetings.is_opted_out(h.ids["bob"])
             assert not await h.bot.storage.is_opted_out(h.ids["bob"])
 
+            # If the choice cannot be stored, the member is told so, not left guessing.
+            await h.bot.storage.close()
+            failed = await h.invoke("transcribe optout", by="bob")
+            assert failed.ephemeral
+            assert h.answer(failed).startswith("Sorry, `/transcribe optout` failed: "), \
+                h.answer(failed)
+            assert not h.bot.meetings.is_opted_out(h.ids["bob"])
+
 
 # -- minutes, retention, and a meeting that ends by itself ----------------------------------------
 
