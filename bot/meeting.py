@@ -9,16 +9,26 @@ Every committed line is written to storage the moment it arrives (a crash loses 
 queued for Discord in order. Upstream trouble (rejected key, outage, lost voice) is said once in
 the channel per kind of trouble, not once per speaker per second. Every task a meeting starts is
 named and held here, and awaited or cancelled by :meth:`Meeting.stop`.
+
+Several processes (Discord shards) may share one database, so nothing here assumes it is the only
+process: opt-outs live in storage and :class:`MeetingManager` keeps only a cache of them. Each new
+speaker stream asks storage before anything of it is sent upstream (so an opt-out made through
+another process counts from that person's next utterance), and the cache is refreshed every
+:data:`OPT_OUT_REFRESH` seconds (so someone opting out elsewhere mid-utterance is dropped within
+that time). One query per new stream and one per refresh are cheap next to the audio; a
+LISTEN/NOTIFY channel would be PostgreSQL-only. The STT session cap (``stt.max_sessions``) is per
+process: one :class:`~bot.pipeline.SessionSlots` is shared by the process's meetings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +38,7 @@ import numpy as np
 
 from bot.config import Config
 from bot.errors import CantobotError, SttAuthError
-from bot.pipeline import SpeakerStream, Transcriber
+from bot.pipeline import SessionSlots, SpeakerStream, Transcriber
 from bot.sinks.discord_sink import DiscordTranscriptSink
 from bot.storage import StorageBackend
 from bot.stt.session import (
@@ -51,6 +61,8 @@ log = logging.getLogger(__name__)
 SINK_FLUSH_TIMEOUT = 15.0
 #: The same kind of upstream trouble is said in the channel at most once per this many seconds.
 NOTICE_COOLDOWN = 300.0
+#: Seconds between re-reads of the opt-out list from storage (another process may change it).
+OPT_OUT_REFRESH = 5.0
 
 
 class MeetingState(enum.Enum):
@@ -104,6 +116,8 @@ class Meeting:
         captions: bool,
         is_opted_out: Callable[[int], bool],
         on_ended: Callable[[Meeting], None] | None = None,
+        slots: SessionSlots | None = None,
+        confirm_opt_out: Callable[[int], Awaitable[bool]] | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -113,6 +127,7 @@ class Meeting:
         self.threads = threads
         self.captions = captions
         self._is_opted_out = is_opted_out
+        self._confirm_opt_out = confirm_opt_out
         self._on_ended = on_ended
         self.state = MeetingState.STARTING
         self.meeting_id: int = 0
@@ -132,7 +147,8 @@ class Meeting:
         self._start_backoff = 0.0
         self._start_not_before = 0.0
         self._start_lock = asyncio.Lock()
-        self.transcriber = Transcriber(config.stt, self._on_stt_event)
+        self.transcriber = Transcriber(config.stt, self._on_stt_event, slots=slots,
+                                       on_wait=self._on_capacity_wait)
         self.receiver = VoiceReceiver(
             sample_rate=config.stt.sample_rate,
             on_audio=self._on_audio,
@@ -308,6 +324,12 @@ class Meeting:
         while in trouble, try one at a time: a rejected key costs at most one connection per
         backoff period, however many people talk.
         """
+        uid, confirm = stream.speaker_id, self._confirm_opt_out
+        if uid is not None and confirm is not None and await confirm(uid):
+            # Opted out through another process: nothing of this stream is sent anywhere.
+            self.receiver.forget_member(uid)
+            await self.transcriber.discard(uid)
+            return
         while self._startable(stream):
             wait = self._start_not_before - time.monotonic()
             if wait > 0:
@@ -345,6 +367,14 @@ class Meeting:
         self._start_backoff = 0.0
         self._start_not_before = 0.0
         return True
+
+    def _on_capacity_wait(self, stream: SpeakerStream, position: int) -> None:
+        limit = self.config.stt.max_sessions
+        log.warning("guild %s: %s waits for an STT session (place %d; %d in use)", self.guild.id,
+                    stream.speaker, position, limit)
+        self.notice_once("stt-capacity", f"\N{HOURGLASS WITH FLOWING SAND} This bot is at its "
+                         f"limit of {limit} simultaneous speakers, so new speakers wait their turn"
+                         " and are transcribed as others pause; what they say meanwhile is kept.")
 
     def _on_idle(self, user_id: int) -> None:
         self.transcriber.finish_in_background(user_id)
@@ -509,9 +539,46 @@ class MeetingManager:
         self.storage = storage
         self._meetings: dict[int, Meeting] = {}
         self._opted_out: set[int] = set()
+        #: The process's STT session cap, shared by every meeting.
+        self.slots = SessionSlots(config.stt.max_sessions)
+        self._refresher: asyncio.Task[None] | None = None
 
     async def load(self) -> None:
+        """Read the opt-outs, then keep them fresh (see the module docstring)."""
         self._opted_out = await self.storage.opted_out_users()
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_loop(), name="opt-out-refresh")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(OPT_OUT_REFRESH)
+            try:
+                await self.refresh_opt_outs()
+            except CantobotError as exc:
+                log.warning("opt-out refresh failed (%s); keeping the cached list", exc)
+
+    async def refresh_opt_outs(self) -> None:
+        """Re-read the opt-outs; anyone newly opted out (by any process) is dropped now."""
+        current = await self.storage.opted_out_users()
+        newly = current - self._opted_out
+        self._opted_out = current
+        for user_id in newly:
+            log.info("user %s opted out elsewhere: dropping their streams", user_id)
+            for meeting in self._meetings.values():
+                meeting.forget_member(user_id)
+
+    async def confirm_opt_out(self, user_id: int) -> bool:
+        """Ask storage (the truth shared by every process); the cache follows the answer."""
+        try:
+            opted_out = await self.storage.is_opted_out(user_id)
+        except CantobotError as exc:
+            log.warning("opt-out check failed (%s); using the cached list", exc)
+            return user_id in self._opted_out
+        if opted_out:
+            self._opted_out.add(user_id)
+        else:
+            self._opted_out.discard(user_id)
+        return opted_out
 
     def get(self, guild_id: int) -> Meeting | None:
         return self._meetings.get(guild_id)
@@ -547,6 +614,7 @@ class MeetingManager:
             voice_channel=voice_channel, text_channel=text_channel,
             threads=threads, captions=captions, is_opted_out=self.is_opted_out,
             on_ended=lambda m: self._meetings.pop(m.guild.id, None),
+            slots=self.slots, confirm_opt_out=self.confirm_opt_out,
         )
         self._meetings[guild.id] = meeting
         try:
@@ -564,6 +632,11 @@ class MeetingManager:
 
     async def shutdown(self) -> None:
         """Flush every meeting concurrently (SIGTERM): stop-session, last commits, minutes."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
         meetings = list(self._meetings.values())
         if meetings:
             log.info("shutting down: flushing %d meeting(s)", len(meetings))

@@ -151,7 +151,7 @@ class SpeakerStream:
         """Take a session slot (waiting in turn when all are busy), then start the session."""
         self._start_called = True
         try:
-            if self._slots is not None:
+            if self._slots is not None and not self._holds_slot:  # a retry keeps its slot
                 if self._slots.would_wait() and self._on_wait is not None:
                     self._on_wait(self, self._slots.waiting + 1)
                 self._acquiring = asyncio.ensure_future(self._slots.acquire())
