@@ -85,6 +85,10 @@ async def test_each_shard_gets_only_the_guild_that_discords_formula_gives_it(
                             yarl.URL(cluster.gateway_url))
         g0, g1 = cluster.guild_ids
         assert (shard_of(g0, 2), shard_of(g1, 2)) == (0, 1)
+        # One id space: REST routes by channel and webhook ids, so none may be in two guilds.
+        worlds = [g.world for g in cluster.guilds]
+        assert not set(worlds[0].channels) & set(worlds[1].channels)
+        assert worlds[0].owner_id != worlds[1].owner_id
         async with (logged_in(cluster, shard_ids=[0], shard_count=2) as a,
                     logged_in(cluster, shard_ids=[1], shard_count=2) as b):
             assert [g.id for g in a.guilds] == [g0]

@@ -118,6 +118,7 @@ class LocalDiscordCluster:
                 guild_id=guild_id_on_shard(ids(), shard_id, shard_count),
                 user_ids=user_ids,
                 recommended_shards=shard_count,
+                snowflakes=ids,  # one id space: no channel or webhook id in two guilds
             )
             for shard_id in range(shard_count)
         ]

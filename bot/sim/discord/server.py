@@ -29,7 +29,7 @@ from aiohttp import web
 
 from bot.sim.discord.gateway import Gateway
 from bot.sim.discord.rest import API_PREFIX, InteractionRecord, OnMessage, RestApi
-from bot.sim.discord.state import PostedMessage, RecordedRequest, World
+from bot.sim.discord.state import PostedMessage, RecordedRequest, SnowflakeFactory, World
 from bot.sim.discord.tls import CertificatePaths, generate_certificates, server_ssl_context
 from bot.sim.discord.voice import DEFAULT_MODES, VoiceServer
 
@@ -59,11 +59,13 @@ class LocalDiscord:
         guild_id: int | None = None,
         user_ids: dict[str, int] | None = None,
         recommended_shards: int = 1,
+        snowflakes: SnowflakeFactory | None = None,
     ) -> None:
         self.token = token or f"local.{secrets.token_urlsafe(24)}"
         self.world = World(
             token=self.token, human_names=human_names, moderators=moderators, clock=clock,
             application_id=application_id, guild_id=guild_id, user_ids=user_ids,
+            snowflakes=snowflakes,
         )
         if bot_permissions is not None:
             self.world.bot_role.permissions = bot_permissions

@@ -258,14 +258,16 @@ class World:
         application_id: int | None = None,
         guild_id: int | None = None,
         user_ids: Mapping[str, int] | None = None,
+        snowflakes: SnowflakeFactory | None = None,
     ) -> None:
         """``application_id`` (the bot's user id), ``guild_id`` and ``user_ids`` (by human name)
         are generated unless given: several worlds given the same ones are one bot and the same
-        people in several guilds (the sharded cluster)."""
+        people in several guilds (the sharded cluster), and such worlds share ``snowflakes`` so
+        that no channel, message or webhook id is issued twice."""
         self.token = token
         self.clock = clock
         self.wall_clock = wall_clock
-        self.snowflake = SnowflakeFactory(wall_clock)
+        self.snowflake = snowflakes or SnowflakeFactory(wall_clock)
         self.application_id = application_id if application_id is not None else self.snowflake()
         self.guild_id = guild_id if guild_id is not None else self.snowflake()
         self.guild_name = guild_name
