@@ -85,14 +85,14 @@ def config(stt: FakeSttServer) -> Config:
 
 @contextlib.asynccontextmanager
 async def meeting(config: Config, **kwargs: object) -> AsyncIterator[Simulation]:
-    """A running simulation whose failures (asserts, timeouts, steps) carry its report."""
+    """A running simulation, bounded in time start to finish (its shutdown included), whose
+    failures (asserts, timeouts, steps that did not finish) carry its report."""
     sim = Simulation(config, **kwargs)  # type: ignore[arg-type]
-    async with sim:
-        try:
-            async with asyncio.timeout(MEETING_TIMEOUT):
-                yield sim
-        except (AssertionError, TimeoutError, CantobotError) as exc:
-            raise AssertionError(f"{type(exc).__name__}: {exc}\n\n{sim.report()}") from exc
+    try:
+        async with asyncio.timeout(MEETING_TIMEOUT), sim:
+            yield sim
+    except (AssertionError, TimeoutError, CantobotError) as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n\n{sim.report()}") from exc
 
 
 def posted_lines(messages: list[PostedMessage]) -> list[Line]:

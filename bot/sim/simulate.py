@@ -326,9 +326,10 @@ class Simulation:
             f"{[names.get(u, 'bot') for u in group.members]}, pending transitions "
             f"{group.pending_transitions}, awaiting commit {group.awaiting_commit}"
         )
-        meeting = self.meeting if self._bot is not None else None
-        if meeting is not None:
-            out.append(f"meeting: {meeting.status()}")
+        with contextlib.suppress(Exception):  # a report must not fail on a half-closed bot
+            meeting = self.meeting if self._bot is not None else None
+            if meeting is not None:
+                out.append(f"meeting: {meeting.status()}")
         return "\n".join(out)
 
     # -- steps -----------------------------------------------------------------------------------
