@@ -58,6 +58,8 @@ _CONNECTION_LOST = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.InterfaceError,
+    # Raised when a query starts while asyncpg is still taking in the server's goodbye.
+    asyncpg.InternalClientError,
     ConnectionError,
 )
 
@@ -177,8 +179,10 @@ class PostgresStorage:
                     # transaction that was rolled back unless it committed as the link broke,
                     # so one retry on a new connection loses nothing; the rare cost is a line
                     # stored twice, which beats a line lost.
-                    if attempt == 2 or not self._conn.is_closed():
+                    broken = self._conn.is_closed() or isinstance(exc, asyncpg.InternalClientError)
+                    if attempt == 2 or not broken:
                         raise StorageError(f"database connection lost: {exc}") from exc
+                    self._conn.terminate()  # whatever state it is in, it is not used again
                     log.warning("storage: connection lost (%s); retrying once", exc)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     raise StorageError(f"database error: {exc}") from exc
