@@ -377,7 +377,10 @@ class Meeting:
                          " and are transcribed as others pause; what they say meanwhile is kept.")
 
     def _on_idle(self, user_id: int) -> None:
-        self.transcriber.finish_in_background(user_id)
+        # A quiet speaker's session may be mid-reconnect (STT outage): keep their unconfirmed
+        # audio as long as the buffer bound allows rather than the short stop timeout.
+        self.transcriber.finish_in_background(
+            user_id, within=max(self.config.stt.stop_timeout, self.config.stt.max_buffer_seconds))
 
     def _on_stalled(self, why: str) -> None:
         self.notice_once("voice-stalled", f"\N{WARNING SIGN} Voice receive stalled ({why}); "

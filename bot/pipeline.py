@@ -197,7 +197,7 @@ class SpeakerStream:
     def seconds_fed(self) -> float:
         return self._samples_fed / self.sample_rate
 
-    async def finish(self) -> None:
+    async def finish(self, within: float | None = None) -> None:
         """Send the tail, stop the session and wait (bounded) for its last commits."""
         if self._finished:
             return
@@ -211,7 +211,7 @@ class SpeakerStream:
         if self._start_called:
             await self._start_done.wait()  # a speaker waiting for a slot keeps their turn
         try:
-            await self.session.stop()
+            await self.session.stop(within)
         finally:
             self._release_slot()
 
@@ -298,10 +298,18 @@ class Transcriber:
         log.info("speaker %s: stream opened", speaker)
         return stream
 
-    async def finish(self, key: Hashable) -> None:
+    async def finish(self, key: Hashable, within: float | None = None) -> None:
         stream = self._streams.pop(key, None)
         if stream is not None:
-            await stream.finish()
+            await self._finish_stream(stream, within)
+
+    async def _finish_stream(self, stream: SpeakerStream, within: float | None) -> None:
+        try:
+            await stream.finish(within)
+        except asyncio.CancelledError:
+            await stream.aclose()  # cut short by aclose(): release the connection
+            raise
+        else:
             log.info("speaker %s: stream finished (%.1f s of audio)", stream.speaker,
                      stream.seconds_fed)
 
@@ -312,11 +320,18 @@ class Transcriber:
             await stream.aclose()
             log.info("speaker %s: stream discarded", stream.speaker)
 
-    def finish_in_background(self, key: Hashable) -> None:
-        """Stop one stream without making the caller wait; :meth:`aclose` awaits it."""
-        if key not in self._streams:
+    def finish_in_background(self, key: Hashable, within: float | None = None) -> None:
+        """Stop one stream without making the caller wait; :meth:`finish_all` awaits it
+        (at most the session's stop timeout more), :meth:`aclose` cuts it short.
+
+        ``within`` may be long for a speaker who simply went quiet: if the STT service is down
+        at that moment, their unconfirmed audio is kept for it to come back.
+        """
+        stream = self._streams.pop(key, None)
+        if stream is None:
             return
-        task = asyncio.create_task(self.finish(key), name=f"finish-stream-{key}")
+        task = asyncio.create_task(self._finish_stream(stream, within),
+                                   name=f"finish-stream-{key}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -324,7 +339,8 @@ class Transcriber:
         keys = list(self._streams)
         await asyncio.gather(*(self.finish(k) for k in keys), return_exceptions=True)
         if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            # Streams finishing in the background (idle speakers) get the normal stop bound.
+            await asyncio.wait(set(self._closing), timeout=self._config.stop_timeout)
 
     async def aclose(self) -> None:
         """Immediate close (no flush) of whatever is left; idempotent."""

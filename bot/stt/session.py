@@ -295,17 +295,18 @@ class SttSession:
             self._progress.clear()
             await self._progress.wait()
 
-    async def stop(self) -> None:
+    async def stop(self, within: float | None = None) -> None:
         """Send what is queued, stop the session, await its last commits; idempotent.
 
-        Bounded by ``stop_timeout`` overall; a reconnect in progress is waited for within it.
+        Bounded by ``within`` seconds (default ``stop_timeout``) overall; a reconnect in progress is
+        waited for within it.
         """
         async with self._stop_lock:
             if self.state is SttState.CLOSED:
                 return
             self._stop_requested = True
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.stop_timeout
+            deadline = loop.time() + (self.stop_timeout if within is None else within)
             clean = self.state in (SttState.IDLE, SttState.FAILED)
             attempt = 0
             while not clean and loop.time() < deadline:
