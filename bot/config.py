@@ -242,7 +242,7 @@ def _build(cls: type[Any], data: Any, file: str, prefix: str, env: Mapping[str, 
     for name, f in fields.items():
         dotted = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a nested section
             kwargs[name] = _build(tp, data.get(name), file, dotted, env)
             continue
         if dotted in env:

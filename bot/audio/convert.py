@@ -69,7 +69,8 @@ def downmix(frames: npt.NDArray[np.generic]) -> Float32Array:
         raise TypeError(f"expected int16 or float samples, got {x.dtype}")
     if x.ndim == 1:
         return x.astype(np.float32, copy=True)
-    return x.mean(axis=1, dtype=np.float32)
+    mono_mean: Float32Array = x.mean(axis=1, dtype=np.float32)  # numpy types mean() as Any
+    return mono_mean
 
 
 def to_int16(x: npt.NDArray[np.generic]) -> Int16Array:
@@ -130,7 +131,8 @@ class StreamConverter:
         frames = self._as_frames(pcm)
         self._frames_in += frames.shape[0]
         if self._stream is None and frames.ndim == 1 and frames.dtype == np.int16:
-            return frames.copy()  # the common pass-through: already mono int16 at the rate
+            # The common pass-through: already mono int16 at the rate (astype copies).
+            return frames.astype(np.int16)
         mono = downmix(frames)
         if self._stream is None:
             return to_int16(mono)
