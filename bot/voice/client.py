@@ -257,6 +257,7 @@ class VoiceListener:
 class ReceiveVoiceClient(discord.VoiceClient):
     """discord.py's VoiceClient plus the receive hook and AES-GCM transport."""
 
+    # discord.py's SupportedModes Literal has no AES-GCM mode; we add it (our own cipher).
     supported_modes = (  # type: ignore[assignment]
         "aead_aes256_gcm_rtpsize",
         "aead_xchacha20_poly1305_rtpsize",
@@ -267,7 +268,7 @@ class ReceiveVoiceClient(discord.VoiceClient):
         self.listener = listener  # before super().__init__, which builds the connection state
         self._send_cipher: tuple[bytes, TransportCipher] | None = None
         self._leaving = False
-        super().__init__(client, channel)  # type: ignore[arg-type]
+        super().__init__(client, channel)
         listener.bind(self)
 
     async def disconnect(self, *, force: bool = False) -> None:

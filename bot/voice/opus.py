@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -216,7 +217,8 @@ class OpusDecoder:
             raise OpusError(err.value or OPUS_BAD_ARG, "opus_decoder_create")
         self._state: int | None = state
         # Hot path: bound function pointers and the preallocated buffer's address, cached.
-        self._opus_decode = lib.opus_decode
+        # Typed as a plain callable: close() swaps in _closed_decoder.
+        self._opus_decode: Callable[..., int] = lib.opus_decode
         self._get_nb_samples = lib.opus_packet_get_nb_samples
         self._destroy = lib.opus_decoder_destroy
         self._ctl = lib.opus_decoder_ctl

@@ -98,7 +98,7 @@ class VoiceReceiver:
         self._cipher: TransportCipher | None = None
         self._cipher_id: tuple[str, bytes] | None = None
         self.speakers = SpeakerMap()
-        self._pending = PendingPackets()
+        self._pending: PendingPackets[bytes] = PendingPackets()
         self._ssrcs: dict[int, _SsrcState] = {}
         self._members: dict[int, _MemberState] = {}
         self.stats: Counter[str] = Counter()
