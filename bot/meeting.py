@@ -583,6 +583,10 @@ class MeetingManager:
             self._opted_out.discard(user_id)
         return opted_out
 
+    def _forget(self, meeting: Meeting) -> None:
+        """A meeting ended (stopped or failed): it no longer holds its guild."""
+        self._meetings.pop(meeting.guild.id, None)
+
     def get(self, guild_id: int) -> Meeting | None:
         return self._meetings.get(guild_id)
 
@@ -616,7 +620,7 @@ class MeetingManager:
             config=self.config, storage=self.storage, guild=guild,
             voice_channel=voice_channel, text_channel=text_channel,
             threads=threads, captions=captions, is_opted_out=self.is_opted_out,
-            on_ended=lambda m: self._meetings.pop(m.guild.id, None),
+            on_ended=self._forget,
             slots=self.slots, confirm_opt_out=self.confirm_opt_out,
         )
         self._meetings[guild.id] = meeting
