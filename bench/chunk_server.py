@@ -47,14 +47,12 @@ def build_app(commit_every: int) -> web.Application:
     arrivals: list[tuple[int, int, float]] = []
     counts: dict[str, int] = {}
 
-    @sio.on(p.START_SESSION)  # type: ignore[untyped-decorator]
     async def on_start(sid: str, payload: Any = None) -> None:
         counts[sid] = 0
         await sio.emit(p.TRANSCRIPT_MESSAGE,
                        {"message_type": "session_started", "session_id": sid}, to=sid)
         await sio.emit(p.SESSION_STARTED, to=sid)
 
-    @sio.on(p.AUDIO_CHUNK)  # type: ignore[untyped-decorator]
     async def on_audio(sid: str, payload: Any = None) -> None:
         now = time.monotonic()
         head = base64.b64decode(payload["audio_base_64"][:12])
@@ -65,9 +63,14 @@ def build_app(commit_every: int) -> web.Application:
             await sio.emit(p.TRANSCRIPT_MESSAGE, {"message_type": "committed_transcript",
                                                   "text": f"line {n // commit_every}"}, to=sid)
 
-    @sio.on(p.STOP_SESSION)  # type: ignore[untyped-decorator]
     async def on_stop(sid: str, *args: Any) -> None:
         await sio.emit(p.SESSION_CLOSED, {"code": p.CLOSE_NORMAL, "reason": "stopped"}, to=sid)
+
+    # Registered by call, not as decorators: python-socketio is untyped, and an untyped
+    # decorator would erase the handlers' types.
+    sio.on(p.START_SESSION, on_start)
+    sio.on(p.AUDIO_CHUNK, on_audio)
+    sio.on(p.STOP_SESSION, on_stop)
 
     async def results(request: web.Request) -> web.Response:
         return web.json_response({"arrivals": arrivals})

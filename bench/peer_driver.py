@@ -64,8 +64,10 @@ def pipeline(flavor: str, mode: str, key: bytes) -> Any:
     else:
         # py-cord's modules (mypy sees discord.py's package of the same name)
         from discord.opus import PacketDecoder  # type: ignore[attr-defined]
-        from discord.voice.packets.rtp import decode as decode_rtp  # type: ignore
+        from discord.voice.packets import rtp as pycord_rtp
         from discord.voice.receive.reader import PacketDecryptor
+
+        decode_rtp = pycord_rtp.decode
 
         def make_decryptor(vc: Any) -> Any:
             return PacketDecryptor(mode, key, vc)

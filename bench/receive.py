@@ -199,6 +199,7 @@ def run_plain(packets: PacketSet) -> float:
     """discord.py's Decoder (48 kHz stereo) + numpy downmix + soxr stream resample to 16 kHz."""
     if not discord.opus.is_loaded():
         discord.opus._load_default()
+    # discord.py's Decoder.__init__ is unannotated (a third-party boundary).
     decoders = [discord.opus.Decoder() for _ in packets.speakers]  # type: ignore[no-untyped-call]
     resamplers = [soxr.ResampleStream(48000, STT_RATE, 1, dtype="float32")
                   for _ in packets.speakers]

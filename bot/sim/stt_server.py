@@ -191,27 +191,29 @@ class FakeSttServer:
         # async_handlers=False: one connection's events run in order, like one audio stream.
         sio = socketio.AsyncServer(async_mode="aiohttp", async_handlers=False)
 
-        @sio.event  # type: ignore[untyped-decorator]
-        async def connect(sid: str, environ: dict[str, Any]) -> None:
+        async def on_connect(sid: str, environ: dict[str, Any]) -> None:
             self.records[sid] = SidRecord()
             self._live[sid] = _Live()
 
-        @sio.event  # type: ignore[untyped-decorator]
-        async def disconnect(sid: str, *args: Any) -> None:
+        async def on_disconnect(sid: str, *args: Any) -> None:
             self._mark_gone(sid)
 
-        @sio.on(p.START_SESSION)  # type: ignore[untyped-decorator]
         async def on_start(sid: str, payload: Any = None) -> None:
             await self._on_start(sio, sid, payload)
 
-        @sio.on(p.AUDIO_CHUNK)  # type: ignore[untyped-decorator]
         async def on_audio(sid: str, payload: Any = None) -> None:
             await self._on_audio(sio, sid, payload)
 
-        @sio.on(p.STOP_SESSION)  # type: ignore[untyped-decorator]
         async def on_stop(sid: str, *args: Any) -> None:
             await self._on_stop(sio, sid)
 
+        # Registered by call, not as decorators: python-socketio is untyped, and an untyped
+        # decorator would erase the handlers' types (bot/stt/session.py does the same).
+        sio.on("connect", on_connect)
+        sio.on("disconnect", on_disconnect)
+        sio.on(p.START_SESSION, on_start)
+        sio.on(p.AUDIO_CHUNK, on_audio)
+        sio.on(p.STOP_SESSION, on_stop)
         return sio
 
     def _mark_gone(self, sid: str) -> None:
