@@ -19,6 +19,7 @@ import logging
 import signal
 import ssl
 from datetime import UTC, datetime
+from typing import TypedDict
 
 import aiohttp
 import discord
@@ -59,6 +60,14 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+class _ClientOptions(TypedDict, total=False):
+    """The optional discord.py client options that config may set (passed as ``**options``)."""
+
+    connector: aiohttp.BaseConnector
+    shard_count: int
+    shard_ids: list[int]
+
+
 class CantoBot(commands.AutoShardedBot):
     """cantobot's Discord client."""
 
@@ -67,7 +76,7 @@ class CantoBot(commands.AutoShardedBot):
         intents.voice_states = True
         intents.members = False
         ctx = ssl_context(config)
-        kwargs: dict[str, object] = {}
+        kwargs: _ClientOptions = {}
         if ctx is not None:
             kwargs["connector"] = aiohttp.TCPConnector(ssl=ctx)
         if config.discord.shard_count is not None:
@@ -79,7 +88,7 @@ class CantoBot(commands.AutoShardedBot):
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
         self.config = config
         self._storage = storage
