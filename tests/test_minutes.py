@@ -140,7 +140,8 @@ def meeting(*segments: Segment, ended_after: float | None = None) -> Minutes:
 
 
 TRICKY = meeting(
-    Segment("阿明", "今日開會，討論預算。", 1.0, 4.25, (Word("今日", 1.0, 1.5), Word("開會", 1.5, 2.0))),
+    Segment("阿明", "今日開會，討論預算。", 1.0, 4.25,
+            (Word("今日", 1.0, 1.5), Word("開會", 1.5, 2.0))),
     Segment("bob", "I think a --> b\n\nand then\n\n\nmore", 3.0, 6.0),  # overlaps 阿明
     Segment("carol <3", "fish & chips <b>bold</b>", 2.0, 2.0),  # zero-length, starts earliest
     Segment("阿明", "好。", 3725.5, 3727.125),  # past an hour
