@@ -95,6 +95,7 @@ class CantoBot(commands.AutoShardedBot):
         self.meetings: MeetingManager | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._recovered = False
 
     @property
     def storage(self) -> StorageBackend:
@@ -144,6 +145,13 @@ class CantoBot(commands.AutoShardedBot):
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d guild(s)", self.user, getattr(self.user, "id", "?"),
                  len(self.guilds))
+        if not self._recovered and self.meetings is not None:
+            # on_ready fires again after reconnects; a crash is recovered from once.
+            self._recovered = True
+            try:
+                await self.meetings.recover_unfinished(self.get_guild)
+            except Exception:
+                log.exception("recovering meetings left open by a previous run failed")
 
     async def close(self) -> None:
         """Flush every meeting, then close Discord and storage; safe to call twice."""

@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import io
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import discord
@@ -545,6 +546,40 @@ class MeetingManager:
         #: The process's STT session cap, shared by every meeting.
         self.slots = SessionSlots(config.stt.max_sessions)
         self._refresher: asyncio.Task[None] | None = None
+
+    async def recover_unfinished(self, get_guild: Callable[[int], discord.Guild | None]) -> int:
+        """End meetings a previous run left open (a crash) and post their minutes.
+
+        Only guilds this process can see (its shards) are touched; a meeting live here is
+        skipped. The meeting ends at its last stored line. Returns how many were recovered.
+        """
+        recovered = 0
+        for info in await self.storage.unfinished_meetings():
+            guild = get_guild(info.guild_id)
+            if guild is None or info.guild_id in self._meetings:
+                continue
+            minutes = await self.storage.minutes(info.id)
+            last = max((seg.end for seg in minutes.segments), default=0.0)
+            ended = info.started_at + timedelta(seconds=last)
+            await self.storage.end_meeting(info.id, ended)
+            recovered += 1
+            minutes = await self.storage.minutes(info.id)
+            log.warning("guild %s: meeting %d was left open by a previous run (%d lines); "
+                        "ended and posting its minutes", guild.id, info.id, len(minutes.segments))
+            channel = guild.get_channel(info.text_channel_id)
+            if not isinstance(channel, discord.TextChannel):
+                continue
+            files = [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
+                     for name, body in minutes_files(minutes).items()]
+            text = (f"\N{WARNING SIGN} The bot restarted during meeting #{info.id}; "
+                    "everything said before that was kept. Minutes so far:\n"
+                    + minutes_fmt.summary_text(minutes))
+            try:
+                await channel.send(text[:2000], files=files,
+                                   allowed_mentions=discord.AllowedMentions.none())
+            except discord.HTTPException as exc:
+                log.warning("guild %s: could not post recovered minutes: %s", guild.id, exc)
+        return recovered
 
     async def load(self) -> None:
         """Read the opt-outs, then keep them fresh (see the module docstring)."""

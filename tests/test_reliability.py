@@ -527,13 +527,19 @@ async def test_sigkill_mid_meeting_keeps_stored_lines_and_minutes_posts_them_aft
             proc.kill()
             assert await proc.wait() == -signal.SIGKILL
         async with bot_process(tmp_path, fake, stt, "restarted"):
+            # On start the meeting left open is ended and its minutes posted by themselves ...
+            await until(lambda: any("minutes.md" in q.files for q in fake.requests))
+            # ... and /transcribe minutes can post them again.
             asked = await fake.invoke("transcribe minutes", {}, user_id=ids[HOST])
             async with asyncio.timeout(WAIT):
                 await asked.wait_followups(1)
         uploads = [q for q in fake.requests if "minutes.md" in q.files]
-        assert len(uploads) == 1
-        markdown = uploads[0].file_contents[uploads[0].files.index("minutes.md")].decode()
-        assert all(text in markdown for text in alice), markdown
+        assert len(uploads) == 2
+        notice = [m for m in fake.messages if "restarted during meeting" in m.content]
+        assert len(notice) == 1 and notice[0].attachments
+        for upload in uploads:
+            markdown = upload.file_contents[upload.files.index("minutes.md")].decode()
+            assert all(text in markdown for text in alice), markdown
 
 
 # -- 5c. one speaker, ten minutes without a pause long enough to end the stream ------------------
