@@ -5,6 +5,7 @@
 PostgreSQL (:mod:`bot.storage.postgres`, shared by every process of a sharded deployment),
 otherwise the SQLite file at ``storage.path`` (:mod:`bot.storage.db`, embedded, nothing to
 install). Both apply their numbered migrations on open (``cantobot migrate`` does only that).
+Both run the same operations (:mod:`bot.storage.common`); they differ only in how they execute.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from datetime import datetime
 from typing import Protocol
 
 from bot.config import StorageConfig
-from bot.storage.db import MeetingInfo, Migration, Storage, StorageError
+from bot.storage.common import MeetingInfo, Migration, StorageError
+from bot.storage.db import Storage
 from bot.transcript.model import Minutes, Segment
 
 __all__ = ["StorageBackend", "describe_target", "open_storage", "open_storage_at"]
