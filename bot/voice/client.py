@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
 import discord
-from discord.voice_state import VoiceConnectionState
+from discord.voice_state import SocketReader, VoiceConnectionState
 
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
@@ -281,7 +282,7 @@ class ReceiveVoiceClient(discord.VoiceClient):
             self.listener.voice_client_gone(self)
 
     def create_connection_state(self) -> VoiceConnectionState:
-        return VoiceConnectionState(self, hook=self._voice_ws_hook)
+        return _ReceiveConnectionState(self, hook=self._voice_ws_hook)
 
     async def _voice_ws_hook(self, ws: Any, msg: dict[str, Any]) -> None:
         await self.listener.on_voice_ws_message(msg)
@@ -294,3 +295,36 @@ class ReceiveVoiceClient(discord.VoiceClient):
         nonce = self._incr_nonce
         self.checked_add("_incr_nonce", 1, 4294967295)
         return self._send_cipher[1].encrypt(bytes(header), b"", bytes(data), nonce)
+
+
+class _WakingSocketReader(SocketReader):
+    """discord.py's socket reader, woken out of ``select`` when the connection pauses it.
+
+    With a listener registered (ours), the reader thread sits in ``select`` on the UDP socket
+    with a 30 s timeout. A voice reconnect pauses it and closes that socket, which does not wake
+    ``select`` on Linux; the thread then sleeps out the 30 s before it reads the new socket, and
+    IP discovery (which listens through this same reader) waits that long: about 30 s deaf after
+    every voice reconnect. ``shutdown(SHUT_RD)`` on the old socket makes it readable at once, so
+    the thread wakes, sees it is paused, and is ready for the new socket.
+    """
+
+    def pause(self) -> None:
+        super().pause()
+        sock = getattr(self.state, "socket", None)
+        if sock is None or sock is discord.utils.MISSING:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:  # not connected yet, or already closed: nothing is waiting on it
+            pass
+
+
+class _ReceiveConnectionState(VoiceConnectionState):
+    """discord.py's connection state with :class:`_WakingSocketReader` as its reader thread."""
+
+    def __init__(self, voice_client: discord.VoiceClient, **kwargs: Any) -> None:
+        super().__init__(voice_client, **kwargs)
+        stock = self._socket_reader
+        stock.stop()  # it has not run yet (it starts paused): let it end and use ours
+        self._socket_reader = _WakingSocketReader(self)
+        self._socket_reader.start()
