@@ -4,8 +4,9 @@ An async context manager that generates a throw-away TLS CA, starts the three HT
 and the UDP socket on ports the OS picks, and exposes what a bot needs to be pointed at it
 (``api_base``, ``gateway_url``, ``ca_file``, ``token``, ids) plus the controls a test or
 ``cantobot simulate`` needs: :meth:`LocalDiscord.invoke` a slash command, members joining,
-leaving and speaking, :meth:`LocalDiscord.fail_next` for REST faults, and
-:meth:`LocalDiscord.force_reconnect` for the gateway. What the bot did is in ``requests`` and
+leaving and speaking, :meth:`LocalDiscord.fail_next` for REST faults,
+:meth:`LocalDiscord.force_reconnect` for the gateway and :meth:`LocalDiscord.move_bot` to drag
+the bot into the other voice channel. What the bot did is in ``requests`` and
 ``messages``. Redirecting discord.py is the bot's business (``Route.BASE``,
 ``DiscordWebSocket.DEFAULT_GATEWAY``, a connector trusting ``ca_file``).
 """
@@ -29,7 +30,13 @@ from aiohttp import web
 
 from bot.sim.discord.gateway import Gateway
 from bot.sim.discord.rest import API_PREFIX, InteractionRecord, OnMessage, RestApi
-from bot.sim.discord.state import PostedMessage, RecordedRequest, SnowflakeFactory, World
+from bot.sim.discord.state import (
+    CHANNEL_GUILD_VOICE,
+    PostedMessage,
+    RecordedRequest,
+    SnowflakeFactory,
+    World,
+)
 from bot.sim.discord.tls import CertificatePaths, generate_certificates, server_ssl_context
 from bot.sim.discord.voice import DEFAULT_MODES, VoiceServer
 
@@ -40,7 +47,7 @@ SHUTDOWN_TIMEOUT = 0.5
 
 
 class LocalDiscord:
-    """A loopback Discord with one guild (#general, a voice channel, the bot, alice and bob)."""
+    """A loopback Discord with one guild (#general, two voice channels, the bot, alice, bob)."""
 
     def __init__(
         self,
@@ -187,6 +194,10 @@ class LocalDiscord:
         return self.world.voice_channel.id
 
     @property
+    def second_voice_channel_id(self) -> int:
+        return self.world.second_voice_channel.id
+
+    @property
     def member_ids(self) -> dict[str, int]:
         """Simulated humans by name (e.g. ``{"alice": ..., "bob": ...}``)."""
         return {name: m.user_id for name, m in self.world.humans.items()}
@@ -257,12 +268,32 @@ class LocalDiscord:
         uid = user_id if user_id is not None else next(iter(self.world.humans.values())).user_id
         return await self.gateway.invoke(command, options or {}, uid)
 
-    async def member_join_voice(self, user_id: int) -> None:
+    async def member_join_voice(self, user_id: int, channel_id: int | None = None) -> None:
+        """The member joins (or moves to) ``channel_id`` (default: the first voice channel)."""
         member = self.world.member(user_id)
-        member.voice_channel_id = self.world.voice_channel.id
-        _log.info("%s joins the voice channel", member.name)
+        member.voice_channel_id = channel_id if channel_id is not None else self.voice_channel_id
+        _log.info("%s joins voice channel %s", member.name, member.voice_channel_id)
         await self.gateway.voice_state_changed(user_id)
         await self.voice.member_joined(user_id)
+
+    async def move_bot(self, channel_id: int) -> None:
+        """Discord moves the bot to another voice channel (a moderator dragged it): the bot gets
+        VOICE_STATE_UPDATE with the new channel and VOICE_SERVER_UPDATE with a new token, and its
+        voice websocket is closed with 4014; discord.py then opens a new voice session."""
+        if self.world.channel(channel_id).type != CHANNEL_GUILD_VOICE:
+            raise ValueError(f"channel {channel_id} is not a voice channel")
+        bot = self.world.bot
+        if bot.voice_channel_id is None:
+            raise RuntimeError("the bot is not in a voice channel")
+        bot.voice_channel_id = channel_id
+        token = secrets.token_hex(8)
+        _log.info("the bot is moved to voice channel %s", channel_id)
+        await self.gateway.dispatch("VOICE_STATE_UPDATE", self.world.voice_state_payload(bot))
+        await self.voice.move_bot(channel_id, bot.voice_session_id, token)
+        await self.gateway.dispatch(
+            "VOICE_SERVER_UPDATE",
+            {"token": token, "guild_id": str(self.guild_id), "endpoint": self.voice_endpoint},
+        )
 
     async def leave_voice(self, user_id: int) -> None:
         member = self.world.member(user_id)

@@ -287,9 +287,14 @@ class World:
             self.humans[name] = member
         self.text_channel = Channel(self.snowflake(), "general", CHANNEL_GUILD_TEXT, position=0)
         self.voice_channel = Channel(self.snowflake(), "Meeting Room", CHANNEL_GUILD_VOICE, 1)
+        #: A second voice channel, where members (and a moved bot) can go.
+        self.second_voice_channel = Channel(
+            self.snowflake(), "Breakout Room", CHANNEL_GUILD_VOICE, 2
+        )
         self.channels: dict[int, Channel] = {
             self.text_channel.id: self.text_channel,
             self.voice_channel.id: self.voice_channel,
+            self.second_voice_channel.id: self.second_voice_channel,
         }
         self.messages: dict[int, StoredMessage] = {}
         self.webhooks: dict[int, Webhook] = {}

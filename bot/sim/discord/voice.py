@@ -70,6 +70,8 @@ OP_MLS_INVALID_COMMIT_WELCOME = 31
 #: Voice close code "Authentication failed" and "Session no longer valid".
 CLOSE_AUTHENTICATION_FAILED = 4004
 CLOSE_SESSION_INVALID = 4006
+#: Disconnected: the bot was moved to another channel (or kicked from the call).
+CLOSE_DISCONNECTED = 4014
 #: Voice gateway version discord.py 2.7.1 asks for (``?v=8``) and Discord's heartbeat (ms).
 VOICE_GATEWAY_VERSION = 8
 VOICE_HEARTBEAT_INTERVAL_MS = 13750
@@ -259,7 +261,9 @@ class VoiceServer:
         self.dave = dave
         self.speaking_late = speaking_late
         self._rng = rng or random.Random()
-        self.group = DaveGroup(world.voice_channel.id, protocol_version=1 if dave else 0)
+        #: The call: the voice channel the bot is in (see :meth:`move_bot`).
+        self.channel_id = world.voice_channel.id
+        self.group = DaveGroup(self.channel_id, protocol_version=1 if dave else 0)
         self.expected: BotVoiceExpectation | None = None
         self.connection: VoiceConnection | None = None
         self.udp_port = 0
@@ -369,20 +373,46 @@ class VoiceServer:
         return mv
 
     async def member_joined(self, user_id: int) -> None:
-        """A simulated member entered the voice channel: op 11 and, with DAVE, an MLS Add."""
+        """A simulated member entered a voice channel: if it is the bot's, op 11 and, with DAVE,
+        an MLS Add; if another, the member has left the bot's call (if it was in it)."""
+        if self.world.member(user_id).voice_channel_id != self.channel_id:
+            if user_id in self.members:
+                await self.member_left(user_id)
+            return
         mv = self.member_voice(user_id)
         mv.spoke_before = False
         self.note(f"member {self.name_of(user_id)} joined (ssrc {mv.ssrc})")
         conn = self.connection
         if conn is not None and conn.cipher is not None:
             await conn.send_json(OP_CLIENTS_CONNECT, {"user_ids": [str(user_id)]})
-        mv.dave = SimulatedMember(user_id, self.world.voice_channel.id)
+        mv.dave = SimulatedMember(user_id, self.channel_id)
         await self._deliver(self.group.add_member(mv.dave))
+
+    async def move_bot(self, channel_id: int, session_id: str, token: str) -> None:
+        """Discord moved the bot to ``channel_id``: that channel's call (its members, new SSRCs,
+        its own DAVE group) replaces the old one, whose websocket is closed with 4014. The
+        gateway sends VOICE_STATE_UPDATE and VOICE_SERVER_UPDATE (``session_id``, ``token``)."""
+        self.expected = BotVoiceExpectation(channel_id, session_id, token)
+        self.channel_id = channel_id
+        self.group = DaveGroup(channel_id, protocol_version=self.group.protocol_version)
+        self._commits_noted = 0
+        self.members.clear()
+        old, self.connection = self.connection, None
+        self.note(f"bot moved to channel {channel_id}")
+        for member in self.world.members.values():
+            if not member.bot and member.voice_channel_id == channel_id:
+                mv = self.member_voice(member.user_id)
+                mv.dave = SimulatedMember(member.user_id, channel_id)
+                await self._deliver(self.group.add_member(mv.dave))
+        if old is not None and not old.ws.closed:
+            await old.ws.close(code=CLOSE_DISCONNECTED)
 
     async def member_left(self, user_id: int) -> None:
         """A simulated member left: op 13 and an MLS Remove. Its media state is dropped, so a
         rejoin gets a new SSRC (a new connection on Discord)."""
         mv = self.members.pop(user_id, None)
+        if mv is None:
+            return  # not in the bot's call
         self.note(f"member {self.name_of(user_id)} left")
         conn = self.connection
         if conn is not None and conn.cipher is not None:
@@ -631,7 +661,7 @@ class VoiceServer:
         present = [
             m.user_id
             for m in self.world.members.values()
-            if not m.bot and m.voice_channel_id == self.world.voice_channel.id
+            if not m.bot and m.voice_channel_id == self.channel_id
         ]
         if present:
             await conn.send_json(OP_CLIENTS_CONNECT, {"user_ids": [str(u) for u in present]})
@@ -724,8 +754,8 @@ class VoiceServer:
         Returns the number of media packets handed to the network (lost ones excluded).
         """
         member = self.world.member(user_id)
-        if member.voice_channel_id != self.world.voice_channel.id:
-            raise ValueError(f"{member.name} is not in the voice channel")
+        if member.voice_channel_id != self.channel_id:
+            raise ValueError(f"{member.name} is not in the bot's voice channel")
         if not 0.0 <= loss < 1.0:
             raise ValueError("loss must be in [0, 1)")
         frames = np.asarray(pcm, dtype=np.int16).reshape(-1, CHANNELS)
