@@ -478,10 +478,31 @@ class Meeting:
     def humans_in_channel(self) -> int:
         return sum(1 for m in self.voice_channel.members if not m.bot)
 
+    def follow_move(self) -> None:
+        """Discord (or a moderator) moved the bot to another voice channel: transcribe that one
+        from now on (status, empty-channel stop, rejoin) and say so once. discord.py follows the
+        move by itself (a new voice session; the listener re-binds on its READY and
+        SESSION_DESCRIPTION); the bot's own voice state is the first to know the new channel."""
+        me = self.guild.me
+        voice = me.voice if me is not None else None
+        channel = voice.channel if voice is not None else None
+        if channel is None:
+            vc = self.listener.voice_client
+            channel = vc.channel if vc is not None else None
+        if not isinstance(channel, discord.VoiceChannel | discord.StageChannel):
+            return  # between sessions, or disconnected: not a move
+        if channel.id == self.voice_channel.id:
+            return
+        log.info("guild %s: moved from %s to %s", self.guild.id, self.voice_channel.id, channel.id)
+        self.voice_channel = channel
+        self.sink.post_notice(f"\N{RIGHTWARDS ARROW} Moved to **{channel.name}**; "
+                              "still transcribing.")
+
     def check_empty(self) -> None:
         """Called on voice state changes: end by itself after a while with no humans."""
         if self.state is not MeetingState.LIVE:
             return
+        self.follow_move()
         if self.humans_in_channel() > 0:
             if self._empty_timer is not None:
                 self._empty_timer.cancel()

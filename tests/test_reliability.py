@@ -353,8 +353,7 @@ async def voice_session_renewed(r: Rig, old: object, limit: float = WAIT) -> Non
 @pytest.mark.parametrize("fault", ["voice-ws-closed-4015", "voice-ws-closed-4006",
                                    "gateway-resume"])
 async def test_voice_reconnects_and_resumes_keep_transcribing(tmp_path: Path, fault: str) -> None:
-    # LocalDiscord has one voice channel, so "moved to another channel" is not simulated; a move
-    # reaches the bot as the same voice-websocket close (4014) plus a new voice session.
+    # A move to another channel (4014 + new gateway voice updates) is tested below.
     alice = ["之前", "之後"]
     async with rig(tmp_path, names=("alice",)) as r:
         await r.speak("alice", track(alice[0]))
@@ -382,6 +381,34 @@ async def test_voice_reconnects_and_resumes_keep_transcribing(tmp_path: Path, fa
         await r.wait_lines({"alice": alice})
         await r.stop_meeting()
         assert r.lines("alice") == alice
+
+
+async def test_bot_moved_to_another_channel_keeps_transcribing_there(tmp_path: Path) -> None:
+    # Discord's move: VOICE_STATE_UPDATE (new channel) + VOICE_SERVER_UPDATE, the old voice
+    # websocket closed with 4014; discord.py opens a new voice session in the new channel.
+    alice, bob = ["之前"], ["搬咗", "之後"]
+    async with rig(tmp_path, transcribe={"empty_channel_timeout": 1.0}) as r:
+        await r.speak("alice", track(*alice))
+        await r.wait_lines({"alice": alice})
+        breakout = r.discord.second_voice_channel_id
+        await r.discord.member_join_voice(r.ids["bob"], breakout)
+        conn = r.discord.voice.connection
+        await r.discord.move_bot(breakout)
+        await voice_session_renewed(r, conn)
+        await until(lambda: r.meeting.voice_channel.id == breakout)
+        assert r.meeting.status().voice_channel == "Breakout Room"
+        with pytest.raises(ValueError):  # alice stayed behind: the bot's call no longer has her
+            await r.speak("alice", track("喂"))
+        await r.speak("bob", track(*bob))
+        await r.wait_lines({"alice": alice, "bob": bob})
+        assert len(notices(r.discord.messages, "Moved to **Breakout Room**")) == 1
+        # The old channel still has people; the one the bot is in empties: the meeting ends.
+        await r.discord.leave_voice(r.ids["bob"])
+        await until(lambda: any("minutes.md" in q.files for q in r.discord.requests))
+        upload = next(q for q in r.discord.requests if "minutes.md" in q.files)
+        markdown = upload.file_contents[upload.files.index("minutes.md")].decode()
+        assert all(text in markdown for text in alice + bob), markdown
+        assert len(notices(r.discord.messages, "Moved to")) == 1
 
 
 async def test_deaf_voice_connection_is_noticed_said_and_reconnected(tmp_path: Path) -> None:
