@@ -139,7 +139,8 @@ class Meeting:
         self._upstream_error: CantobotError | None = None
         self._notices: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._line_ids: dict[tuple[str, str], list[int]] = {}
+        #: Storage writes of committed lines not yet amended by their timestamped twin.
+        self._line_writes: dict[tuple[str, str], list[asyncio.Task[int]]] = {}
         self._names: dict[int, str] = {}
         self._old_nick: str | None = None
         self._empty_timer: asyncio.TimerHandle | None = None
@@ -426,7 +427,8 @@ class Meeting:
 
     def _commit(self, segment: Segment) -> None:
         self.lines += 1
-        self._spawn(self._store_line(segment), f"store-line-{self.lines}")
+        write = self._spawn(self._store_line(segment), f"store-line-{self.lines}")
+        self._line_writes.setdefault((segment.speaker, segment.text), []).append(write)
         avatar = None
         name = segment.speaker
         if segment.speaker_id is not None:
@@ -434,19 +436,21 @@ class Meeting:
         self.sink.post_line(segment, display_name=name, avatar_url=avatar)
         log.info("guild %s: line %d from %s posted", self.guild.id, self.lines, segment.speaker)
 
-    async def _store_line(self, segment: Segment) -> None:
-        line_id = await self.storage.add_line(self.meeting_id, segment)
-        self._line_ids.setdefault((segment.speaker, segment.text), []).append(line_id)
+    async def _store_line(self, segment: Segment) -> int:
+        return await self.storage.add_line(self.meeting_id, segment)
 
     async def _store_words(self, segment: Segment) -> None:
-        # The plain twin may still be on its way to storage: let it land first.
-        for _ in range(50):
-            ids = self._line_ids.get((segment.speaker, segment.text))
-            if ids:
-                await self.storage.update_line_words(ids.pop(0), segment)
-                return
-            await asyncio.sleep(0.02)
-        await self.storage.add_line(self.meeting_id, segment)
+        # The session emits a sentence's timestamped twin only after the sentence itself, whose
+        # write may still be in flight: wait for that write and amend the row it made.
+        key = (segment.speaker, segment.text)
+        writes = self._line_writes.get(key)
+        if not writes:
+            await self.storage.add_line(self.meeting_id, segment)
+            return
+        write = writes.pop(0)
+        if not writes:
+            del self._line_writes[key]
+        await self.storage.update_line_words(await write, segment)
 
     def _on_state(self, event: StateChanged) -> None:
         self.upstream = event.state.name.lower()

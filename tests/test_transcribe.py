@@ -277,6 +277,9 @@ async def test_a_two_speaker_meeting_with_threads_and_captions_from_start_to_min
         assert "2 participants" in summary.content and "3 lines" in summary.content
         files = check_minutes_files(upload, {"alice", "bob"})
         assert "預算" in files["minutes.md"]
+        # Each line's timestamped twin amended the stored line (words), adding no line.
+        segments = json.loads(files["minutes.json"])["segments"]
+        assert len(segments) == 3 and all(seg["words"] for seg in segments), segments
         assert not h.requests("PATCH", r"/members/@me$")[-1].json["nick"], "nickname restored"
 
 
