@@ -108,6 +108,8 @@ class CantoBot(commands.AutoShardedBot):
             self._storage = await open_storage(self.config.storage)
         self.meetings = MeetingManager(self.config, self._storage)
         await self.meetings.load()
+        # The meetings hear voice-state changes (empty channel, the bot moved) themselves.
+        self.add_listener(self.meetings.on_voice_state_update, "on_voice_state_update")
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
         for name in EXTENSIONS:
             try:

@@ -66,3 +66,9 @@ class SttSessionError(SttError):
 
 class VoiceError(CantobotError):
     pass
+
+
+class StreamClosed(RuntimeError):
+    """A speaker's stream or STT session was closed before it could start (a stop or an
+    opt-out came first): expected, not trouble to report. Not a :class:`CantobotError`: no user
+    is ever shown it."""

@@ -6,7 +6,6 @@ speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import TYPE_CHECKING
 
@@ -15,8 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.errors import CantobotError
-from bot.meeting import MeetingManager, minutes_files
-from bot.transcript import minutes as minutes_fmt
+from bot.meeting import MeetingManager, MinutesPost
 from bot.transcript.format import format_timestamp
 
 if TYPE_CHECKING:
@@ -195,10 +193,7 @@ class Transcribe(commands.Cog):
                 await interaction.followup.send(f"No meeting #{session} in this server.")
                 return
         minutes = await storage.minutes(session)
-        files = [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
-                 for name, body in minutes_files(minutes).items()]
-        await interaction.followup.send(minutes_fmt.summary_text(minutes)[:2000], files=files,
-                                        allowed_mentions=discord.AllowedMentions.none())
+        await MinutesPost.of(minutes).send(interaction.followup.send)
 
     @group.command(name="optout", description="Never transcribe my voice")
     async def optout(self, interaction: discord.Interaction) -> None:
@@ -226,13 +221,6 @@ class Transcribe(commands.Cog):
             await self._refuse(interaction, text[:2000])
         except discord.HTTPException as exc:
             log.warning("could not tell %s that /%s failed: %s", interaction.user, command, exc)
-
-    @commands.Cog.listener()
-    async def on_voice_state_update(self, member: discord.Member, before: discord.VoiceState,
-                                    after: discord.VoiceState) -> None:
-        meeting = self.meetings.get(member.guild.id)
-        if meeting is not None:
-            meeting.check_empty()
 
 
 async def setup(bot: CantoBot) -> None:

@@ -51,7 +51,14 @@ import aiohttp
 import numpy as np
 import socketio
 
-from bot.errors import CantobotError, SttAuthError, SttError, SttSessionError, SttUnavailable
+from bot.errors import (
+    CantobotError,
+    StreamClosed,
+    SttAuthError,
+    SttError,
+    SttSessionError,
+    SttUnavailable,
+)
 from bot.stt import protocol as p
 from bot.transcript.model import Segment, Word
 
@@ -259,6 +266,8 @@ class SttSession:
         :class:`SttSessionError` (refused or no ``session-started`` in time); the state is then
         FAILED.
         """
+        if self.state is SttState.CLOSED:
+            raise StreamClosed(f"stt[{self.speaker}] closed before it started")
         if self.state not in (SttState.IDLE, SttState.FAILED):
             raise RuntimeError(f"start() in state {self.state.value}: a session starts once")
         try:

@@ -1,0 +1,152 @@
+"""Voice intake: the voice channel a meeting hears, from joining it to draining it.
+
+Owns the :class:`~bot.voice.receiver.VoiceReceiver` (RTP -> per-member PCM), the
+:class:`~bot.voice.client.VoiceListener` bound to discord.py's voice client, the rejoin when the
+listener's watchdog reports a stall, following a move to another channel, and :meth:`drain`.
+What the receiver emits goes to the callbacks it is given (the speakers); what members should
+hear about goes to the notice callbacks (the ledger). It knows nothing of STT or storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import discord
+import numpy as np
+
+from bot.config import Config
+from bot.meeting.tasks import TaskOwner
+from bot.voice.client import VoiceListener
+from bot.voice.receiver import VoiceReceiver
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for discord.py to join (or rejoin) a voice channel.
+JOIN_TIMEOUT = 30.0
+#: far enough ahead of now to be past every jitter, fill and idle timeout of the receiver.
+_PAST_EVERY_TIMEOUT = 3600.0
+
+VoiceChannel = discord.VoiceChannel | discord.StageChannel
+
+
+class VoiceIntake:
+    """One meeting's voice connection; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        guild: discord.Guild,
+        channel: VoiceChannel,
+        tasks: TaskOwner,
+        on_audio: Callable[[int, np.ndarray], None],
+        on_idle: Callable[[int], None],
+        is_ignored: Callable[[int], bool],
+        notice_once: Callable[[str, str], None],
+        say: Callable[[str], None],
+    ) -> None:
+        self.guild = guild
+        self.channel = channel
+        self._tasks = tasks
+        self._notice_once = notice_once
+        self._say = say
+        self.receiver = VoiceReceiver(
+            sample_rate=config.stt.sample_rate,
+            on_audio=on_audio,
+            on_idle=on_idle,
+            is_ignored=is_ignored,
+            jitter_packets=max(1, config.voice.jitter_ms // 20),
+            idle_timeout=config.voice.idle_timeout,
+        )
+        self.listener = VoiceListener(
+            self.receiver,
+            keepalive_seconds=config.voice.keepalive_seconds,
+            watchdog_seconds=config.voice.watchdog_seconds,
+            on_stalled=self._on_stalled,
+        )
+
+    @property
+    def output_rate(self) -> int:
+        return self.receiver.output_rate
+
+    async def join(self) -> None:
+        """Join the channel (undeafened: we receive). Raises what discord.py raises."""
+        await self.channel.connect(cls=self.listener.factory(), timeout=JOIN_TIMEOUT,
+                                   self_deaf=False)
+
+    # -- keeping the connection ------------------------------------------------------------------
+
+    def _on_stalled(self, why: str) -> None:
+        self._notice_once("voice-stalled", f"\N{WARNING SIGN} Voice receive stalled ({why}); "
+                                           "reconnecting to the voice channel.")
+        self._tasks.spawn(self._reconnect(), "voice-reconnect")
+
+    async def _reconnect(self) -> None:
+        vc = self.listener.voice_client
+        log.warning("guild %s: reconnecting voice", self.guild.id)
+        if vc is not None:
+            try:
+                await vc.disconnect(force=True)
+            except Exception:
+                log.debug("disconnect before reconnect failed", exc_info=True)
+        self.receiver.reset_connection()
+        self.listener.reset_watchdog()
+        try:
+            await self.channel.connect(cls=self.listener.factory(), timeout=JOIN_TIMEOUT)
+        except Exception as exc:
+            self._notice_once("voice-lost", f"\N{WARNING SIGN} Lost the voice connection and "
+                                            f"could not rejoin: {exc}")
+
+    def follow_move(self) -> None:
+        """Discord (or a moderator) moved the bot to another voice channel: hear that one from
+        now on (status, empty-channel stop, rejoin) and say so once. discord.py follows the move
+        by itself (a new voice session; the listener re-binds on its READY and
+        SESSION_DESCRIPTION); the bot's own voice state is the first to know the new channel."""
+        me = self.guild.me
+        voice = me.voice if me is not None else None
+        channel = voice.channel if voice is not None else None
+        if channel is None:
+            vc = self.listener.voice_client
+            channel = vc.channel if vc is not None else None
+        if not isinstance(channel, discord.VoiceChannel | discord.StageChannel):
+            return  # between sessions, or disconnected: not a move
+        if channel.id == self.channel.id:
+            return
+        log.info("guild %s: moved from %s to %s", self.guild.id, self.channel.id, channel.id)
+        self.channel = channel
+        self._say(f"\N{RIGHTWARDS ARROW} Moved to **{channel.name}**; still transcribing.")
+
+    def humans_in_channel(self) -> int:
+        return sum(1 for m in self.channel.members if not m.bot)
+
+    def forget_member(self, user_id: int) -> None:
+        """Nothing more of this member is decoded (an opt-out)."""
+        self.receiver.forget_member(user_id)
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop receiving and hand on everything already received: what the socket delivered,
+        then every jitter buffer, and end every member (``on_idle`` for each). Audio after this
+        is not heard. The receiver has no drain of its own: a tick past every one of its
+        timeouts releases every buffer and ends every member, which is exactly a drain."""
+        await self.listener.aclose()
+        self.receiver.tick(time.monotonic() + _PAST_EVERY_TIMEOUT)
+
+    async def leave(self) -> None:
+        """Disconnect from voice (after :meth:`drain`); safe when never joined."""
+        await self.listener.aclose()
+        vc = self.listener.voice_client
+        if vc is not None and vc.is_connected():
+            await vc.disconnect(force=True)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def e2ee(self) -> tuple[bool, str | None]:
+        """(end-to-end encrypted?, the voice privacy code) of the current connection."""
+        dave = self.receiver.dave
+        if dave is None or self.listener.voice_client is None:
+            return False, None
+        return dave.is_e2ee(), dave.privacy_code()

@@ -1,0 +1,216 @@
+"""The ledger: what a meeting keeps and what its channel is told.
+
+Owns the storage rows of the meeting (every committed line is written the moment it arrives, so
+a crash loses nothing, and amended in place when its timestamped twin comes), the
+:class:`~bot.sinks.discord_sink.DiscordTranscriptSink` (lines, captions, notices), the notices
+about upstream trouble (said once per kind per :data:`NOTICE_COOLDOWN`, not once per speaker per
+second), the bot's nickname notice, and :class:`MinutesPost`: the one way minutes are put into
+words and files, used by a stop, by crash recovery and by ``/transcribe minutes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import discord
+
+from bot.errors import CantobotError, SttAuthError
+from bot.meeting.tasks import TaskOwner
+from bot.sinks.discord_sink import DiscordTranscriptSink
+from bot.storage import StorageBackend
+from bot.stt.session import SttState
+from bot.transcript import minutes as minutes_fmt
+from bot.transcript.format import nickname_with_notice
+from bot.transcript.model import Minutes, Segment
+
+log = logging.getLogger(__name__)
+
+#: Seconds a stop waits for Discord to take the last queued messages before giving up.
+SINK_FLUSH_TIMEOUT = 15.0
+#: The same kind of upstream trouble is said in the channel at most once per this many seconds.
+NOTICE_COOLDOWN = 300.0
+#: Longest Discord message (characters) when minutes are sent in one message.
+MESSAGE_LIMIT = 2000
+#: Task name prefix of storage writes (a stop awaits them all).
+STORE_TASK = "store-"
+
+
+def minutes_files(minutes: Minutes) -> dict[str, str]:
+    """The files attached to posted minutes, by file name."""
+    return {
+        "minutes.md": minutes_fmt.to_markdown(minutes),
+        "minutes.srt": minutes_fmt.to_srt(minutes),
+        "minutes.vtt": minutes_fmt.to_vtt(minutes),
+        "minutes.json": minutes_fmt.to_json(minutes),
+    }
+
+
+@dataclass(frozen=True)
+class MinutesPost:
+    """Minutes as posted: the summary (after an optional preface) and the files."""
+
+    text: str
+    files: dict[str, str]
+
+    @classmethod
+    def of(cls, minutes: Minutes, preface: str = "") -> MinutesPost:
+        return cls(preface + minutes_fmt.summary_text(minutes), minutes_files(minutes))
+
+    def discord_files(self) -> list[discord.File]:
+        return [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
+                for name, body in self.files.items()]
+
+    async def send(self, send: Callable[..., Awaitable[Any]]) -> None:
+        """Post as one message through ``send`` (``channel.send``, ``followup.send``)."""
+        await send(self.text[:MESSAGE_LIMIT], files=self.discord_files(),
+                   allowed_mentions=discord.AllowedMentions.none())
+
+
+class Ledger:
+    """Storage rows, Discord sink and notices of one meeting; see the module docstring."""
+
+    def __init__(self, *, storage: StorageBackend, sink: DiscordTranscriptSink,
+                 guild: discord.Guild, tasks: TaskOwner) -> None:
+        self.storage = storage
+        self.sink = sink
+        self.guild = guild
+        self._tasks = tasks
+        self.meeting_id = 0
+        self.lines = 0
+        self.upstream = "idle"
+        self.upstream_error: CantobotError | None = None
+        self._notices: dict[str, float] = {}
+        #: Storage writes of committed lines not yet amended by their timestamped twin.
+        self._line_writes: dict[tuple[str, str], list[asyncio.Task[int]]] = {}
+        self._old_nick: str | None = None
+
+    # -- opening and closing ---------------------------------------------------------------------
+
+    async def open(self, *, text_channel: discord.TextChannel,
+                   voice_channel: discord.VoiceChannel | discord.StageChannel,
+                   started_at: datetime, threads: bool) -> int:
+        """Create the meeting's row, start the sink, say what is happening, mark the nickname."""
+        self.meeting_id = await self.storage.start_meeting(
+            guild_id=self.guild.id,
+            text_channel_id=text_channel.id,
+            voice_channel_id=voice_channel.id,
+            title=f"{voice_channel.name} meeting",
+            started_at=started_at,
+        )
+        await self.sink.start()
+        self.sink.post_notice(
+            f"\N{STUDIO MICROPHONE} **{voice_channel.name}** is now being transcribed "
+            f"(meeting #{self.meeting_id}). Lines are posted here"
+            + (" and in one caption thread per speaker" if threads else "")
+            + ". Don't want to be transcribed? Use `/transcribe optout`: your voice is then "
+            "never decoded or sent anywhere."
+        )
+        await self._set_nickname(transcribing=True)
+        return self.meeting_id
+
+    async def abort(self) -> None:
+        """The meeting never went live: end its row, no minutes."""
+        await self._set_nickname(transcribing=False)
+        await self.sink.aclose(SINK_FLUSH_TIMEOUT)
+        await self.storage.end_meeting(self.meeting_id, datetime.now(UTC))
+
+    async def flush(self) -> None:
+        """Wait for every storage write spawned so far (the last lines come with the flush)."""
+        await self._tasks.wait_for(STORE_TASK)
+
+    async def close(self) -> Minutes:
+        """End the row, post the minutes, give the nickname back, flush Discord."""
+        await self.storage.end_meeting(self.meeting_id, datetime.now(UTC))
+        minutes = await self.storage.minutes(self.meeting_id)
+        await self.post_minutes(minutes)
+        await self._set_nickname(transcribing=False)
+        await self.sink.aclose(SINK_FLUSH_TIMEOUT)
+        return minutes
+
+    async def post_minutes(self, minutes: Minutes) -> None:
+        post = MinutesPost.of(minutes)
+        await self.sink.post_minutes(summary=post.text, files=post.files)
+
+    async def _set_nickname(self, *, transcribing: bool) -> None:
+        me = self.guild.me
+        if me is None:
+            return
+        try:
+            if transcribing:
+                self._old_nick = me.nick
+                await me.edit(nick=nickname_with_notice(me.display_name))
+            else:
+                await me.edit(nick=self._old_nick)
+        except discord.HTTPException as exc:  # Change Nickname missing: the notice suffices
+            log.info("guild %s: nickname not changed (%s)", self.guild.id, exc)
+
+    # -- lines -----------------------------------------------------------------------------------
+
+    def commit(self, segment: Segment, *, display_name: str, avatar_url: str | None) -> None:
+        """A new line: stored now, posted in order."""
+        self.lines += 1
+        write = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
+                                  f"{STORE_TASK}line-{self.lines}")
+        self._line_writes.setdefault((segment.speaker, segment.text), []).append(write)
+        self.sink.post_line(segment, display_name=display_name, avatar_url=avatar_url)
+        log.info("guild %s: line %d from %s posted", self.guild.id, self.lines, segment.speaker)
+
+    def amend(self, segment: Segment) -> None:
+        """The timestamped twin of a line: its words and better times replace the row's."""
+        self._tasks.spawn(self._store_words(segment), f"{STORE_TASK}words-{self.lines}")
+
+    async def _store_words(self, segment: Segment) -> None:
+        # The session emits a sentence's timestamped twin only after the sentence itself, whose
+        # write may still be in flight: wait for that write and amend the row it made.
+        key = (segment.speaker, segment.text)
+        writes = self._line_writes.get(key)
+        if not writes:
+            await self.storage.add_line(self.meeting_id, segment)
+            return
+        write = writes.pop(0)
+        if not writes:
+            del self._line_writes[key]
+        await self.storage.update_line_words(await write, segment)
+
+    # -- notices ---------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        self.sink.post_notice(text)
+
+    def notice_once(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        last = self._notices.get(kind)
+        if last is not None and now - last < NOTICE_COOLDOWN:
+            return
+        self._notices[kind] = now
+        log.warning("guild %s: %s", self.guild.id, text)
+        self.sink.post_notice(text)
+
+    def upstream_state(self, state: SttState, error: CantobotError | None) -> None:
+        """A session changed state: report trouble once, and its end once."""
+        self.upstream = state.name.lower()
+        if error is not None:
+            self.upstream_trouble(error)
+        elif state is SttState.STREAMING and self.upstream_error is not None:
+            self.upstream_error = None
+            self.notice_once("stt-recovered", "\N{WHITE HEAVY CHECK MARK} Speech-to-text is "
+                                              "back; transcription continues.")
+
+    def upstream_trouble(self, error: CantobotError) -> None:
+        self.upstream_error = error
+        kind = "stt-auth" if isinstance(error, SttAuthError) else f"stt-{type(error).__name__}"
+        text = (f"\N{WARNING SIGN} {error.user_message}"
+                + ("" if error.permanent else " — retrying; nothing said is lost."))
+        self.notice_once(kind, text)
+
+    def upstream_text(self) -> str:
+        if self.upstream_error is None:
+            return self.upstream
+        return f"{self.upstream}: {self.upstream_error.user_message}"

@@ -1,0 +1,205 @@
+"""Speakers: who is heard, and each heard member's stream to the STT service.
+
+Owns the :class:`~bot.pipeline.Transcriber` of one meeting (one
+:class:`~bot.pipeline.SpeakerStream` per member, opened on their first audio and finished when
+they go quiet), the opt-out checks (the cached list decides whether audio is decoded at all;
+storage, shared by every process, is asked again before anything of a new stream is sent), the
+process-wide capacity gate (:class:`~bot.pipeline.SessionSlots`) and the names shown for
+members. A stream closed before it could start raises :class:`StreamClosed`, which is not
+trouble to report. STT events go to the ``on_event`` callback it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import discord
+import numpy as np
+
+from bot.config import Config
+from bot.errors import CantobotError, StreamClosed
+from bot.meeting.tasks import TaskOwner
+from bot.pipeline import EventCallback, SessionSlots, SpeakerStream, Transcriber
+from bot.stt.session import SttState
+
+__all__ = ["Speakers", "StreamClosed"]
+
+log = logging.getLogger(__name__)
+
+
+class Speakers:
+    """The member streams of one meeting; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        guild: discord.Guild,
+        tasks: TaskOwner,
+        on_event: EventCallback,
+        is_opted_out: Callable[[int], bool],
+        confirm_opt_out: Callable[[int], Awaitable[bool]] | None,
+        accepting: Callable[[], bool],
+        notice_once: Callable[[str, str], None],
+        on_start_failed: Callable[[CantobotError], None],
+        forget_voice: Callable[[int], None],
+        slots: SessionSlots | None = None,
+        t0: float | None = None,
+    ) -> None:
+        self.config = config
+        self.guild = guild
+        self._tasks = tasks
+        self._is_opted_out = is_opted_out
+        self._confirm_opt_out = confirm_opt_out
+        self._accepting = accepting
+        self._notice_once = notice_once
+        self._on_start_failed = on_start_failed
+        self._forget_voice = forget_voice
+        self._t0 = time.monotonic() if t0 is None else t0
+        self._names: dict[int, str] = {}
+        # Shared backoff of failed first starts (see _start_stream).
+        self._start_backoff = 0.0
+        self._start_not_before = 0.0
+        self._start_lock = asyncio.Lock()
+        self.transcriber = Transcriber(config.stt, on_event, slots=slots,
+                                       on_wait=self._on_capacity_wait)
+
+    # -- who is heard ----------------------------------------------------------------------------
+
+    def is_ignored(self, user_id: int) -> bool:
+        """Opted out, or a bot: never decoded."""
+        if self._is_opted_out(user_id):
+            return True
+        member = self.guild.get_member(user_id)
+        return member is not None and member.bot
+
+    def display(self, user_id: int) -> tuple[str, str | None]:
+        """(display name, avatar URL); the last known name once a member has left."""
+        member = self.guild.get_member(user_id)
+        if member is None:
+            return self._names.get(user_id, f"user-{user_id}"), None
+        self._names[user_id] = member.display_name
+        return member.display_name, member.display_avatar.url
+
+    def user_key(self, speaker: str) -> int | str:
+        """The member id of the stream with this display name, else the name itself."""
+        for stream in self.transcriber.streams():
+            if stream.speaker == speaker and stream.speaker_id is not None:
+                return stream.speaker_id
+        return speaker
+
+    # -- audio -----------------------------------------------------------------------------------
+
+    def on_audio(self, user_id: int, pcm: np.ndarray, rate: int) -> None:
+        """A member's decoded audio at ``rate``: to their stream, opened on first audio."""
+        stream = self.transcriber.get(user_id)
+        if stream is None:
+            if not self._accepting():
+                return
+            name, _ = self.display(user_id)
+            stream = self.transcriber.open(
+                user_id,
+                speaker=name,
+                speaker_id=user_id,
+                in_rate=rate,
+                stream_offset=time.monotonic() - self._t0 - len(pcm) / rate,
+            )
+            log.info("guild %s: speaker %s started", self.guild.id, name)
+            self._tasks.spawn(self._start_stream(stream), f"start-stream-{user_id}")
+        if rate == self.config.stt.sample_rate:
+            stream.feed_converted(pcm)
+        else:
+            stream.feed(pcm)
+
+    def on_idle(self, user_id: int) -> None:
+        """A member went quiet: finish their stream without making anyone wait."""
+        # A quiet speaker's session may be mid-reconnect (STT outage): keep their unconfirmed
+        # audio as long as the buffer bound allows rather than the short stop timeout.
+        stt = self.config.stt
+        self.transcriber.finish_in_background(
+            user_id, within=max(stt.stop_timeout, stt.max_buffer_seconds))
+
+    def forget(self, user_id: int) -> None:
+        """A member opted out mid-meeting: stop decoding them and stop their stream now."""
+        self._forget_voice(user_id)
+        self.transcriber.finish_in_background(user_id)
+
+    # -- starting streams ------------------------------------------------------------------------
+
+    async def _start_stream(self, stream: SpeakerStream) -> None:
+        """Start a speaker's session; a failed first start is retried, meeting-wide backoff.
+
+        The session retries by itself only after it once streamed; a first start that fails
+        (outage, no ``session-started``, ``session-error``, 401) is retried here while the
+        session keeps the speaker's audio. All streams share one capped, jittered backoff and,
+        while in trouble, try one at a time: a rejected key costs at most one connection per
+        backoff period, however many people talk.
+        """
+        uid, confirm = stream.speaker_id, self._confirm_opt_out
+        if uid is not None and confirm is not None and await confirm(uid):
+            # Opted out through another process: nothing of this stream is sent anywhere.
+            self._forget_voice(uid)
+            await self.transcriber.discard(uid)
+            return
+        while self._startable(stream):
+            wait = self._start_not_before - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self._start_backoff > 0:
+                async with self._start_lock:
+                    if self._start_not_before > time.monotonic() or not self._startable(stream):
+                        continue
+                    if await self._try_start(stream):
+                        return
+            elif await self._try_start(stream):
+                return
+
+    def _startable(self, stream: SpeakerStream) -> bool:
+        current = stream.speaker_id is None or self.transcriber.get(stream.speaker_id) is stream
+        return (self._accepting() and current
+                and stream.session.state in (SttState.IDLE, SttState.FAILED))
+
+    async def _try_start(self, stream: SpeakerStream) -> bool:
+        try:
+            await stream.start()
+        except StreamClosed:  # stopped while connecting: nothing left to start
+            return True
+        except CantobotError as exc:
+            self._on_start_failed(exc)
+            stt = self.config.stt
+            self._start_backoff = min(stt.reconnect_max_delay,
+                                      max(stt.reconnect_initial_delay, 2 * self._start_backoff))
+            jitter = 0.5 + random.random() / 2
+            self._start_not_before = time.monotonic() + self._start_backoff * jitter
+            log.info("guild %s: STT start for %s failed; next attempt in %.2f s", self.guild.id,
+                     stream.speaker, self._start_backoff * jitter)
+            return False
+        self._start_backoff = 0.0
+        self._start_not_before = 0.0
+        return True
+
+    def _on_capacity_wait(self, stream: SpeakerStream, position: int) -> None:
+        limit = self.config.stt.max_sessions
+        log.warning("guild %s: %s waits for an STT session (place %d; %d in use)", self.guild.id,
+                    stream.speaker, position, limit)
+        self._notice_once("stt-capacity", f"\N{HOURGLASS WITH FLOWING SAND} This bot is at its "
+                          f"limit of {limit} simultaneous speakers, so new speakers wait their "
+                          "turn and are transcribed as others pause; what they say meanwhile is "
+                          "kept.")
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    async def finish_all(self) -> None:
+        """Flush every stream: the last audio is sent, the last commits awaited (bounded)."""
+        await self.transcriber.finish_all()
+
+    async def aclose(self) -> None:
+        await self.transcriber.aclose()
+
+    def streams(self) -> list[SpeakerStream]:
+        return self.transcriber.streams()

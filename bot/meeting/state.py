@@ -1,0 +1,86 @@
+"""A meeting's life cycle as a transition table, and the values its status reports.
+
+Pure: no Discord, no sockets. :class:`StateMachine` refuses a change the table does not list (a
+bug) and logs every change once, as :class:`~bot.stt.session.SttState` does for a session.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from bot.errors import CantobotError
+
+log = logging.getLogger(__name__)
+
+
+class MeetingState(enum.Enum):
+    STARTING = "starting"
+    LIVE = "live"
+    STOPPING = "stopping"
+    ENDED = "ended"
+
+
+_M = MeetingState
+#: Legal transitions: STARTING -> LIVE on joining voice, -> ENDED when the join fails; a stop
+#: (command, empty channel, shutdown) goes through STOPPING to ENDED.
+TRANSITIONS: Final[dict[MeetingState, frozenset[MeetingState]]] = {
+    _M.STARTING: frozenset({_M.LIVE, _M.STOPPING, _M.ENDED}),
+    _M.LIVE: frozenset({_M.STOPPING}),
+    _M.STOPPING: frozenset({_M.ENDED}),
+    _M.ENDED: frozenset(),
+}
+
+
+class StateMachine:
+    """The current :class:`MeetingState` of one meeting; every change is checked and logged."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.state = MeetingState.STARTING
+
+    def to(self, new: MeetingState, why: str = "") -> None:
+        old = self.state
+        if new is old:
+            return
+        if new not in TRANSITIONS[old]:
+            raise AssertionError(f"illegal meeting state change {old.value} -> {new.value}")
+        self.state = new
+        log.info("%s: %s -> %s%s", self.label, old.value, new.value, f" ({why})" if why else "")
+
+    @property
+    def accepting_speakers(self) -> bool:
+        """New speakers are opened only before the stop begins."""
+        return self.state in (MeetingState.STARTING, MeetingState.LIVE)
+
+
+class MeetingError(CantobotError):
+    """A meeting could not start or stop; the message is shown to the user."""
+
+    permanent = True
+
+
+@dataclass(frozen=True)
+class SpeakerStatus:
+    name: str
+    user_id: int | None
+    seconds: float
+    upstream: str
+
+
+@dataclass(frozen=True)
+class MeetingStatus:
+    meeting_id: int
+    voice_channel: str
+    text_channel: str
+    started_at: datetime
+    duration: float
+    speakers: tuple[SpeakerStatus, ...]
+    lines_posted: int
+    upstream: str
+    e2ee: bool
+    privacy_code: str | None
+    state: MeetingState
