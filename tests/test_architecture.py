@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PURE = [
     "bot/config.py",
     "bot/errors.py",
+    "bot/logsafe.py",
     "bot/voice/rtp.py",
     "bot/voice/crypto.py",
     "bot/voice/jitter.py",

@@ -95,8 +95,8 @@ async def open_storage_at(
 
 
 def storage_target(config: StorageConfig) -> str:
-    """``storage.url`` when set, else ``storage.path``."""
-    return config.url if config.url else config.path
+    """``storage.url`` (its real value: a secret) when set, else ``storage.path``."""
+    return config.url.reveal() if config.url else config.path
 
 
 def describe_target(target: str) -> str:
