@@ -18,6 +18,7 @@ from bot.errors import CantobotError
 from bot.meeting import MeetingManager, minutes_files
 from bot.storage.common import MeetingInfo, MeetingNotFound
 from bot.transcript import minutes as minutes_fmt
+from bot.transcript.escape import ERROR_BUDGET, outside
 from bot.transcript.format import format_timestamp
 
 if TYPE_CHECKING:
@@ -147,7 +148,8 @@ class Transcribe(commands.Cog):
         if missing:
             await self._refuse(interaction, "I am missing permissions: "
                                + ", ".join(f"**{p}**" for p in missing)
-                               + f" (in #{target.name} / {voice.name}). Grant them to my role, "
+                               + f" (in #{outside(target.name)} / {outside(voice.name)}). Grant "
+                               "them to my role, "
                                "then try again.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -157,16 +159,17 @@ class Transcribe(commands.Cog):
                 threads=threads, captions=captions,
             )
         except CantobotError as exc:
-            await interaction.followup.send(f"Could not start: {exc.user_message}", ephemeral=True)
+            await interaction.followup.send(
+                f"Could not start: {outside(exc.user_message, ERROR_BUDGET)}", ephemeral=True)
             return
         info = await self.bot.storage.meeting_info(meeting.meeting_id)
         number = f" (meeting #{info.number})" if info is not None else ""
-        reply = (f"Transcribing **{discord.utils.escape_markdown(voice.name)}** into "
+        reply = (f"Transcribing **{outside(voice.name)}** into "
                  f"{target.mention}{number}.")
         if missing_permissions(text_perms, WEBHOOK_PERMISSIONS):
-            reply += ("\nI am missing **Manage Webhooks** in #" + target.name + ", so lines are "
-                      "posted by me with the speaker's name in bold; grant it to show each line "
-                      "as its speaker.")
+            reply += ("\nI am missing **Manage Webhooks** in #" + outside(target.name)
+                      + ", so lines are posted by me with the speaker's name in bold; grant it "
+                      "to show each line as its speaker.")
         await interaction.followup.send(reply, ephemeral=True)
 
     @group.command(name="stop", description="Stop transcribing and post the minutes")
@@ -181,7 +184,7 @@ class Transcribe(commands.Cog):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         minutes = await self.meetings.stop(interaction.guild.id, "stopped by "
-                                           f"{interaction.user.display_name}")
+                                           f"{outside(interaction.user.display_name)}")
         lines = len(minutes.segments) if minutes is not None else 0
         await interaction.followup.send(f"Stopped. {lines} line(s); the minutes are posted.",
                                         ephemeral=True)
@@ -196,15 +199,17 @@ class Transcribe(commands.Cog):
             return
         st = meeting.status()
         speakers = "\n".join(
-            f"• {discord.utils.escape_markdown(s.name)}: {format_timestamp(s.seconds)} of audio, "
+            f"• {outside(s.name)}: {format_timestamp(s.seconds)} of audio, "
             f"upstream {s.upstream}" for s in st.speakers) or "• nobody has spoken yet"
         e2ee = (f"yes (DAVE), voice privacy code `{st.privacy_code}`" if st.e2ee and st.privacy_code
                 else "yes (DAVE)" if st.e2ee else "no")
         info = await self.bot.storage.meeting_info(st.meeting_id)
         number = info.number if info is not None else "?"
-        text = (f"**Meeting #{number}**: {st.voice_channel} → #{st.text_channel}, "
+        text = (f"**Meeting #{number}**: {outside(st.voice_channel)} → "
+                f"#{outside(st.text_channel)}, "
                 f"running {format_timestamp(st.duration)}\n"
-                f"Lines posted: {st.lines_posted}\nSpeech-to-text: {st.upstream}\n"
+                f"Lines posted: {st.lines_posted}\n"
+                f"Speech-to-text: {outside(st.upstream, ERROR_BUDGET)}\n"
                 f"End-to-end encrypted: {e2ee}\nSpeakers:\n{speakers}")
         await interaction.response.send_message(text, ephemeral=True)
 

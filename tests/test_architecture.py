@@ -28,6 +28,7 @@ PURE = [
     "bot/stt/protocol.py",
     "bot/transcript/model.py",
     "bot/transcript/format.py",
+    "bot/transcript/escape.py",
     "bot/transcript/minutes.py",
 ]
 #: Third-party packages a pure module may use (no I/O of their own).
