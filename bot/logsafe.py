@@ -129,14 +129,16 @@ def install() -> None:
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
-            _redact_record(record)
+            redact_record(record)
             return record
 
         logging.setLogRecordFactory(factory)
         _installed = True
 
 
-def _redact_record(record: logging.LogRecord) -> None:
+def redact_record(record: logging.LogRecord) -> None:
+    """Format ``record``'s message (and traceback) now, redacted; what :func:`install` does to
+    every record."""
     try:
         message = record.getMessage()
     except Exception:  # a broken format string: let logging report it as it always does
