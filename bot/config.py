@@ -131,6 +131,11 @@ class StorageConfig:
     url: SecretUrl | None = None
     retention_days: int = field(default=30, metadata=_range(0, None))
 
+    def __post_init__(self) -> None:
+        # A URL given as a plain string (code building a config directly) is a secret too.
+        if self.url is not None and not isinstance(self.url, SecretUrl):
+            object.__setattr__(self, "url", SecretUrl(self.url))
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
