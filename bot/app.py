@@ -28,6 +28,7 @@ from discord.ext import commands
 
 from bot.config import DEFAULT_DISCORD_API_BASE, DEFAULT_DISCORD_GATEWAY, Config, with_overrides
 from bot.errors import ConfigError
+from bot.logsafe import add_secrets
 from bot.meeting import MeetingManager
 from bot.storage import StorageBackend, describe_target, open_storage, storage_target
 
@@ -91,6 +92,7 @@ class CantoBot(commands.AutoShardedBot):
             **kwargs,
         )
         self.config = config
+        add_secrets(config.discord.token.reveal(), config.stt.api_key.reveal())  # kept out of logs
         self._storage = storage
         self.meetings: MeetingManager | None = None
         self._retention_task: asyncio.Task[None] | None = None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from bot.config import Config, load_config, with_overrides
 from bot.errors import CantobotError, ConfigError
+from bot.logsafe import install as install_log_redaction
 
 log = logging.getLogger("cantobot")
 
@@ -29,6 +30,7 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    install_log_redaction()  # no token, key or password in any record, at any level
     # Chatty third-party loggers stay at WARNING unless we debug.
     if level.upper() != "DEBUG":
         for name in ("socketio", "engineio", "discord", "aiohttp"):

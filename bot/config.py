@@ -9,6 +9,8 @@ config object can be logged safely.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import logging
 import os
 import types
 import typing
@@ -16,10 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from bot.errors import ConfigError
+from bot.logsafe import redact_url
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STT_URL = "https://cantonese.ai"
 DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
@@ -47,6 +53,20 @@ class Secret(str):
         return str.__str__(self)
 
 
+class SecretUrl(Secret):
+    """A URL that may hold a password (``storage.url``): printed with it redacted.
+
+    ``repr``/``str``/``format`` show :func:`~bot.logsafe.redact_url` of it (user-info password
+    and ``password=`` query values as ``***``), so where the data lives stays visible.
+    """
+
+    def __repr__(self) -> str:
+        return f"SecretUrl({redact_url(self.reveal())!r})"
+
+    def __str__(self) -> str:
+        return redact_url(self.reveal())
+
+
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     return {"range": (lo, hi)}
 
@@ -64,6 +84,8 @@ class DiscordConfig:
     ca_file: str | None = None
     shard_count: int | None = field(default=None, metadata=_range(1, None))
     shard_ids: tuple[int, ...] | None = None
+    #: Allow plain http:// / ws:// to a host other than loopback (the token goes in clear).
+    allow_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,8 @@ class SttConfig:
     reconnect_initial_delay: float = field(default=0.5, metadata=_range(0.01, 60))
     reconnect_max_delay: float = field(default=30.0, metadata=_range(0.1, 3600))
     max_sessions: int = field(default=500, metadata=_range(1, None))
+    #: Allow plain http:// / ws:// to a host other than loopback (the API key goes in clear).
+    allow_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,8 +128,13 @@ class TranscribeConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: str = "cantobot.sqlite3"
-    url: str | None = None
+    url: SecretUrl | None = None
     retention_days: int = field(default=30, metadata=_range(0, None))
+
+    def __post_init__(self) -> None:
+        # A URL given as a plain string (code building a config directly) is a secret too.
+        if self.url is not None and not isinstance(self.url, SecretUrl):
+            object.__setattr__(self, "url", SecretUrl(self.url))
 
 
 @dataclass(frozen=True)
@@ -149,6 +178,22 @@ ENV_OVERRIDES: Mapping[str, str] = {
 
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
+#: Sections holding a secret: a mistake anywhere in them is reported without the value (a
+#: token pasted under the wrong key, or as the section itself, must not reach a terminal or log).
+SECRET_SECTIONS = frozenset({"discord", "stt", "storage"})
+
+
+def _shown(value: Any, key: str) -> str:
+    """``value`` for an error message, unless ``key`` lies in a secret-bearing section."""
+    if key.split(".", 1)[0] in SECRET_SECTIONS:
+        return f"{_kind(value)} (value not shown: this section holds secrets)"
+    return repr(value)
+
+
+def _kind(value: Any) -> str:
+    return {bool: "true/false", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value), "a value")
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -157,7 +202,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " (or null)"
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is Secret:
+    if tp in (Secret, SecretUrl):
         return "a string"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp))
@@ -177,7 +222,7 @@ def _coerce(value: Any, tp: Any, file: str, key: str, from_env: bool) -> Any:
         if from_env and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise ConfigError(file, key, f"expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(file, key, f"expected {_type_name(tp)}, got {_shown(value, key)}")
         return tuple(_coerce(v, item_tp, file, key, from_env) for v in value)
     if tp is bool:
         if from_env and isinstance(value, str):
@@ -188,7 +233,7 @@ def _coerce(value: Any, tp: Any, file: str, key: str, from_env: bool) -> Any:
                 return False
         if isinstance(value, bool):
             return value
-        raise ConfigError(file, key, f"expected true or false, got {value!r}")
+        raise ConfigError(file, key, f"expected true or false, got {_shown(value, key)}")
     if tp is int:
         if from_env and isinstance(value, str):
             try:
@@ -199,7 +244,7 @@ def _coerce(value: Any, tp: Any, file: str, key: str, from_env: bool) -> Any:
             return value
         elif isinstance(value, str) and value.isdigit():
             return int(value)  # Discord ids are often quoted in YAML
-        raise ConfigError(file, key, f"expected an integer, got {value!r}")
+        raise ConfigError(file, key, f"expected an integer, got {_shown(value, key)}")
     if tp is float:
         if from_env and isinstance(value, str):
             try:
@@ -208,13 +253,13 @@ def _coerce(value: Any, tp: Any, file: str, key: str, from_env: bool) -> Any:
                 pass
         elif isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(file, key, f"expected a number, got {value!r}")
-    if tp in (str, Secret):
+        raise ConfigError(file, key, f"expected a number, got {_shown(value, key)}")
+    if tp in (str, Secret, SecretUrl):
         if isinstance(value, str):
-            return Secret(value) if tp is Secret else value
-        if tp is Secret:
+            return tp(value) if tp is not str else value
+        if tp is not str:
             raise ConfigError(file, key, "expected a string (value not shown: it is a secret)")
-        raise ConfigError(file, key, f"expected a string, got {value!r}")
+        raise ConfigError(file, key, f"expected a string, got {_shown(value, key)}")
     raise AssertionError(f"unsupported config type {tp!r}")  # a bug in this module
 
 
@@ -223,14 +268,15 @@ def _check_range(f: dataclasses.Field[Any], value: Any, file: str, key: str) -> 
     if isinstance(value, int | float) and not isinstance(value, bool):
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise ConfigError(file, key, f"must be {bounds}, got {value}")
+            raise ConfigError(file, key, f"must be {bounds}, got {value}")  # numbers only
 
 
 def _build(cls: type[Any], data: Any, file: str, prefix: str, env: Mapping[str, Any]) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(file, prefix or "<top level>", f"expected a mapping, got {data!r}")
+        where = prefix or "<top level>"
+        raise ConfigError(file, where, f"expected a mapping, got {_shown(data, where)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     for key in data:
@@ -289,12 +335,51 @@ def load_config(
         )
     for key, url in (("stt.url", config.stt.url), ("discord.api_base", config.discord.api_base)):
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(file, key, f"must be an http(s) URL, got {url!r}")
+            raise ConfigError(file, key, f"must be an http(s) URL, got {_shown(url, key)}")
     if not config.discord.gateway_url.startswith(("ws://", "wss://")):
         raise ConfigError(file, "discord.gateway_url", "must be a ws(s) URL")
+    check_transport(config, file)
     if config.discord.ca_file is not None and not Path(config.discord.ca_file).is_file():
         raise ConfigError(file, "discord.ca_file", f"no such file: {config.discord.ca_file}")
     return dataclasses.replace(config, source=file)
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): traffic never leaves the machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(config: Config, source: str) -> None:
+    """Refuse plain http:// or ws:// to a non-loopback host unless the section allows it:
+    the STT key and the Discord token would cross the network in clear."""
+    checks = (
+        ("stt", config.stt.url, config.stt.allow_insecure, "the cantonese.ai API key"),
+        ("discord", config.discord.api_base, config.discord.allow_insecure, "the bot token"),
+        ("discord", config.discord.gateway_url, config.discord.allow_insecure, "the bot token"),
+    )
+    for section, url, allowed, what in checks:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "ws") or is_loopback_host(parts.hostname):
+            continue
+        key = f"{section}.{'url' if section == 'stt' else _url_key(config, url)}"
+        if not allowed:
+            raise ConfigError(
+                source, key,
+                f"plain {parts.scheme}:// to {parts.hostname} would send {what} unencrypted; use "
+                f"{parts.scheme}s:// or set {section}.allow_insecure: true")
+        log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
+                    key, parts.scheme, parts.hostname, what, section)
+
+
+def _url_key(config: Config, url: str) -> str:
+    return "api_base" if url == config.discord.api_base else "gateway_url"
 
 
 def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Config:
@@ -311,4 +396,7 @@ def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Confi
             f = {f.name: f for f in dataclasses.fields(current)}[key]
             _check_range(f, checked[key], "command line", f"{section}.{key}")
         sections[section] = dataclasses.replace(current, **checked)
-    return dataclasses.replace(config, **sections)
+    updated = dataclasses.replace(config, **sections)
+    if "stt" in sections or "discord" in sections:
+        check_transport(updated, "command line")
+    return updated

@@ -1,4 +1,4 @@
-"""`/transcribe start|stop|status|minutes|optout|optin`: parse the interaction, call bot/, reply.
+"""`/transcribe start|stop|status|minutes|forget|forget-me|optout|optin`: parse, call bot/, reply.
 
 Refusals and errors are ephemeral and say what to do. Long steps (joining voice, flushing every
 speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
@@ -6,6 +6,7 @@ speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from discord.ext import commands
 
 from bot.errors import CantobotError
 from bot.meeting import MeetingManager, MinutesPost
+from bot.storage.common import MeetingInfo, MeetingNotFound
+from bot.transcript.escape import ERROR_BUDGET, outside
 from bot.transcript.format import format_timestamp
 
 if TYPE_CHECKING:
@@ -39,11 +42,31 @@ def missing_permissions(perms: discord.Permissions,
     return [label for attr, label in wanted if not getattr(perms, attr)]
 
 
+#: What the invoker needs in the transcript channel: the words go where they can read them.
+INVOKER_TEXT_PERMISSIONS = (("view_channel", "View Channel"), ("send_messages", "Send Messages"))
+#: What a member needs in a meeting's text channel to get its minutes (else: manager rights).
+MINUTES_READ_PERMISSIONS = (("view_channel", "View Channel"),
+                            ("read_message_history", "Read Message History"))
+
+
 def may_manage(member: discord.Member, manager_role: str | None) -> bool:
     """Members with Manage Channels, or the configured role, may start and stop."""
     if member.guild_permissions.manage_channels:
         return True
     return manager_role is not None and any(r.name == manager_role for r in member.roles)
+
+
+def may_read_minutes(member: discord.Member, info: MeetingInfo, manager_role: str | None) -> bool:
+    """A meeting's minutes are for those who could read its text channel, and for managers.
+
+    A channel that no longer exists (or the bot cannot see) is readable by managers only.
+    """
+    if may_manage(member, manager_role):
+        return True
+    channel = member.guild.get_channel(info.text_channel_id)
+    if channel is None:
+        return False
+    return not missing_permissions(channel.permissions_for(member), MINUTES_READ_PERMISSIONS)
 
 
 class Transcribe(commands.Cog):
@@ -106,6 +129,12 @@ class Transcribe(commands.Cog):
             await self._refuse(interaction, "Pick a text channel for the transcript "
                                             "(the `channel` option).")
             return
+        if missing_permissions(target.permissions_for(member), INVOKER_TEXT_PERMISSIONS):
+            # The words of the voice room go only where whoever starts it can read them.
+            await self._refuse(interaction, f"You cannot view and send messages in "
+                                            f"{target.mention}, so I will not post the transcript "
+                                            "there. Pick a channel you can post in.")
+            return
         defaults = self.bot.config.transcribe
         threads = defaults.threads if threads is None else threads
         captions = defaults.captions if captions is None else captions
@@ -118,7 +147,8 @@ class Transcribe(commands.Cog):
         if missing:
             await self._refuse(interaction, "I am missing permissions: "
                                + ", ".join(f"**{p}**" for p in missing)
-                               + f" (in #{target.name} / {voice.name}). Grant them to my role, "
+                               + f" (in #{outside(target.name)} / {outside(voice.name)}). Grant "
+                               "them to my role, "
                                "then try again.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -128,14 +158,17 @@ class Transcribe(commands.Cog):
                 threads=threads, captions=captions,
             )
         except CantobotError as exc:
-            await interaction.followup.send(f"Could not start: {exc.user_message}", ephemeral=True)
+            await interaction.followup.send(
+                f"Could not start: {outside(exc.user_message, ERROR_BUDGET)}", ephemeral=True)
             return
-        reply = (f"Transcribing **{voice.name}** into {target.mention} "
-                 f"(meeting #{meeting.meeting_id}).")
+        info = await self.bot.storage.meeting_info(meeting.meeting_id)
+        number = f" (meeting #{info.number})" if info is not None else ""
+        reply = (f"Transcribing **{outside(voice.name)}** into "
+                 f"{target.mention}{number}.")
         if missing_permissions(text_perms, WEBHOOK_PERMISSIONS):
-            reply += ("\nI am missing **Manage Webhooks** in #" + target.name + ", so lines are "
-                      "posted by me with the speaker's name in bold; grant it to show each line "
-                      "as its speaker.")
+            reply += ("\nI am missing **Manage Webhooks** in #" + outside(target.name)
+                      + ", so lines are posted by me with the speaker's name in bold; grant it "
+                      "to show each line as its speaker.")
         await interaction.followup.send(reply, ephemeral=True)
 
     @group.command(name="stop", description="Stop transcribing and post the minutes")
@@ -150,7 +183,7 @@ class Transcribe(commands.Cog):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         minutes = await self.meetings.stop(interaction.guild.id, "stopped by "
-                                           f"{interaction.user.display_name}")
+                                           f"{outside(interaction.user.display_name)}")
         lines = len(minutes.segments) if minutes is not None else 0
         await interaction.followup.send(f"Stopped. {lines} line(s); the minutes are posted.",
                                         ephemeral=True)
@@ -165,35 +198,100 @@ class Transcribe(commands.Cog):
             return
         st = meeting.status()
         speakers = "\n".join(
-            f"• {discord.utils.escape_markdown(s.name)}: {format_timestamp(s.seconds)} of audio, "
+            f"• {outside(s.name)}: {format_timestamp(s.seconds)} of audio, "
             f"upstream {s.upstream}" for s in st.speakers) or "• nobody has spoken yet"
         e2ee = (f"yes (DAVE), voice privacy code `{st.privacy_code}`" if st.e2ee and st.privacy_code
                 else "yes (DAVE)" if st.e2ee else "no")
-        text = (f"**Meeting #{st.meeting_id}**: {st.voice_channel} → #{st.text_channel}, "
+        info = await self.bot.storage.meeting_info(st.meeting_id)
+        number = info.number if info is not None else "?"
+        text = (f"**Meeting #{number}**: {outside(st.voice_channel)} → "
+                f"#{outside(st.text_channel)}, "
                 f"running {format_timestamp(st.duration)}\n"
-                f"Lines posted: {st.lines_posted}\nSpeech-to-text: {st.upstream}\n"
+                f"Lines posted: {st.lines_posted}\n"
+                f"Speech-to-text: {outside(st.upstream, ERROR_BUDGET)}\n"
                 f"End-to-end encrypted: {e2ee}\nSpeakers:\n{speakers}")
         await interaction.response.send_message(text, ephemeral=True)
 
     @group.command(name="minutes", description="Post the minutes of this or an earlier meeting")
-    @app_commands.describe(session="Meeting number (default: the latest)")
+    @app_commands.describe(session="Meeting number (default: the latest you can read)")
     async def minutes(self, interaction: discord.Interaction, session: int | None = None) -> None:
-        assert interaction.guild is not None
+        guild, member = interaction.guild, interaction.user
+        assert guild is not None
+        if not isinstance(member, discord.Member):
+            await self._refuse(interaction, "This command works in a server.")
+            return
         storage = self.bot.storage
-        await interaction.response.defer(thinking=True)
+        role = self.bot.config.discord.manager_role
+        info: MeetingInfo | None
         if session is None:
-            info = await storage.latest_meeting(interaction.guild.id)
+            readable = [m for m in await storage.meetings(guild.id, limit=1000)
+                        if may_read_minutes(member, m, role)]
+            info = readable[0] if readable else None
             if info is None:
-                await interaction.followup.send("No meetings recorded in this server yet.")
+                await self._refuse(interaction, "No meetings you can read are recorded in this "
+                                                "server.")
                 return
-            session = info.id
         else:
-            known = {m.id for m in await storage.meetings(interaction.guild.id, limit=1000)}
-            if session not in known:
-                await interaction.followup.send(f"No meeting #{session} in this server.")
+            info = await storage.meeting_by_number(guild.id, session)
+            # One answer for "no such meeting" and "not yours to read": no probing private ones.
+            if info is None or not may_read_minutes(member, info, role):
+                await self._refuse(interaction, f"No meeting #{session} in this server that you "
+                                                "can read.")
                 return
-        minutes = await storage.minutes(session)
-        await MinutesPost.of(minutes).send(interaction.followup.send)
+        if info.forgotten_at is not None:
+            await self._refuse(interaction, f"Meeting #{info.number} was forgotten: its lines are "
+                                            "deleted, so there are no minutes to post.")
+            return
+        # Public only where the meeting's own lines were posted; anywhere else, just for you.
+        ephemeral = interaction.channel_id != info.text_channel_id
+        await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        minutes = await storage.minutes(info.id)
+        await MinutesPost.of(minutes).send(functools.partial(interaction.followup.send,
+                                                             ephemeral=ephemeral))
+
+    @group.command(name="forget", description="Delete a meeting's stored lines now (managers)")
+    @app_commands.describe(meeting="Meeting number, as in /transcribe minutes")
+    async def forget(self, interaction: discord.Interaction, meeting: int) -> None:
+        refusal = self._check_manager(interaction)
+        if refusal:
+            await self._refuse(interaction, refusal.replace("start or stop transcription",
+                                                            "forget a meeting"))
+            return
+        guild = interaction.guild
+        assert guild is not None
+        info = await self.bot.storage.meeting_by_number(guild.id, meeting)
+        if info is None:
+            await self._refuse(interaction, f"No meeting #{meeting} in this server.")
+            return
+        live = self.meetings.get(guild.id)
+        if live is not None and live.meeting_id == info.id:
+            await self._refuse(interaction, f"Meeting #{meeting} is still running: use "
+                                            "`/transcribe stop` first, then forget it.")
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            deleted = await self.bot.storage.forget_meeting(info.id)
+        except MeetingNotFound:  # retention deleted it meanwhile: nothing is left either way
+            deleted = 0
+        log.info("guild %s: meeting #%d (id %d) forgotten by user %s: %d line(s) deleted",
+                 guild.id, info.number, info.id, interaction.user.id, deleted)
+        await interaction.followup.send(
+            f"Forgot meeting #{meeting}: {deleted} stored line(s) deleted; its minutes can no "
+            "longer be posted. Messages already posted in Discord stay until deleted there.",
+            ephemeral=True)
+
+    @group.command(name="forget-me", description="Delete every stored line of mine in this server")
+    async def forget_me(self, interaction: discord.Interaction) -> None:
+        guild = interaction.guild
+        assert guild is not None
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        deleted = await self.bot.storage.forget_speaker(guild.id, interaction.user.id)
+        log.info("guild %s: user %s had their stored lines forgotten: %d line(s) deleted",
+                 guild.id, interaction.user.id, deleted)
+        await interaction.followup.send(
+            f"Deleted {deleted} stored line(s) of yours in this server. Messages already posted "
+            "in Discord stay until deleted there; to stop being transcribed, use "
+            "`/transcribe optout`.", ephemeral=True)
 
     @group.command(name="optout", description="Never transcribe my voice")
     async def optout(self, interaction: discord.Interaction) -> None:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PURE = [
     "bot/config.py",
     "bot/errors.py",
+    "bot/logsafe.py",
     "bot/voice/rtp.py",
     "bot/voice/crypto.py",
     "bot/voice/jitter.py",
@@ -27,6 +28,7 @@ PURE = [
     "bot/stt/protocol.py",
     "bot/transcript/model.py",
     "bot/transcript/format.py",
+    "bot/transcript/escape.py",
     "bot/transcript/minutes.py",
 ]
 #: Third-party packages a pure module may use (no I/O of their own).

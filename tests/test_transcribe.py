@@ -386,10 +386,11 @@ async def test_an_opted_out_member_never_reaches_the_stt_server_even_after_a_res
 # -- minutes, retention, and a meeting that ends by itself ----------------------------------------
 
 
-async def seed_meeting(storage: Storage, guild_id: int, days_ago: float, text: str) -> int:
+async def seed_meeting(storage: Storage, guild_id: int, days_ago: float, text: str,
+                       text_channel_id: int = 1) -> int:
     """A finished meeting of ``days_ago`` with one line of alice's."""
     started = datetime.now(UTC) - timedelta(days=days_ago)
-    meeting_id = await storage.start_meeting(guild_id=guild_id, text_channel_id=1,
+    meeting_id = await storage.start_meeting(guild_id=guild_id, text_channel_id=text_channel_id,
                                              voice_channel_id=2, title="Earlier meeting",
                                              started_at=started)
     await storage.add_line(meeting_id, Segment(speaker="alice", text=text, start=1.0, end=2.0,
@@ -406,8 +407,9 @@ async def test_old_meetings_are_purged_earlier_minutes_reposted_and_an_empty_cal
                           transcribe={"empty_channel_timeout": 1.0})
         storage = await Storage.open(config.storage.path)
         try:
-            old = await seed_meeting(storage, h.discord.guild_id, 40, "舊嘢")
-            recent = await seed_meeting(storage, h.discord.guild_id, 2, "上次")
+            general = h.discord.text_channel_id
+            old = await seed_meeting(storage, h.discord.guild_id, 40, "舊嘢", general)
+            recent = await seed_meeting(storage, h.discord.guild_id, 2, "上次", general)
         finally:
             await storage.close()
 
@@ -417,7 +419,7 @@ async def test_old_meetings_are_purged_earlier_minutes_reposted_and_an_empty_cal
             assert kept == [recent], "the 40-day-old meeting is deleted at start"
 
             gone = await h.invoke("transcribe minutes", {"session": old})
-            assert h.answer(gone) == f"No meeting #{old} in this server."
+            assert h.answer(gone) == f"No meeting #{old} in this server that you can read."
             earlier = await h.invoke("transcribe minutes", {"session": recent})
             assert h.answer(earlier).startswith("**Minutes: Earlier meeting**")
             assert not earlier.ephemeral, "minutes are for everyone in the channel"

@@ -44,6 +44,7 @@ import discord
 
 from bot.errors import CantobotError
 from bot.sinks.outbox import Item, Outbox
+from bot.transcript.escape import inert
 from bot.transcript.format import (
     ELLIPSIS,
     MAX_MESSAGE_CHARS,
@@ -286,11 +287,13 @@ class DiscordTranscriptSink:
     def post_notice(self, text: str) -> None:
         """A plain bot message in the channel (start/stop notices), ordered with the lines.
 
-        ``text`` is ours, not speech, so it is not escaped; it still never pings.
+        ``text`` is ours, not speech, so it is not escaped; values from outside in it (names,
+        STT error text) must come through :func:`bot.transcript.escape.outside`. Whatever
+        slipped through, no mention, masked link or link survives :func:`inert`.
         """
         if not self._accepting("notice"):
             return
-        for part in split_message(text):
+        for part in split_message(inert(text)):
             self._outbox.put(
                 Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
             )

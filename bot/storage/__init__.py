@@ -52,6 +52,14 @@ class StorageBackend(Protocol):
 
     async def latest_meeting(self, guild_id: int) -> MeetingInfo | None: ...
 
+    async def meeting_by_number(self, guild_id: int, number: int) -> MeetingInfo | None: ...
+
+    async def meeting_info(self, meeting_id: int) -> MeetingInfo | None: ...
+
+    async def forget_meeting(self, meeting_id: int) -> int: ...
+
+    async def forget_speaker(self, guild_id: int, user_id: int) -> int: ...
+
     async def unfinished_meetings(self) -> list[MeetingInfo]: ...
 
     async def set_opt_out(self, user_id: int, opted_out: bool) -> None: ...
@@ -87,8 +95,8 @@ async def open_storage_at(
 
 
 def storage_target(config: StorageConfig) -> str:
-    """``storage.url`` when set, else ``storage.path``."""
-    return config.url if config.url else config.path
+    """``storage.url`` (its real value: a secret) when set, else ``storage.path``."""
+    return config.url.reveal() if config.url else config.path
 
 
 def describe_target(target: str) -> str:

@@ -54,6 +54,12 @@ class LineNotFound(StorageError):
     permanent = True
 
 
+class MeetingForgotten(StorageError):
+    """The meeting's lines were deleted by ``/transcribe forget``: it has no minutes any more."""
+
+    permanent = True
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One numbered schema step; ``sql`` holds one or more statements."""
@@ -75,6 +81,10 @@ class MeetingInfo:
     started_at: datetime
     ended_at: datetime | None
     line_count: int
+    #: What members see: #1, #2 ... counted per guild (``id`` is internal, across guilds).
+    number: int = 0
+    #: When ``/transcribe forget`` deleted its lines, or None.
+    forgotten_at: datetime | None = None
 
 
 def load_migrations(dialect: str = "sqlite") -> list[Migration]:
@@ -216,14 +226,23 @@ def migrate(migrations: Sequence[Migration], dialect: str) -> Op[None]:
 
 
 def _start_meeting(guild_id: int, text_ch: int, voice_ch: int, title: str, started: str) -> Op[int]:
+    # The guild's next number; the counter row outlives deleted meetings, so none is reused.
+    (number,) = yield row(
+        "INSERT INTO meeting_numbers (guild_id, last_number) VALUES (?, 1)"
+        " ON CONFLICT (guild_id) DO UPDATE SET last_number = meeting_numbers.last_number + 1"
+        " RETURNING last_number",
+        guild_id,
+    )
     (meeting_id,) = yield row(
-        "INSERT INTO meetings (guild_id, text_channel_id, voice_channel_id, title, started_at)"
-        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+        "INSERT INTO meetings"
+        " (guild_id, text_channel_id, voice_channel_id, title, started_at, number)"
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         guild_id,
         text_ch,
         voice_ch,
         title,
         started,
+        number,
     )
     return int(meeting_id)
 
@@ -242,8 +261,11 @@ def _insert_words(line_id: int, words: Sequence[Word]) -> Query:
 
 
 def _add_line(meeting_id: int, segment: Segment) -> Op[int]:
-    if (yield row("SELECT 1 FROM meetings WHERE id = ?", meeting_id)) is None:
+    meeting = yield row("SELECT forgotten_at FROM meetings WHERE id = ?", meeting_id)
+    if meeting is None:
         raise MeetingNotFound(f"no meeting with id {meeting_id}")
+    if meeting[0] is not None:
+        raise MeetingForgotten(f"meeting {meeting_id} was forgotten: no lines are stored")
     (line_id,) = yield row(
         "INSERT INTO lines (meeting_id, speaker, speaker_id, content, start_s, end_s)"
         " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
@@ -273,9 +295,13 @@ def _update_line_words(line_id: int, segment: Segment) -> Op[None]:
 
 
 def _minutes(meeting_id: int) -> Op[Minutes]:
-    meeting = yield row("SELECT title, started_at, ended_at FROM meetings WHERE id = ?", meeting_id)
+    meeting = yield row(
+        "SELECT title, started_at, ended_at, forgotten_at FROM meetings WHERE id = ?", meeting_id
+    )
     if meeting is None:
         raise MeetingNotFound(f"no meeting with id {meeting_id}")
+    if meeting[3] is not None:
+        raise MeetingForgotten(f"meeting {meeting_id} was forgotten: its lines are deleted")
     word_rows = yield rows(
         "SELECT w.line_id, w.content, w.start_s, w.end_s FROM words w"
         " JOIN lines l ON l.id = w.line_id WHERE l.meeting_id = ?"
@@ -301,13 +327,14 @@ def _minutes(meeting_id: int) -> Op[Minutes]:
         )
         for line_id, speaker, speaker_id, text, start, end in lines
     )
-    title, started, ended = meeting
+    title, started, ended, _ = meeting
     return Minutes(title, _required_dt(started), dt(ended), segments)
 
 
 _INFO_SELECT = (
     "SELECT m.id, m.guild_id, m.text_channel_id, m.voice_channel_id, m.title,"
-    " m.started_at, m.ended_at, (SELECT COUNT(*) FROM lines l WHERE l.meeting_id = m.id)"
+    " m.started_at, m.ended_at, (SELECT COUNT(*) FROM lines l WHERE l.meeting_id = m.id),"
+    " m.number, m.forgotten_at"
     " FROM meetings m"
 )
 
@@ -315,9 +342,42 @@ _INFO_SELECT = (
 def _infos(where: str, *params: Any) -> Op[list[MeetingInfo]]:
     found = yield rows(f"{_INFO_SELECT} {where}", *params)
     return [
-        MeetingInfo(mid, guild, text_ch, voice_ch, title, _required_dt(started), dt(ended), n)
-        for mid, guild, text_ch, voice_ch, title, started, ended, n in found
+        MeetingInfo(
+            mid, guild, text_ch, voice_ch, title, _required_dt(started), dt(ended), n,
+            number, dt(forgotten),
+        )
+        for mid, guild, text_ch, voice_ch, title, started, ended, n, number, forgotten in found
     ]
+
+
+def _forget_meeting(meeting_id: int, at: str) -> Op[int]:
+    """Delete the meeting's words and lines now; the row stays, marked forgotten (and ended)."""
+    yield statement(
+        "DELETE FROM words WHERE line_id IN (SELECT id FROM lines WHERE meeting_id = ?)",
+        meeting_id,
+    )
+    deleted: int = yield count("DELETE FROM lines WHERE meeting_id = ?", meeting_id)
+    changed = yield count(
+        "UPDATE meetings SET forgotten_at = COALESCE(forgotten_at, ?),"
+        " ended_at = COALESCE(ended_at, ?) WHERE id = ?",
+        at,
+        at,
+        meeting_id,
+    )
+    if changed == 0:
+        raise MeetingNotFound(f"no meeting with id {meeting_id}")
+    return deleted
+
+
+def _forget_speaker(guild_id: int, user_id: int) -> Op[int]:
+    """Delete every line (and its words) ``user_id`` said in ``guild_id``'s meetings."""
+    theirs = (
+        "SELECT l.id FROM lines l JOIN meetings m ON m.id = l.meeting_id"
+        " WHERE m.guild_id = ? AND l.speaker_id = ?"
+    )
+    yield statement(f"DELETE FROM words WHERE line_id IN ({theirs})", guild_id, user_id)
+    deleted: int = yield count(f"DELETE FROM lines WHERE id IN ({theirs})", guild_id, user_id)
+    return deleted
 
 
 def _set_opt_out(user_id: int, opted_out: bool, at: str) -> Op[None]:
@@ -435,6 +495,29 @@ class SqlStorage(ABC):
     async def latest_meeting(self, guild_id: int) -> MeetingInfo | None:
         found = await self.meetings(guild_id, limit=1)
         return found[0] if found else None
+
+    async def meeting_by_number(self, guild_id: int, number: int) -> MeetingInfo | None:
+        """The guild's meeting #``number`` (as members name it), or None."""
+        found = await self._execute(
+            Tx.NONE, _infos, "WHERE m.guild_id = ? AND m.number = ?", guild_id, number
+        )
+        return found[0] if found else None
+
+    async def meeting_info(self, meeting_id: int) -> MeetingInfo | None:
+        """The meeting with internal id ``meeting_id``, or None."""
+        found = await self._execute(Tx.NONE, _infos, "WHERE m.id = ?", meeting_id)
+        return found[0] if found else None
+
+    # -- forgetting ----------------------------------------------------------------------
+
+    async def forget_meeting(self, meeting_id: int) -> int:
+        """Delete the meeting's lines and words now; its minutes can no longer be read
+        (:class:`MeetingForgotten`). Returns the number of lines deleted."""
+        return await self._execute(Tx.WRITE, _forget_meeting, meeting_id, ts(self._clock()))
+
+    async def forget_speaker(self, guild_id: int, user_id: int) -> int:
+        """Delete every stored line of ``user_id`` in ``guild_id``; returns how many."""
+        return await self._execute(Tx.WRITE, _forget_speaker, guild_id, user_id)
 
     async def unfinished_meetings(self) -> list[MeetingInfo]:
         """Meetings never ended (the bot crashed or was killed mid-meeting), oldest first."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from bot.storage.common import (
     MIGRATION_DIRS,
     LineNotFound,
+    MeetingForgotten,
     MeetingInfo,
     MeetingNotFound,
     Migration,
@@ -47,6 +49,7 @@ from bot.storage.common import (
 __all__ = [
     "MIGRATION_DIRS",
     "LineNotFound",
+    "MeetingForgotten",
     "MeetingInfo",
     "MeetingNotFound",
     "Migration",
@@ -91,7 +94,34 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+#: The database holds what people said: only the bot's own user may read it.
+FILE_MODE = 0o600
+
+
+def _restrict_files(path: str) -> None:
+    """Create ``path`` as 0600 if new, and make it and its -wal/-shm 0600 if they exist.
+
+    SQLite creates -wal and -shm with the database file's mode, so they follow it.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.chmod(path + suffix, FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
 def _connect(path: str, migrations: Sequence[Migration]) -> sqlite3.Connection:
+    try:
+        _restrict_files(path)
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create {path}: {exc.strerror}") from exc
     conn = sqlite3.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

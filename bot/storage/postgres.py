@@ -29,6 +29,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from bot.logsafe import redact_url
 from bot.storage.common import (
     Migration,
     Op,
@@ -68,13 +69,8 @@ Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    """``url`` without its password (user-info or ``password=``), for messages and logs."""
+    return redact_url(url)
 
 
 async def _connect(url: str) -> Conn:

@@ -31,7 +31,10 @@ from aiohttp import web
 from bot.sim.discord.gateway import Gateway
 from bot.sim.discord.rest import API_PREFIX, InteractionRecord, OnMessage, RestApi
 from bot.sim.discord.state import (
+    CHANNEL_GUILD_TEXT,
     CHANNEL_GUILD_VOICE,
+    PERM_VIEW_CHANNEL,
+    Channel,
     PostedMessage,
     RecordedRequest,
     SnowflakeFactory,
@@ -262,11 +265,28 @@ class LocalDiscord:
         await self.gateway.invalidate_session()
 
     async def invoke(
-        self, command: str, options: dict[str, Any] | None = None, user_id: int | None = None
+        self, command: str, options: dict[str, Any] | None = None, user_id: int | None = None,
+        *, channel_id: int | None = None,
     ) -> InteractionRecord:
-        """Type ``/command`` (e.g. ``"transcribe start"``) as ``user_id`` (default: first human)."""
+        """Type ``/command`` (e.g. ``"transcribe start"``) as ``user_id`` (default: first human)
+        in ``channel_id`` (default: #general)."""
         uid = user_id if user_id is not None else next(iter(self.world.humans.values())).user_id
-        return await self.gateway.invoke(command, options or {}, uid)
+        return await self.gateway.invoke(command, options or {}, uid, channel_id=channel_id)
+
+    async def add_private_text_channel(self, name: str, members: tuple[str, ...]) -> int:
+        """A text channel only ``members`` (by human name), the bot and moderators' Manage
+        Channels can reach: @everyone is denied View Channel, the members and the bot allowed it
+        (member overwrites, as Discord sends them). Told to the bot with CHANNEL_CREATE."""
+        view = str(PERM_VIEW_CHANNEL)
+        overwrites = [{"id": str(self.world.guild_id), "type": 0, "allow": "0", "deny": view}]
+        for uid in [self.world.humans[n].user_id for n in members] + [self.world.bot.user_id]:
+            overwrites.append({"id": str(uid), "type": 1, "allow": view, "deny": "0"})
+        channel = Channel(self.world.snowflake(), name, CHANNEL_GUILD_TEXT,
+                            position=len(self.world.channels), overwrites=overwrites)
+        self.world.channels[channel.id] = channel
+        _log.info("private text channel #%s for %s", name, ", ".join(members))
+        await self.gateway.dispatch("CHANNEL_CREATE", self.world.channel_payload(channel))
+        return channel.id
 
     async def member_join_voice(self, user_id: int, channel_id: int | None = None) -> None:
         """The member joins (or moves to) ``channel_id`` (default: the first voice channel)."""

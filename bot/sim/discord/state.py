@@ -156,6 +156,9 @@ class Channel:
     #: For threads: the member who created it.
     owner_id: int | None = None
     message_count: int = 0
+    #: Permission overwrites as Discord sends them: {"id", "type" (0 role, 1 member), "allow",
+    #: "deny"} (a private channel denies View Channel to @everyone and allows it to some).
+    overwrites: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -410,7 +413,7 @@ class World:
             "guild_id": str(self.guild_id),
             "name": channel.name,
             "position": channel.position,
-            "permission_overwrites": [],
+            "permission_overwrites": [dict(o) for o in channel.overwrites],
             "nsfw": False,
             "parent_id": str(channel.parent_id) if channel.parent_id else None,
             "flags": 0,
