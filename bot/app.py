@@ -5,6 +5,10 @@ migrations), purges expired transcripts (then daily), loads the ``cogs.transcrib
 syncs the slash commands; ``close`` flushes every meeting first (stop-session, last commits,
 minutes) and then releases what ``setup_hook`` opened, in reverse order.
 
+Before logging in, ``run_bot`` reaches Discord (REST with the token, the gateway) and cantonese.ai
+once (:func:`bot.reach.preflight`), so a failure at start-up is one line and exit 1; the invite
+link with exactly the needed permissions is logged once in ``setup_hook``.
+
 Discord's endpoints come from config (``discord.api_base``, ``discord.gateway_url``,
 ``discord.ca_file``) so that the bot can run behind a Discord-compatible proxy or against the
 local Discord of ``cantobot simulate``: the same code either way.
