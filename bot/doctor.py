@@ -221,26 +221,24 @@ async def run_doctor(
     out: Callable[[str], None] = print,
 ) -> int:
     """Run every check, print one line each, return 0 only if all passed."""
-    checks = [check_libopus(), check_libsndfile()]
-    for c in checks:
-        out(c.line())
+    checks: list[Check] = []
+
+    def report(*new: Check) -> None:
+        for c in new:
+            checks.append(c)
+            out(c.line())
+
+    # One after another, each printed when known (a slow check shows where it is).
+    report(check_libopus(), check_libsndfile())
     try:
         config = load_config(config_path, environ)
     except CantobotError as exc:
-        out(Check(False, f"config not valid: {exc}", "fix the key named; see "
-                                                    "config.yaml.example").line())
+        report(Check(False, f"config not valid: {exc}",
+                     "fix the key named; see config.yaml.example"))
         return 1
     source = config.source if config.source != "<defaults>" else "no file: defaults + environment"
-    checks.append(Check(True, f"config valid ({source})"))
-    out(checks[-1].line())
-    for step in (check_stt(config),):
-        c = await step
-        checks.append(c)
-        out(c.line())
-    for c in await check_discord(config):
-        checks.append(c)
-        out(c.line())
-    c = await check_storage(config)
-    checks.append(c)
-    out(c.line())
+    report(Check(True, f"config valid ({source})"))
+    report(await check_stt(config))
+    report(*await check_discord(config))
+    report(await check_storage(config))
     return 0 if all(c.ok for c in checks) else 1

@@ -174,3 +174,34 @@ def test_the_permission_list_matches_discord_py_flags() -> None:
     assert invite_url(42) == (
         "https://discord.com/oauth2/authorize?client_id=42&scope=bot+applications.commands"
         "&permissions=309842709504")
+
+
+async def test_storage_check_on_postgresql_reads_never_migrates() -> None:
+    from bot.config import load_config
+    from bot.doctor import check_storage
+    from tests.pg_support import fresh_database
+
+    async with fresh_database() as url:
+        config = load_config(None, environ={"CANTOBOT_STORAGE_URL": url})
+        before = await check_storage(config)
+        assert not before.ok and "schema version 0, this cantobot needs" in before.what, before
+        assert "run `cantobot migrate`" in before.fix
+        storage = await open_storage_at(url)
+        version = await storage.schema_version()
+        await storage.close()
+        after = await check_storage(config)
+        assert after.ok and f"migrated (schema version {version})" in after.what, after
+
+
+async def test_storage_check_names_an_unreachable_database() -> None:
+    from bot.config import load_config
+    from bot.doctor import check_storage
+    from tests.test_cli_startup import closed_port
+
+    port = closed_port()
+    url = f"postgresql://bot:pw-secret@127.0.0.1:{port}/cantobot"
+    check = await check_storage(load_config(None, environ={"CANTOBOT_STORAGE_URL": url}))
+    assert not check.ok
+    assert f"storage PostgreSQL postgresql://bot:***@127.0.0.1:{port}/cantobot not reachable" \
+        in check.what, check
+    assert "connection refused" in check.what and "pw-secret" not in check.line()
