@@ -5,6 +5,10 @@ migrations), purges expired transcripts (then daily), loads the ``cogs.transcrib
 syncs the slash commands; ``close`` flushes every meeting first (stop-session, last commits,
 minutes) and then releases what ``setup_hook`` opened, in reverse order.
 
+Before logging in, ``run_bot`` reaches Discord (REST with the token, the gateway) and cantonese.ai
+once (:func:`bot.reach.preflight`), so a failure at start-up is one line and exit 1; the invite
+link with exactly the needed permissions is logged once in ``setup_hook``.
+
 Discord's endpoints come from config (``discord.api_base``, ``discord.gateway_url``,
 ``discord.ca_file``) so that the bot can run behind a Discord-compatible proxy or against the
 local Discord of ``cantobot simulate``: the same code either way.
@@ -28,8 +32,10 @@ from discord.ext import commands
 
 from bot.config import DEFAULT_DISCORD_API_BASE, DEFAULT_DISCORD_GATEWAY, Config, with_overrides
 from bot.errors import ConfigError
+from bot.invite import REQUIRED_PERMISSIONS, invite_url
 from bot.logsafe import add_secrets
 from bot.meeting import MeetingManager
+from bot.reach import Rejected, Unreachable, describe_failure, preflight
 from bot.storage import StorageBackend, describe_target, open_storage, storage_target
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,7 @@ class CantoBot(commands.AutoShardedBot):
         self._retention_task: asyncio.Task[None] | None = None
         self._closing = False
         self._recovered = False
+        self._invite_logged = False
 
     @property
     def storage(self) -> StorageBackend:
@@ -112,6 +119,7 @@ class CantoBot(commands.AutoShardedBot):
         await self.meetings.load()
         # The meetings hear voice-state changes (empty channel, the bot moved) themselves.
         self.add_listener(self.meetings.on_voice_state_update, "on_voice_state_update")
+        self.log_invite_url()
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
         for name in EXTENSIONS:
             try:
@@ -120,6 +128,14 @@ class CantoBot(commands.AutoShardedBot):
                 log.exception("failed to load extension %s", name)
                 raise
         await self.sync_commands()
+
+    def log_invite_url(self) -> None:
+        """Once per process: the link that adds this bot with exactly the permissions it needs."""
+        if self._invite_logged or self.application_id is None:
+            return
+        self._invite_logged = True
+        log.info("invite link (%s): %s", ", ".join(n for n, _ in REQUIRED_PERMISSIONS),
+                 invite_url(self.application_id))
 
     async def sync_commands(self) -> None:
         guilds = self.config.discord.guilds
@@ -193,6 +209,12 @@ async def run_bot(args: argparse.Namespace, config: Config) -> int:
     ):
         log.info("using Discord endpoints %s and %s", config.discord.api_base,
                  config.discord.gateway_url)
+    # Reach Discord (REST with the token, the gateway) and cantonese.ai (with the key) once
+    # first: a wrong URL, DNS, a refused port, TLS or a 401 is then one line and exit 1, not a
+    # traceback or discord.py retrying the gateway forever. Later drops reconnect as before.
+    me = await preflight(config)
+    log.info("Discord and cantonese.ai reachable; bot user %s (%s)", me.get("username"),
+             me.get("id"))
     redirect_discord(config)
     bot = CantoBot(config)
     loop = asyncio.get_running_loop()
@@ -214,8 +236,12 @@ async def run_bot(args: argparse.Namespace, config: Config) -> int:
             waiter.cancel()
             exc = runner.exception()
             if isinstance(exc, discord.LoginFailure):
-                raise ConfigError(config.source, "discord.token",
-                                  "Discord rejected the bot token (login failed)") from exc
+                raise Rejected("Discord", config.discord.api_base,
+                               "rejected the bot token (HTTP 401): check DISCORD_TOKEN") from exc
+            if isinstance(exc, aiohttp.ClientError | OSError | TimeoutError):
+                # Discord went away between the preflight and the login: still one line.
+                url = config.discord.api_base
+                raise Unreachable("Discord", url, describe_failure(exc, url)) from exc
             if exc is not None:
                 raise exc
     return 0

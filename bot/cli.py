@@ -1,4 +1,5 @@
-"""The `cantobot` command line: run | replay | simulate | demo | fake-stt | check-config | migrate.
+"""The `cantobot` command line: run | replay | simulate | demo | fake-stt | check-config | doctor |
+migrate.
 
 Parsing and error reporting live here; each sub-command calls into the library. Any
 :class:`~bot.errors.CantobotError` becomes one line on stderr and a non-zero exit, never a
@@ -13,8 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bot.config import Config, load_config, with_overrides
-from bot.errors import CantobotError, ConfigError
+from bot.config import Config, describe_config, load_config, with_overrides
+from bot.errors import CantobotError, ConfigError, SttUnavailable
 from bot.logsafe import install as install_log_redaction
 
 log = logging.getLogger("cantobot")
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file and print it (no secrets)")
     p.add_argument("--config", metavar="FILE")
 
+    p = sub.add_parser("doctor", help="pre-flight check: libraries, config, cantonese.ai key, "
+                       "Discord token, commands, permissions, storage")
+    p.add_argument("--config", metavar="FILE", help="config.yaml (default: none, env only)")
+
     p = sub.add_parser("migrate", help="apply storage migrations (SQLite or PostgreSQL) and exit")
     p.add_argument("--config", metavar="FILE", help="config.yaml (storage.url / storage.path)")
     p.add_argument("--url", metavar="URL_OR_PATH",
@@ -174,9 +179,24 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if command == "check-config":
         config = load_config(args.config)
-        print(config)
+        for line in describe_config(config):
+            print(line)
         return EXIT_OK
+    if command == "doctor":
+        from bot.doctor import run_doctor
+
+        return await run_doctor(args.config)
     raise AssertionError(command)
+
+
+def one_line(exc: CantobotError) -> str:
+    """The error's line, plus why a connection failed (DNS, refused, TLS, timeout) if known."""
+    message = exc.user_message
+    if isinstance(exc, SttUnavailable) and exc.__cause__ is not None:
+        from bot.reach import describe_failure
+
+        message = f"{message}: {describe_failure(exc.__cause__, '')}"
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,11 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CantobotError as exc:
         print(f"cantobot: {exc.user_message}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "doctor" and level.upper() != "DEBUG":
+        level = "WARNING"  # its report is the output; progress logs would only interleave
     setup_logging(level)
     try:
         return asyncio.run(_dispatch(args))
     except CantobotError as exc:
-        print(f"cantobot: {exc.user_message}", file=sys.stderr)
+        print(f"cantobot: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

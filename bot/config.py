@@ -8,6 +8,7 @@ config object can be logged safely.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -400,3 +401,58 @@ def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Confi
     if "stt" in sections or "discord" in sections:
         check_transport(updated, "command line")
     return updated
+
+
+# -- check-config: every key, its value and where it came from (added for issue 16) -----------
+
+#: Where a value came from, as ``check-config`` says it.
+ORIGIN_DEFAULT = "default"
+
+
+def _printed(value: Any, tp: Any) -> str:
+    """A value as ``check-config`` prints it: secrets and URL passwords never shown."""
+    if isinstance(value, SecretUrl):  # where the data lives stays visible, its password not
+        return redact_url(value.reveal()) if value else "not set"
+    if tp is Secret or isinstance(value, Secret):
+        return "set" if value else "not set"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return str(value)
+
+
+def describe_config(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """One ``section.key: value  (origin)`` line per key: default, file or environment.
+
+    ``config`` is what :func:`load_config` returned for ``config.source`` and ``environ``; the
+    file is read again only to tell which keys it sets (the loader stays as it is).
+    """
+    environ = os.environ if environ is None else environ
+    data: Any = {}
+    if config.source != "<defaults>":
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            data = yaml.safe_load(Path(config.source).read_text(encoding="utf-8")) or {}
+    env_var = {key: var for var, key in ENV_OVERRIDES.items() if var in environ}
+    lines: list[str] = []
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        value = getattr(config, section.name)
+        file_section = data.get(section.name) if isinstance(data, dict) else None
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            key = f"{section.name}.{f.name}"
+            if key in env_var:
+                origin = f"environment {env_var[key]}"
+            elif isinstance(file_section, dict) and f.name in file_section:
+                origin = f"file {config.source}"
+            else:
+                origin = ORIGIN_DEFAULT
+            shown = _printed(getattr(value, f.name), hints.get(f.name))
+            lines.append(f"{key}: {shown}  ({origin})")
+    return lines

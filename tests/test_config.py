@@ -110,3 +110,50 @@ def test_command_line_overrides_are_validated_too() -> None:
     assert config.stt.sample_rate == 44100
     with pytest.raises(ConfigError, match="command line: stt.sample_rate"):
         with_overrides(Config(), stt={"sample_rate": 100})
+
+
+# -- check-config: key, value and where it came from (issue 16) -----------------------------------
+
+
+def test_check_config_lines_say_value_and_origin_and_never_a_secret(tmp_path: Path) -> None:
+    from bot.config import describe_config
+
+    p = write(tmp_path, "stt:\n  sample_rate: 8000\n  api_key: in-file-key\n"
+                        "storage:\n  url: postgresql://bot:pw-secret@db:5432/cantobot\n")
+    env = {"DISCORD_TOKEN": "t0k-secret", "CANTONESE_AI_URL": "http://127.0.0.1:9"}
+    lines = describe_config(load_config(p, environ=env), environ=env)
+    by_key = {line.split(": ", 1)[0]: line for line in lines}
+    assert by_key["stt.sample_rate"] == f"stt.sample_rate: 8000  (file {p})"
+    assert by_key["stt.url"] == "stt.url: http://127.0.0.1:9  (environment CANTONESE_AI_URL)"
+    assert by_key["stt.chunk_ms"] == "stt.chunk_ms: 100  (default)"
+    assert by_key["discord.token"] == "discord.token: set  (environment DISCORD_TOKEN)"
+    assert by_key["stt.api_key"] == f"stt.api_key: set  (file {p})"
+    assert by_key["discord.guilds"] == "discord.guilds: []  (default)"
+    assert by_key["discord.ca_file"] == "discord.ca_file: null  (default)"
+    assert by_key["transcribe.threads"] == "transcribe.threads: false  (default)"
+    assert by_key["storage.url"].startswith("storage.url: postgresql://bot:***@db:5432/cantobot")
+    text = "\n".join(lines)
+    assert "t0k-secret" not in text and "in-file-key" not in text and "pw-secret" not in text
+    # Every key of every section, one line each.
+    assert len(lines) == len(set(by_key)) and "logging.level" in by_key
+
+    none = describe_config(load_config(None, environ={}), environ={})
+    assert "discord.token: not set  (default)" in none
+
+
+def test_cantobot_check_config_prints_one_key_a_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    p = write(tmp_path, "voice:\n  jitter_ms: 80\n")
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env["CANTONESE_AI_API_KEY"] = "hunter2"
+    done = subprocess.run([sys.executable, "-m", "bot", "check-config", "--config", str(p)],
+                          env=env, capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stdout.splitlines()
+    assert f"voice.jitter_ms: 80  (file {p})" in lines
+    assert "stt.api_key: set  (environment CANTONESE_AI_API_KEY)" in lines
+    assert "discord.token: not set  (default)" in lines
+    assert "hunter2" not in done.stdout + done.stderr
+    assert all(": " in line and line.endswith(")") for line in lines), lines

@@ -217,6 +217,7 @@ class RestApi:
         r = app.router
         p = API_PREFIX
         r.add_get(p + "/users/@me", self.get_me)
+        r.add_get(p + "/users/@me/guilds", self.get_my_guilds)
         r.add_get(p + "/users/{user_id}", self.get_user)
         r.add_get(p + "/oauth2/applications/@me", self.get_application)
         r.add_get(p + "/applications/@me", self.get_application)
@@ -398,6 +399,14 @@ class RestApi:
         data = user_payload(self.world.bot)
         data.update(verified=True, mfa_enabled=False, locale="en-US")
         return json_response(data)
+
+    async def get_my_guilds(self, request: web.Request) -> web.Response:
+        """The bot's guilds with its guild-level permissions, as Discord lists them."""
+        w = self.world
+        return json_response([{
+            "id": str(w.guild_id), "name": w.guild_name, "icon": None, "features": [],
+            "owner": w.bot.user_id == w.owner_id, "permissions": str(w.permissions_of(w.bot)),
+        }])
 
     async def get_user(self, request: web.Request) -> web.Response:
         return json_response(

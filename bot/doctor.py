@@ -1,0 +1,244 @@
+"""``cantobot doctor``: a pre-flight check before the first meeting, one line per check.
+
+An operator otherwise learns from a failed ``/transcribe start`` that the token, the key, a
+permission or libopus is wrong. Each check prints ``✓ what`` or ``✗ what: problem -> what to
+do``; the exit code is 0 only when every check passed. Checks only read: the STT check opens one
+Socket.IO connection and starts and stops a session without sending audio; the Discord checks
+are GETs (no gateway session, no command sync); storage is opened read-only and never migrated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.config import Config, load_config
+from bot.errors import CantobotError, SttAuthError, SttUnavailable
+from bot.invite import REQUIRED_PERMISSIONS, invite_url, missing_permissions
+from bot.reach import Unreachable, describe_failure, discord_get
+
+OK, FAIL = "\N{CHECK MARK}", "\N{BALLOT X}"
+#: Slash command group ``cantobot run`` registers.
+COMMAND_NAME = "transcribe"
+#: Guilds per page of ``GET /users/@me/guilds`` (Discord's maximum).
+GUILDS_PAGE = 200
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    ok: bool
+    what: str
+    fix: str = ""
+
+    def line(self) -> str:
+        if self.ok:
+            return f"{OK} {self.what}"
+        return f"{FAIL} {self.what}" + (f" -> {self.fix}" if self.fix else "")
+
+
+def check_libopus() -> Check:
+    from bot.voice.opus import OpusNotAvailable, libopus_version
+
+    try:
+        return Check(True, f"libopus loads ({libopus_version()})")
+    except OpusNotAvailable as exc:
+        return Check(False, f"libopus does not load: {exc}",
+                     "apt-get install libopus0 (voice cannot be decoded without it)")
+
+
+def check_libsndfile() -> Check:
+    try:
+        import soundfile
+    except (OSError, ImportError) as exc:
+        return Check(False, f"libsndfile does not load: {exc}",
+                     "apt-get install libsndfile1 (needed by `cantobot replay`)")
+    return Check(True, f"libsndfile loads ({soundfile.__libsndfile_version__})")
+
+
+async def check_stt(config: Config) -> Check:
+    """One connection: start-session, then stop-session without audio."""
+    from bot.stt.session import SttSession
+
+    url = config.stt.url
+    if not config.stt.api_key:
+        return Check(False, "cantonese.ai: no API key",
+                     "set CANTONESE_AI_API_KEY (or stt.api_key in the config)")
+    session = SttSession(
+        url=url, api_key=config.stt.api_key.reveal(), sample_rate=config.stt.sample_rate,
+        speaker="doctor", on_event=lambda _event: None,
+        connect_timeout=config.stt.connect_timeout, start_timeout=config.stt.start_timeout,
+        stop_timeout=config.stt.stop_timeout,
+    )
+    try:
+        await session.start()
+        await session.stop()
+    except SttAuthError:
+        return Check(False, f"cantonese.ai at {url} rejected the API key (HTTP 401)",
+                     "check CANTONESE_AI_API_KEY / stt.api_key")
+    except SttUnavailable as exc:
+        reason = describe_failure(exc.__cause__, url) if exc.__cause__ else str(exc)
+        return Check(False, f"cannot reach cantonese.ai at {url}: {reason}",
+                     "check stt.url / CANTONESE_AI_URL and the network")
+    except CantobotError as exc:
+        return Check(False, f"cantonese.ai at {url}: {exc}", "check stt.url and try again")
+    finally:
+        await session.aclose()
+    return Check(True, f"cantonese.ai at {url} reachable, API key accepted "
+                       "(a session started and stopped)")
+
+
+async def _all_guilds(config: Config) -> list[dict[str, Any]]:
+    guilds: list[dict[str, Any]] = []
+    after = "0"
+    while True:
+        page = await discord_get(config, f"/users/@me/guilds?limit={GUILDS_PAGE}&after={after}")
+        guilds.extend(page)
+        if len(page) < GUILDS_PAGE:
+            return guilds
+        after = page[-1]["id"]
+
+
+async def check_discord(config: Config) -> list[Check]:
+    """The token (``/users/@me``), the registered commands, each guild's permissions."""
+    if not config.discord.token:
+        return [Check(False, "Discord: no bot token",
+                      "set DISCORD_TOKEN (discord.com/developers/applications -> your app -> "
+                      "Bot -> Reset Token)")]
+    try:
+        me = await discord_get(config, "/users/@me")
+    except Unreachable as exc:
+        return [Check(False, str(exc), "check DISCORD_TOKEN, discord.api_base and the network"),
+                Check(False, "Discord commands and guild permissions: not checked",
+                      "fix the line above first")]
+    checks = [Check(True, f"Discord token valid (bot user {me.get('username')}, "
+                          f"id {me.get('id')})")]
+    try:
+        app = await discord_get(config, "/oauth2/applications/@me")
+        app_id = int(app["id"])
+        if config.discord.guilds:
+            scopes = [(f"guild {g}", f"/applications/{app_id}/guilds/{g}/commands")
+                      for g in config.discord.guilds]
+        else:
+            scopes = [("globally", f"/applications/{app_id}/commands")]
+        missing = []
+        for label, path in scopes:
+            names = {c.get("name") for c in await discord_get(config, path)}
+            if COMMAND_NAME not in names:
+                missing.append(label)
+        if missing:
+            checks.append(Check(
+                False, f"/{COMMAND_NAME} is not registered ({', '.join(missing)})",
+                "start `cantobot run` once: it registers the commands (global ones can take "
+                "up to an hour to show; discord.guilds makes it instant)"))
+        else:
+            where = "globally" if not config.discord.guilds else \
+                f"in {len(config.discord.guilds)} configured guild(s)"
+            checks.append(Check(True, f"/{COMMAND_NAME} registered {where}"))
+        guilds = await _all_guilds(config)
+    except Unreachable as exc:
+        checks.append(Check(False, str(exc), "check discord.api_base and the network"))
+        return checks
+    invite = invite_url(app_id)
+    if not guilds:
+        checks.append(Check(False, "the bot is in no guild", f"invite it: {invite}"))
+    for guild in guilds:
+        name = f"guild {guild.get('name')!r} ({guild.get('id')})"
+        lacking = missing_permissions(int(guild.get("permissions", "0")))
+        if lacking:
+            checks.append(Check(
+                False, f"{name}: missing {', '.join(lacking)}",
+                "give the bot's role these permissions (Server Settings -> Roles) or re-invite "
+                f"it with {invite}"))
+        else:
+            checks.append(Check(True, f"{name}: all {len(REQUIRED_PERMISSIONS)} permissions "
+                                      "/transcribe needs"))
+    return checks
+
+
+async def check_storage(config: Config) -> Check:
+    """Reachable and at the schema this cantobot knows; read-only (never migrates)."""
+    from bot.storage import describe_target, is_postgres_url, storage_target
+    from bot.storage.common import load_migrations
+
+    target = storage_target(config.storage)
+    where = describe_target(target)
+    flag = f" --config {config.source}" if config.source != "<defaults>" else ""
+    fix = f"run `cantobot migrate{flag}`"
+    try:
+        if is_postgres_url(target):
+            import asyncpg
+
+            latest = load_migrations("postgres")[-1].version
+            conn = await asyncpg.connect(target, timeout=10)
+            try:
+                exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+                version = int(await conn.fetchval(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_version")) if exists else 0
+            finally:
+                await conn.close()
+        else:
+            latest = load_migrations("sqlite")[-1].version
+            if not await asyncio.to_thread(Path(target).is_file):
+                return Check(False, f"storage {where}: the file does not exist yet",
+                             f"{fix} (or `cantobot run`, which creates and migrates it)")
+            version = await asyncio.to_thread(_sqlite_version, target)
+    except Exception as exc:  # any driver error is one line here
+        return Check(False, f"storage {where} not reachable: {describe_failure(exc, target)}",
+                     "check storage.url / storage.path")
+    if version < latest:
+        return Check(False, f"storage {where}: schema version {version}, this cantobot needs "
+                            f"{latest}", fix)
+    if version > latest:
+        return Check(False, f"storage {where}: schema version {version} is newer than this "
+                            f"cantobot ({latest})", "upgrade cantobot")
+    return Check(True, f"storage {where} reachable, migrated (schema version {version})")
+
+
+def _sqlite_version(path: str) -> int:
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=5)
+    try:
+        has = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+        ).fetchone()
+        if not has:
+            return 0
+        return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+                   .fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def run_doctor(
+    config_path: str | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Run every check, print one line each, return 0 only if all passed."""
+    checks: list[Check] = []
+
+    def report(*new: Check) -> None:
+        for c in new:
+            checks.append(c)
+            out(c.line())
+
+    # One after another, each printed when known (a slow check shows where it is).
+    report(check_libopus(), check_libsndfile())
+    try:
+        config = load_config(config_path, environ)
+    except CantobotError as exc:
+        report(Check(False, f"config not valid: {exc}",
+                     "fix the key named; see config.yaml.example"))
+        return 1
+    source = config.source if config.source != "<defaults>" else "no file: defaults + environment"
+    report(Check(True, f"config valid ({source})"))
+    report(await check_stt(config))
+    report(*await check_discord(config))
+    report(await check_storage(config))
+    return 0 if all(c.ok for c in checks) else 1

@@ -1,0 +1,207 @@
+"""`cantobot doctor`: one ✓/✗ line per check, exit 0 only when everything passes.
+
+Against the real loopback services: the loopback Discord (REST over TLS; a guild where the bot's
+role lacks Manage Webhooks) and the loopback cantonese.ai (a wrong key, then the right one), a
+real SQLite file migrated by the real storage code, and this machine's libopus and libsndfile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import discord
+import pytest
+
+from bot.doctor import FAIL, OK, run_doctor
+from bot.invite import REQUIRED_PERMISSIONS, invite_url, missing_permissions, permission_integer
+from bot.sim.discord.server import LocalDiscord
+from bot.sim.discord.state import BOT_ROLE_PERMISSIONS, PERM_MANAGE_WEBHOOKS
+from bot.sim.discord.tls import ssl_context_trusting
+from bot.sim.stt_server import FakeSttServer
+from bot.storage import open_storage_at
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "doctor-key"
+
+
+def env_for(fake: LocalDiscord, stt: FakeSttServer, db: Path, key: str = KEY) -> dict[str, str]:
+    return {
+        "DISCORD_TOKEN": fake.token,
+        "DISCORD_API_BASE": fake.api_base,
+        "DISCORD_GATEWAY_URL": fake.gateway_url,
+        "DISCORD_CA_FILE": fake.ca_file,
+        "CANTONESE_AI_URL": stt.url,
+        "CANTONESE_AI_API_KEY": key,
+        "CANTOBOT_STORAGE_PATH": str(db),
+    }
+
+
+async def register_commands(fake: LocalDiscord) -> None:
+    """What `cantobot run` does at start: PUT the application's global commands."""
+    async with aiohttp.ClientSession() as http:
+        url = f"{fake.api_base}/applications/{fake.world.application_id}/commands"
+        body = [{"name": "transcribe", "description": "Live captions", "type": 1}]
+        async with http.put(url, json=body, headers={"Authorization": f"Bot {fake.token}"},
+                            ssl=ssl_context_trusting(fake.ca_file)) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def migrated(db: Path) -> Path:
+    storage = await open_storage_at(str(db))
+    await storage.close()
+    return db
+
+
+async def doctor(env: dict[str, str], config: Path | None = None) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    code = await run_doctor(str(config) if config else None, environ=env, out=lines.append)
+    return code, lines
+
+
+@pytest.fixture
+async def stt() -> AsyncIterator[FakeSttServer]:
+    async with FakeSttServer(api_key=KEY) as server:
+        yield server
+
+
+async def test_all_checks_pass_exit_0_and_the_stt_session_carries_no_audio(
+    tmp_path: Path, stt: FakeSttServer
+) -> None:
+    async with LocalDiscord() as fake:
+        await register_commands(fake)
+        db = await migrated(tmp_path / "bot.sqlite3")
+        code, lines = await doctor(env_for(fake, stt, db))
+    assert code == 0, lines
+    assert all(line.startswith(OK + " ") for line in lines), lines
+    text = "\n".join(lines)
+    for fragment in ("libopus loads", "libsndfile loads", "config valid",
+                     "API key accepted", "Discord token valid", "/transcribe registered",
+                     "all 8 permissions", "migrated (schema version"):
+        assert fragment in text, text
+    (record,) = stt.records.values()  # one connection: started, stopped, no audio
+    assert len(record.sample_rates) == 1 and record.session_stops == 1
+    assert record.audio_bytes == 0 and record.disconnected
+
+
+async def test_a_missing_permission_and_a_wrong_key_are_named_with_what_to_do(
+    tmp_path: Path, stt: FakeSttServer
+) -> None:
+    perms = BOT_ROLE_PERMISSIONS & ~PERM_MANAGE_WEBHOOKS
+    async with LocalDiscord(bot_permissions=perms) as fake:
+        await register_commands(fake)
+        db = await migrated(tmp_path / "bot.sqlite3")
+        code, lines = await doctor(env_for(fake, stt, db, key="wrong-key"))
+        guild = f"guild 'Local Guild' ({fake.world.guild_id})"
+        app_id = fake.world.application_id
+    assert code == 1
+    failed = [line for line in lines if line.startswith(FAIL)]
+    assert len(failed) == 2, lines
+    assert failed[0] == (f"{FAIL} cantonese.ai at {stt.url} rejected the API key (HTTP 401) -> "
+                         "check CANTONESE_AI_API_KEY / stt.api_key")
+    assert failed[1].startswith(f"{FAIL} {guild}: missing Manage Webhooks -> ")
+    assert invite_url(app_id) in failed[1]
+    assert stt.rejected_attempts == 1
+
+
+async def test_unregistered_commands_unmigrated_storage_and_no_token(
+    tmp_path: Path, stt: FakeSttServer
+) -> None:
+    async with LocalDiscord() as fake:
+        db = tmp_path / "fresh.sqlite3"
+        code, lines = await doctor(env_for(fake, stt, db))
+        assert code == 1
+        text = "\n".join(lines)
+        assert f"{FAIL} /transcribe is not registered (globally) -> start `cantobot run`" in text
+        assert f"{FAIL} storage SQLite {db}: the file does not exist yet" in text
+        assert not db.exists(), "doctor must not create or migrate storage"
+
+        env = env_for(fake, stt, db)
+        del env["DISCORD_TOKEN"]
+        code, lines = await doctor(env)
+        assert code == 1
+        assert any(line.startswith(f"{FAIL} Discord: no bot token -> set DISCORD_TOKEN")
+                   for line in lines), lines
+
+
+async def test_an_invalid_config_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("stt:\n  smaple_rate: 16000\n", encoding="utf-8")
+    code, lines = await doctor({}, bad)
+    assert code == 1
+    assert lines[-1].startswith(f"{FAIL} config not valid: ") and "stt.smaple_rate" in lines[-1]
+
+
+async def test_cantobot_doctor_command_prints_the_report_on_stdout(
+    tmp_path: Path, stt: FakeSttServer
+) -> None:
+    perms = BOT_ROLE_PERMISSIONS & ~PERM_MANAGE_WEBHOOKS
+    async with LocalDiscord(bot_permissions=perms) as fake:
+        await register_commands(fake)
+        db = await migrated(tmp_path / "bot.sqlite3")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "doctor", cwd=REPO,
+            env={**os.environ, **env_for(fake, stt, db)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    assert proc.returncode == 1, err.decode()
+    lines = out.decode().splitlines()
+    assert [line[0] for line in lines] == [OK] * 6 + [FAIL] + [OK], lines
+    assert "missing Manage Webhooks" in lines[6]
+    assert fake.token not in out.decode() + err.decode()
+
+
+def test_the_permission_list_matches_discord_py_flags() -> None:
+    """Our bit values against discord.py's own flags of the same names."""
+    flags = discord.Permissions(
+        view_channel=True, connect=True, send_messages=True, create_public_threads=True,
+        send_messages_in_threads=True, manage_webhooks=True, attach_files=True,
+        change_nickname=True,
+    )
+    assert permission_integer() == flags.value == 309842709504
+    assert [name for name, _ in REQUIRED_PERMISSIONS] == [
+        "View Channel", "Connect", "Send Messages", "Create Public Threads",
+        "Send Messages in Threads", "Manage Webhooks", "Attach Files", "Change Nickname"]
+    assert missing_permissions(flags.value) == []
+    assert missing_permissions(flags.value & ~discord.Permissions(attach_files=True).value) == [
+        "Attach Files"]
+    assert missing_permissions(discord.Permissions(administrator=True).value) == []
+    assert invite_url(42) == (
+        "https://discord.com/oauth2/authorize?client_id=42&scope=bot+applications.commands"
+        "&permissions=309842709504")
+
+
+async def test_storage_check_on_postgresql_reads_never_migrates() -> None:
+    from bot.config import load_config
+    from bot.doctor import check_storage
+    from tests.pg_support import fresh_database
+
+    async with fresh_database() as url:
+        config = load_config(None, environ={"CANTOBOT_STORAGE_URL": url})
+        before = await check_storage(config)
+        assert not before.ok and "schema version 0, this cantobot needs" in before.what, before
+        assert "run `cantobot migrate`" in before.fix
+        storage = await open_storage_at(url)
+        version = await storage.schema_version()
+        await storage.close()
+        after = await check_storage(config)
+        assert after.ok and f"migrated (schema version {version})" in after.what, after
+
+
+async def test_storage_check_names_an_unreachable_database() -> None:
+    from bot.config import load_config
+    from bot.doctor import check_storage
+    from tests.test_cli_startup import closed_port
+
+    port = closed_port()
+    url = f"postgresql://bot:pw-secret@127.0.0.1:{port}/cantobot"
+    check = await check_storage(load_config(None, environ={"CANTOBOT_STORAGE_URL": url}))
+    assert not check.ok
+    assert f"storage PostgreSQL postgresql://bot:***@127.0.0.1:{port}/cantobot not reachable" \
+        in check.what, check
+    assert "connection refused" in check.what and "pw-secret" not in check.line()
