@@ -374,8 +374,13 @@ def check_transport(config: Config, source: str) -> None:
                 source, key,
                 f"plain {parts.scheme}:// to {parts.hostname} would send {what} unencrypted; use "
                 f"{parts.scheme}s:// or set {section}.allow_insecure: true")
-        log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
-                    key, parts.scheme, parts.hostname, what, section)
+        if (key, url) not in _warned_insecure:  # once per process, however often it is loaded
+            _warned_insecure.add((key, url))
+            log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
+                        key, parts.scheme, parts.hostname, what, section)
+
+
+_warned_insecure: set[tuple[str, str]] = set()
 
 
 def _url_key(config: Config, url: str) -> str:

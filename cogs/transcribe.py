@@ -18,7 +18,7 @@ from bot.errors import CantobotError
 from bot.meeting import MeetingManager, minutes_files
 from bot.storage.common import MeetingInfo, MeetingNotFound
 from bot.transcript import minutes as minutes_fmt
-from bot.transcript.escape import ERROR_BUDGET, outside
+from bot.transcript.escape import ERROR_BUDGET, inert, outside
 from bot.transcript.format import format_timestamp
 
 if TYPE_CHECKING:
@@ -249,7 +249,8 @@ class Transcribe(commands.Cog):
         minutes = await storage.minutes(info.id)
         files = [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
                  for name, body in minutes_files(minutes).items()]
-        await interaction.followup.send(minutes_fmt.summary_text(minutes)[:2000], files=files,
+        await interaction.followup.send(inert(minutes_fmt.summary_text(minutes))[:2000],
+                                        files=files,
                                         ephemeral=ephemeral,
                                         allowed_mentions=discord.AllowedMentions.none())
 
