@@ -80,6 +80,8 @@ def test_check_config_never_prints_the_storage_password(tmp_path: Path) -> None:
         ("stt:\n  sample_rate: MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs\n",
          "stt.sample_rate"),
         ("storage:\n  url: [postgresql://u:MTk4NjIyNDgzNDcxOTI1MjQ4@h/d]\n", "storage.url"),
+        ("discord:\n  MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs: 1\n",
+         "discord."),
     ],
 )
 def test_a_config_error_in_a_secret_bearing_section_never_echoes_the_value(
