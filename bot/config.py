@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -182,6 +183,8 @@ _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 #: Sections holding a secret: a mistake anywhere in them is reported without the value (a
 #: token pasted under the wrong key, or as the section itself, must not reach a terminal or log).
 SECRET_SECTIONS = frozenset({"discord", "stt", "storage"})
+#: What a real key looks like; anything else under a secret section may be a pasted secret.
+_KEY_LIKE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 def _shown(value: Any, key: str) -> str:
@@ -283,6 +286,8 @@ def _build(cls: type[Any], data: Any, file: str, prefix: str, env: Mapping[str, 
     for key in data:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
+            if prefix.split(".")[0] in SECRET_SECTIONS and not _KEY_LIKE.match(str(key)):
+                dotted = f"{prefix}.<a key not shown: it looks like a value>"  # a pasted secret
             known = ", ".join(sorted(fields))
             raise ConfigError(file, dotted, f"unknown key (known keys here: {known})")
     kwargs: dict[str, Any] = {}
@@ -375,8 +380,13 @@ def check_transport(config: Config, source: str) -> None:
                 source, key,
                 f"plain {parts.scheme}:// to {parts.hostname} would send {what} unencrypted; use "
                 f"{parts.scheme}s:// or set {section}.allow_insecure: true")
-        log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
-                    key, parts.scheme, parts.hostname, what, section)
+        if (key, url) not in _warned_insecure:  # once per process, however often it is loaded
+            _warned_insecure.add((key, url))
+            log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
+                        key, parts.scheme, parts.hostname, what, section)
+
+
+_warned_insecure: set[tuple[str, str]] = set()
 
 
 def _url_key(config: Config, url: str) -> str:

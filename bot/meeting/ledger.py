@@ -27,6 +27,7 @@ from bot.sinks.discord_sink import DiscordTranscriptSink
 from bot.storage import StorageBackend
 from bot.stt.session import SttState
 from bot.transcript import minutes as minutes_fmt
+from bot.transcript.escape import inert
 from bot.transcript.format import nickname_with_notice
 from bot.transcript.model import Minutes, Segment
 
@@ -61,7 +62,8 @@ class MinutesPost:
 
     @classmethod
     def of(cls, minutes: Minutes, preface: str = "") -> MinutesPost:
-        return cls(preface + minutes_fmt.summary_text(minutes), minutes_files(minutes))
+        # The summary quotes outside text (channel and display names): no link or ping survives.
+        return cls(inert(preface + minutes_fmt.summary_text(minutes)), minutes_files(minutes))
 
     def discord_files(self) -> list[discord.File]:
         return [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
