@@ -26,6 +26,7 @@ from bot.storage.db import (
     split_statements,
 )
 from bot.transcript.model import Segment, Word
+from bot.transcript.script import JyutpingMode, ReadabilityChoice, Script
 from tests.pg_support import fresh_database, with_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,28 +270,31 @@ async def test_meetings_are_listed_newest_first_per_guild(backend: Backend) -> N
 async def test_migrations_are_applied_once_and_the_version_is_recorded(backend: Backend) -> None:
     for _ in range(2):
         storage = await backend.open()
-        assert await storage.schema_version() == len(backend.migrations()) == 1
+        assert await storage.schema_version() == len(backend.migrations()) >= 1
         await storage.close()
-    versions = await backend.query("SELECT version, name FROM schema_version")
-    assert versions == [(1, "initial")]
+    versions = await backend.query("SELECT version, name FROM schema_version ORDER BY version")
+    assert versions[0] == (1, "initial")
+    assert versions == [(m.version, m.name) for m in backend.migrations()]
     if backend.kind == "sqlite":
         assert await backend.query("PRAGMA journal_mode") == [("wal",)]
 
 
 async def test_a_failing_migration_changes_nothing(backend: Backend) -> None:
     good = backend.migrations()
-    broken = Migration(2, "broken", "CREATE TABLE extra (id INTEGER);\nCREATE TABLE oops (;\n")
-    storage = await backend.open()  # the database exists at version 1
+    broken = Migration(len(good) + 1, "broken",
+                       "CREATE TABLE extra (id INTEGER);\nCREATE TABLE oops (;\n")
+    storage = await backend.open()  # the database exists at the current version
     await storage.close()
     with pytest.raises(StorageError):
         await backend.open(migrations=[*good, broken])
-    assert await backend.query("SELECT MAX(version) FROM schema_version") == [(1,)]
+    assert await backend.query("SELECT MAX(version) FROM schema_version") == [(len(good),)]
     tables = await backend.tables()
     assert "extra" not in tables and {"meetings", "lines", "words", "opt_outs"} <= tables
 
 
 async def test_a_database_from_a_newer_cantobot_is_refused(backend: Backend) -> None:
-    newer = [*backend.migrations(), Migration(2, "future", "CREATE TABLE future (id INTEGER);")]
+    current = backend.migrations()
+    newer = [*current, Migration(len(current) + 1, "future", "CREATE TABLE future (id INTEGER);")]
     storage = await backend.open(migrations=newer)
     await storage.close()
     with pytest.raises(StorageError, match="newer"):
@@ -360,3 +364,31 @@ async def test_an_unopenable_target_is_a_storage_error(backend: Backend, tmp_pat
 async def test_an_unknown_url_scheme_is_refused_before_anything_opens() -> None:
     with pytest.raises(StorageError, match="postgresql://"):
         await open_storage_at("mysql://db.example/cantobot")
+
+
+async def test_guild_settings_survive_a_restart_and_unset_fields_keep_their_value(
+    backend: Backend,
+) -> None:
+    storage = await backend.open()
+    try:
+        assert await storage.guild_settings(GUILD) is None
+        await storage.set_guild_settings(GUILD, ReadabilityChoice(script=Script.SIMPLIFIED))
+        await storage.set_guild_settings(GUILD, ReadabilityChoice(jyutping=JyutpingMode.LINE))
+        await storage.set_guild_settings(GUILD + 1, ReadabilityChoice(Script.HK, JyutpingMode.OFF))
+    finally:
+        await storage.close()
+    storage = await backend.open()  # a restart: a new connection, migrations already applied
+    try:
+        assert await storage.guild_settings(GUILD) == ReadabilityChoice(Script.SIMPLIFIED,
+                                                                        JyutpingMode.LINE)
+        assert await storage.guild_settings(GUILD + 1) == ReadabilityChoice(Script.HK,
+                                                                            JyutpingMode.OFF)
+        assert await storage.guild_settings(GUILD + 2) is None
+        await storage.set_guild_settings(GUILD, ReadabilityChoice(script=Script.AS_IS))
+        assert await storage.guild_settings(GUILD) == ReadabilityChoice(Script.AS_IS,
+                                                                        JyutpingMode.LINE)
+    finally:
+        await storage.close()
+    assert await backend.query("SELECT guild_id, script, jyutping FROM guild_settings"
+                               " ORDER BY guild_id") == [
+        (GUILD, "as-is", "line"), (GUILD + 1, "hk", "off")]
