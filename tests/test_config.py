@@ -122,7 +122,7 @@ def test_readability_defaults_come_from_the_file_and_typos_name_the_key(tmp_path
     bare = write(tmp_path, "transcribe:\n  jyutping: off\n")  # YAML 1.1 reads it as false
     assert load_config(bare, environ={}).transcribe.jyutping == "off"
     for text, key in (("transcribe:\n  script: traditional\n", "transcribe.script"),
-                      ("transcribe:\n  jyutping: yes\n", "transcribe.jyutping")):
+                      ("transcribe:\n  jyutping: sometimes\n", "transcribe.jyutping")):
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path, text), environ={})
         assert str(tmp_path) in info.value.user_message and key in info.value.user_message
