@@ -1,4 +1,5 @@
-"""`/transcribe start|stop|status|minutes|optout|optin`: parse the interaction, call bot/, reply.
+"""`/transcribe start|stop|status|minutes|settings|optout|optin`: parse the interaction, call bot/,
+reply.
 
 Refusals and errors are ephemeral and say what to do. Long steps (joining voice, flushing every
 speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
@@ -6,18 +7,26 @@ speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.errors import CantobotError
-from bot.meeting import MeetingManager, minutes_files
+from bot.meeting import MeetingManager
 from bot.transcript import minutes as minutes_fmt
 from bot.transcript.format import format_timestamp
+from bot.transcript.script import (
+    Readability,
+    ReadabilityChoice,
+    parse_jyutping,
+    parse_script,
+    resolve_readability,
+)
 
 if TYPE_CHECKING:
     from bot.app import CantoBot
@@ -39,6 +48,21 @@ WEBHOOK_PERMISSIONS = (("manage_webhooks", "Manage Webhooks"),)
 def missing_permissions(perms: discord.Permissions,
                         wanted: tuple[tuple[str, str], ...]) -> list[str]:
     return [label for attr, label in wanted if not getattr(perms, attr)]
+
+
+#: The choices of the script and jyutping options (bot/transcript/script.py: Script, JyutpingMode).
+ScriptOption = Literal["hk", "simplified", "as-is"]
+JyutpingOption = Literal["off", "line"]
+
+
+def choice_of(script: str | None, jyutping: str | None) -> ReadabilityChoice:
+    """Command options as a partial choice (an option not given stays ``None``)."""
+    return ReadabilityChoice(parse_script(script) if script is not None else None,
+                             parse_jyutping(jyutping) if jyutping is not None else None)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
 def may_manage(member: discord.Member, manager_role: str | None) -> bool:
@@ -68,6 +92,12 @@ class Transcribe(commands.Cog):
         else:
             await interaction.response.send_message(text, ephemeral=True)
 
+    async def guild_readability(self, guild_id: int,
+                                meeting: ReadabilityChoice | None = None) -> Readability:
+        """The effective choice: the meeting's options, the guild's settings, the config."""
+        stored = await self.bot.storage.guild_settings(guild_id)
+        return resolve_readability(meeting, stored, self.bot.config.transcribe.readability)
+
     def _check_manager(self, interaction: discord.Interaction) -> str | None:
         member = interaction.user
         if not isinstance(member, discord.Member):
@@ -83,6 +113,9 @@ class Transcribe(commands.Cog):
         channel="Where transcripts go (default: this channel)",
         threads="One caption thread per speaker",
         captions="Live partial captions in the speaker threads",
+        script="Characters for this meeting: hk, simplified or as-is (default: server setting)",
+        jyutping="A Jyutping line under each sentence for this meeting: off or line",
+        title="The minutes' title (default: the voice channel and the date)",
     )
     async def start(
         self,
@@ -90,6 +123,9 @@ class Transcribe(commands.Cog):
         channel: discord.TextChannel | None = None,
         threads: bool | None = None,
         captions: bool | None = None,
+        script: ScriptOption | None = None,
+        jyutping: JyutpingOption | None = None,
+        title: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
         refusal = self._check_manager(interaction)
         if refusal:
@@ -124,16 +160,26 @@ class Transcribe(commands.Cog):
                                "then try again.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
+        readability = await self.guild_readability(guild.id, choice_of(script, jyutping))
+        # The meeting takes these once bot/meeting is wired for them (issue 14); until then
+        # the options are accepted and nothing is claimed about them.
+        extras: dict[str, Any] = {}
+        if _accepts(self.meetings.start, "readability"):
+            extras["readability"] = readability
+        if _accepts(self.meetings.start, "title"):
+            extras["title"] = title
         try:
             meeting = await self.meetings.start(
                 guild=guild, voice_channel=voice, text_channel=target,
-                threads=threads, captions=captions,
+                threads=threads, captions=captions, **extras,
             )
         except CantobotError as exc:
             await interaction.followup.send(f"Could not start: {exc.user_message}", ephemeral=True)
             return
         reply = (f"Transcribing **{voice.name}** into {target.mention} "
                  f"(meeting #{meeting.meeting_id}).")
+        if "readability" in extras:
+            reply += f"\nShown as: {readability.describe()}."
         if missing_permissions(text_perms, WEBHOOK_PERMISSIONS):
             reply += ("\nI am missing **Manage Webhooks** in #" + target.name + ", so lines are "
                       "posted by me with the speaker's name in bold; grant it to show each line "
@@ -171,8 +217,12 @@ class Transcribe(commands.Cog):
             f"upstream {s.upstream}" for s in st.speakers) or "• nobody has spoken yet"
         e2ee = (f"yes (DAVE), voice privacy code `{st.privacy_code}`" if st.e2ee and st.privacy_code
                 else "yes (DAVE)" if st.e2ee else "no")
+        shown = getattr(meeting, "readability", None)  # the meeting's own choice, once wired
+        if not isinstance(shown, Readability):
+            shown = await self.guild_readability(interaction.guild.id)
         text = (f"**Meeting #{st.meeting_id}**: {st.voice_channel} → #{st.text_channel}, "
                 f"running {format_timestamp(st.duration)}\n"
+                f"Shown as: {shown.describe()}\n"
                 f"Lines posted: {st.lines_posted}\nSpeech-to-text: {st.upstream}\n"
                 f"End-to-end encrypted: {e2ee}\nSpeakers:\n{speakers}")
         await interaction.response.send_message(text, ephemeral=True)
@@ -196,9 +246,37 @@ class Transcribe(commands.Cog):
                 return
         minutes = await storage.minutes(session)
         files = [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
-                 for name, body in minutes_files(minutes).items()]
+                 for name, body in minutes_fmt.minutes_files(
+                     minutes, await self.guild_readability(interaction.guild.id)).items()]
         await interaction.followup.send(minutes_fmt.summary_text(minutes)[:2000], files=files,
                                         allowed_mentions=discord.AllowedMentions.none())
+
+    @group.command(name="settings",
+                   description="This server's default script and Jyutping for posts and minutes")
+    @app_commands.describe(
+        script="hk (Hong Kong Traditional), simplified, or as-is (as transcribed)",
+        jyutping="line: a Jyutping line under each sentence; off: none",
+    )
+    async def settings(
+        self,
+        interaction: discord.Interaction,
+        script: ScriptOption | None = None,
+        jyutping: JyutpingOption | None = None,
+    ) -> None:
+        assert interaction.guild is not None
+        guild_id = interaction.guild.id
+        if script is not None or jyutping is not None:
+            refusal = self._check_manager(interaction)
+            if refusal:
+                await self._refuse(interaction, refusal.replace("start or stop transcription",
+                                                                "change these settings"))
+                return
+            await self.bot.storage.set_guild_settings(guild_id, choice_of(script, jyutping))
+        shown = await self.guild_readability(guild_id)
+        await interaction.response.send_message(
+            f"This server's posts and minutes: **{shown.describe()}**. A meeting can choose "
+            "otherwise with the `script` and `jyutping` options of `/transcribe start`; "
+            "what was said is always stored as transcribed.", ephemeral=True)
 
     @group.command(name="optout", description="Never transcribe my voice")
     async def optout(self, interaction: discord.Interaction) -> None:
