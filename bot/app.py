@@ -30,6 +30,7 @@ from bot.config import DEFAULT_DISCORD_API_BASE, DEFAULT_DISCORD_GATEWAY, Config
 from bot.errors import ConfigError
 from bot.meeting import MeetingManager
 from bot.storage import StorageBackend, describe_target, open_storage, storage_target
+from bot.transcript import script
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class CantoBot(commands.AutoShardedBot):
         return self._storage
 
     async def setup_hook(self) -> None:
+        await script.warm_up()  # OpenCC and PyCantonese dictionaries, on a worker thread (~2 s)
         if self._storage is None:
             log.info("storage: %s", describe_target(storage_target(self.config.storage)))
             self._storage = await open_storage(self.config.storage)
