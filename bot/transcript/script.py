@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import re
 import threading
@@ -237,6 +238,7 @@ class JyutpingWord:
     glue: bool = False
 
 
+@lru_cache(maxsize=4096)
 def _syllables(word: str) -> str | None:
     """One word's Jyutping from PyCantonese, character by character if the word is unknown."""
     import pycantonese
@@ -259,26 +261,61 @@ def _syllables(word: str) -> str | None:
     return " ".join(out) if out else None
 
 
-@lru_cache(maxsize=8192)
-def _han_words(run: str) -> tuple[tuple[str, str | None], ...]:
-    """A run of Han characters, segmented by PyCantonese, each word with its Jyutping."""
+def _segment(hk: str) -> list[tuple[int, int, str | None]]:
+    """PyCantonese's words of the whole line, as ``(start, end, jyutping)`` spans of ``hk``.
+
+    One call per line (PyCantonese's per-call cost dominates short runs). It drops
+    whitespace and keeps every other character in order, so each word is found where the
+    previous one ended.
+    """
     import pycantonese
 
     if not _jyutping_ready:
         log.warning("PyCantonese used before warm_up(): loading it now, on this thread")
         _load_all()
+    spans = []
+    at = 0
+    for word, jp in pycantonese.characters_to_jyutping(hk):
+        start = hk.find(word, at)
+        if start < 0:  # not a substring (never seen): skip it rather than misplace it
+            continue
+        at = start + len(word)
+        spans.append((start, at, jp))
+    return spans
+
+
+def _han_words(run: str, start: int, spans: list[tuple[int, int, str | None]], first: int,
+               ) -> tuple[list[tuple[str, str | None]], int]:
+    """The words of one Han run at ``start``, from the line's spans (looked at from index
+    ``first`` on); returns them and where the next run's look starts.
+
+    A word PyCantonese read whole keeps its reading; a word with no reading, or one glued to
+    a neighbouring non-Han character, falls back to per-character readings.
+    """
+    end = start + len(run)
     words: list[tuple[str, str | None]] = []
-    for word, jp in pycantonese.characters_to_jyutping(run):
-        if jp is None:
-            # PyCantonese sometimes keeps a word whole with no reading, or glues an unknown
-            # character to its neighbour: fall back to per-character readings.
-            jp = _syllables(word)
-            if jp is None and len(word) > 1:
-                for ch in word:
-                    words.append((ch, _syllables(ch)))
-                continue
-        words.append((word, jp))
-    return tuple(words)
+    covered = start
+    while first < len(spans) and spans[first][1] <= start:
+        first += 1
+    for a, b, jp in itertools.islice(spans, first, None):
+        if a >= end:
+            break
+        lo, hi = max(a, start), min(b, end)
+        if lo > covered:  # characters no word covered
+            words.extend((ch, _syllables(ch)) for ch in run[covered - start:lo - start])
+        piece = run[lo - start:hi - start]
+        if jp is not None and (lo, hi) == (a, b):
+            words.append((piece, jp))
+        else:
+            reading = _syllables(piece)
+            if reading is None and len(piece) > 1:
+                words.extend((ch, _syllables(ch)) for ch in piece)
+            else:
+                words.append((piece, reading))
+        covered = hi
+    if covered < end:
+        words.extend((ch, _syllables(ch)) for ch in run[covered - start:])
+    return words, first
 
 
 @lru_cache(maxsize=4096)
@@ -289,14 +326,17 @@ def jyutping_words(text: str) -> tuple[JyutpingWord, ...]:
     Latin words, numbers, emoji and punctuation pass through unchanged.
     """
     hk = to_hk(text)
+    spans = _segment(hk) if _IS_HAN.search(hk) else []
     out: list[JyutpingWord] = []
     prev_end = -1
+    first = 0
     for match in _RUNS.finditer(hk):
         glue = match.start() == prev_end
         prev_end = match.end()
         run = match.group()
         if _IS_HAN.match(run):
-            for i, (word, jp) in enumerate(_han_words(run)):
+            words, first = _han_words(run, match.start(), spans, first)
+            for i, (word, jp) in enumerate(words):
                 out.append(JyutpingWord(word, jp, glue if i == 0 else True))
         else:
             out.append(JyutpingWord(run, None, glue))
@@ -325,6 +365,12 @@ def jyutping_line(text: str) -> str:
             parts.append(" ")
         parts.append(shown)
     return "".join(parts)
+
+
+def clear_caches() -> None:
+    """Forget memoised lines (the bench measures first conversions, not cache hits)."""
+    for cached in (_looks_simplified, jyutping_words):
+        cached.cache_clear()
 
 
 # -- a line as read --------------------------------------------------------------------------
