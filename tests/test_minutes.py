@@ -309,7 +309,7 @@ def test_markdown_follows_the_script_with_the_jyutping_under_each_sentence() -> 
 def test_srt_and_vtt_carry_the_jyutping_as_a_second_cue_line() -> None:
     cues = validate_srt(to_srt(SPOKEN, SIMPLIFIED_JP))
     assert cues[0][2] == ["阿明: 我哋今日开会，讨论预算。",
-                          "ngo5dei6 gam1jat6 hoi1wui2， tou2leon6 jyu6syun3。"]
+                          "ngo5dei6 gam1jat6 hoi1wui2，tou2leon6 jyu6syun3。"]
     assert cues[1][2] == ["bob: OK 我哋 Zoom 见", "OK ngo5dei6 Zoom gin3"]
     vtt = validate_vtt(to_vtt(SPOKEN, SIMPLIFIED_JP))
     assert vtt[1][2:] == ("bob", "OK 我哋 Zoom 见\nOK ngo5dei6 Zoom gin3")

@@ -110,6 +110,7 @@ def test_mixed_cantonese_and_english_latin_words_and_punctuation_pass_through() 
         "ngo5dei6 3 dim2 hai2 Starbucks gin3，OK? keoi5 waa6 don't worry laa1！")
     assert jyutping_line("乜嘢係「Jyutping」？") == "mat1je5 hai6 「Jyutping」？"
     assert jyutping_line("「你好」") == "「nei5 hou2」"
+    assert jyutping_line("我哋今日開會，好唔好？") == "ngo5dei6 gam1jat6 hoi1wui2，hou2 m4hou2？"
     assert jyutping_line("Zoom meeting 開始咗未？") == "Zoom meeting hoi1ci2 zo2 mei6？"
     # Emoji, CJK Extension B (𠵱) and Latin code-switching together.
     assert jyutping_line("😀 𠵱家 OK") == "😀 ji1gaa1 OK"

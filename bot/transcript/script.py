@@ -351,17 +351,22 @@ def _punct(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
+def _wide_punct(ch: str) -> bool:
+    # Full-width punctuation (，。？) carries its own space.
+    return _punct(ch) and unicodedata.east_asian_width(ch) in ("F", "W")
+
+
 def jyutping_line(text: str) -> str:
     """One group per word (``ngo5dei6 gam1jat6 hoi1wui2``), in the sentence's order.
 
     What passes through keeps its place; punctuation sits against its word as in the text
-    (``hou2，``, ``「Jyutping」``), other neighbours are separated by one space.
+    (``hou2，m4hou2``, ``「Jyutping」``), other neighbours are separated by one space.
     """
     parts: list[str] = []
     for w in jyutping_words(text):
         shown = w.text if w.jyutping is None else w.jyutping.replace(" ", "")
-        if parts and not (w.glue and (_opens(parts[-1][-1]) or _punct(shown[0]) and
-                                      not _opens(shown[0]))):
+        if parts and not (w.glue and (_opens(parts[-1][-1]) or _wide_punct(parts[-1][-1])
+                                      or _punct(shown[0]) and not _opens(shown[0]))):
             parts.append(" ")
         parts.append(shown)
     return "".join(parts)
