@@ -26,6 +26,7 @@ import yaml
 
 from bot.errors import ConfigError
 from bot.logsafe import redact_url
+from bot.transcript.script import Readability, ReadabilityError, parse_jyutping, parse_script
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,15 @@ class TranscribeConfig:
     #: Minutes end by themselves after this many seconds with no humans in the channel.
     empty_channel_timeout: float = field(default=60.0, metadata=_range(1, 86400))
     caption_edit_interval: float = field(default=1.0, metadata=_range(0.2, 60))
+    #: How speech is shown where a guild chose nothing: hk | simplified | as-is.
+    script: str = "as-is"
+    #: A Jyutping line under each posted sentence: off | line.
+    jyutping: str = "off"
+
+    @property
+    def readability(self) -> Readability:
+        """The default :class:`Readability` (checked by :func:`load_config`)."""
+        return Readability.parse(self.script, self.jyutping)
 
 
 @dataclass(frozen=True)
@@ -333,6 +343,10 @@ def load_config(
             where = f"line {mark.line + 1}" if mark is not None else "?"
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(file, "", f"invalid YAML at {where}: {problem}") from None
+    section = data.get("transcribe") if isinstance(data, dict) else None
+    if isinstance(section, dict) and isinstance(section.get("jyutping"), bool):
+        # YAML 1.1 reads a bare `off` as false: take it as the word the user wrote.
+        section["jyutping"] = "line" if section["jyutping"] else "off"
     env = {key: (var, environ[var]) for var, key in ENV_OVERRIDES.items() if var in environ}
     config: Config = _build(Config, data, file, "", env)
     if config.logging.level.upper() not in _LOG_LEVELS:
@@ -345,6 +359,7 @@ def load_config(
     if not config.discord.gateway_url.startswith(("ws://", "wss://")):
         raise ConfigError(file, "discord.gateway_url", "must be a ws(s) URL")
     check_transport(config, file)
+    _check_readability(config, file)
     if config.discord.ca_file is not None and not Path(config.discord.ca_file).is_file():
         raise ConfigError(file, "discord.ca_file", f"no such file: {config.discord.ca_file}")
     return dataclasses.replace(config, source=file)
@@ -391,6 +406,13 @@ _warned_insecure: set[tuple[str, str]] = set()
 
 def _url_key(config: Config, url: str) -> str:
     return "api_base" if url == config.discord.api_base else "gateway_url"
+def _check_readability(config: Config, file: str) -> None:
+    for key, parse, value in (("transcribe.script", parse_script, config.transcribe.script),
+                              ("transcribe.jyutping", parse_jyutping, config.transcribe.jyutping)):
+        try:
+            parse(value)
+        except ReadabilityError as exc:
+            raise ConfigError(file, key, str(exc)) from None
 
 
 def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Config:
@@ -410,6 +432,7 @@ def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Confi
     updated = dataclasses.replace(config, **sections)
     if "stt" in sections or "discord" in sections:
         check_transport(updated, "command line")
+    _check_readability(updated, "command line")
     return updated
 
 

@@ -52,3 +52,12 @@ async def test_upstream_row_counts_every_chunk_at_the_server() -> None:
 def test_memory_per_speaker_runs_with_every_speaker_active_in_the_receiver() -> None:
     result = per_speaker(3)
     assert result["speakers"] == 3  # per_speaker itself checks the receiver holds all 3
+
+
+def test_script_row_converts_lines_of_both_sizes_in_both_modes() -> None:
+    from bench.script import SIZES, row_script
+
+    rows = row_script(n=5)
+    assert {(r.chars, r.mode) for r in rows} == {
+        (size, mode) for size in SIZES for mode in ("simplified", "simplified + jyutping")}
+    assert all(r.lines == 5 and r.max_ms >= r.p99_ms >= r.p50_ms > 0 for r in rows)

@@ -406,3 +406,15 @@ async def test_simulate_and_demo_jsonl_print_only_the_documented_records(
     for name, lines in DEMO_SCRIPT.items():
         assert [text for who, text in spoken_lines(demo) if who == name] == [t for _, t in lines]
     assert any(r["attachments"] for r in demo)
+    (summary,) = [str(r["content"]) for r in demo if r["attachments"]]
+    assert "% alice: 2 lines" in summary and "`█" in summary  # talk-time bars
+
+
+def test_demo_takes_the_script_and_jyutping_choices_and_refuses_others() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--script", "simplified", "--jyutping", "line"])
+    assert (args.script, args.jyutping) == ("simplified", "line")
+    assert (parser.parse_args(["demo"]).script, parser.parse_args(["demo"]).jyutping) == (
+        None, None)  # the config defaults apply
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--script", "traditional"])

@@ -37,6 +37,7 @@ from bot.stt.session import (
     SttEvent,
 )
 from bot.transcript.model import Minutes
+from bot.transcript.script import PLAIN, Readability
 from bot.voice.client import VoiceListener
 from bot.voice.receiver import VoiceReceiver
 
@@ -60,8 +61,13 @@ class Meeting:
         on_ended: Callable[[Meeting], None] | None = None,
         slots: SessionSlots | None = None,
         confirm_opt_out: Callable[[int], Awaitable[bool]] | None = None,
+        readability: Readability = PLAIN,
+        title: str | None = None,
     ) -> None:
         self.config = config
+        #: How lines and minutes are shown (script, Jyutping); storage keeps what was said.
+        self.readability = readability
+        self.title = title
         self.storage = storage
         self.guild = guild
         self.text_channel = text_channel
@@ -79,8 +85,10 @@ class Meeting:
             bot_user_name=guild.me.display_name if guild.me else "cantobot",
             threads=threads, captions=captions,
             caption_interval=config.transcribe.caption_edit_interval,
+            readability=readability,
         )
-        self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks)
+        self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks,
+                             readability=readability)
         self.speakers = Speakers(
             config=config, guild=guild, tasks=self.tasks, on_event=self._on_stt_event,
             is_opted_out=is_opted_out, confirm_opt_out=confirm_opt_out,
@@ -157,7 +165,8 @@ class Meeting:
 
     async def start(self) -> None:
         await self.ledger.open(text_channel=self.text_channel, voice_channel=self.voice_channel,
-                               started_at=self.started_at, threads=self.threads)
+                               started_at=self.started_at, threads=self.threads,
+                               title=self.title)
         try:
             await self.intake.join()
         except Exception as exc:

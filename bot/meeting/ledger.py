@@ -27,9 +27,10 @@ from bot.sinks.discord_sink import DiscordTranscriptSink
 from bot.storage import StorageBackend
 from bot.stt.session import SttState
 from bot.transcript import minutes as minutes_fmt
-from bot.transcript.escape import inert
+from bot.transcript.escape import inert, outside
 from bot.transcript.format import nickname_with_notice
 from bot.transcript.model import Minutes, Segment
+from bot.transcript.script import PLAIN, Readability
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,6 @@ MESSAGE_LIMIT = 2000
 STORE_TASK = "store-"
 
 
-def minutes_files(minutes: Minutes) -> dict[str, str]:
-    """The files attached to posted minutes, by file name."""
-    return {
-        "minutes.md": minutes_fmt.to_markdown(minutes),
-        "minutes.srt": minutes_fmt.to_srt(minutes),
-        "minutes.vtt": minutes_fmt.to_vtt(minutes),
-        "minutes.json": minutes_fmt.to_json(minutes),
-    }
-
-
 @dataclass(frozen=True)
 class MinutesPost:
     """Minutes as posted: the summary (after an optional preface) and the files."""
@@ -61,9 +52,11 @@ class MinutesPost:
     files: dict[str, str]
 
     @classmethod
-    def of(cls, minutes: Minutes, preface: str = "") -> MinutesPost:
+    def of(cls, minutes: Minutes, preface: str = "",
+           readability: Readability = PLAIN) -> MinutesPost:
         # The summary quotes outside text (channel and display names): no link or ping survives.
-        return cls(inert(preface + minutes_fmt.summary_text(minutes)), minutes_files(minutes))
+        return cls(inert(preface + minutes_fmt.summary_text(minutes)),
+                   minutes_fmt.minutes_files(minutes, readability))
 
     def discord_files(self) -> list[discord.File]:
         return [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
@@ -79,12 +72,15 @@ class Ledger:
     """Storage rows, Discord sink and notices of one meeting; see the module docstring."""
 
     def __init__(self, *, storage: StorageBackend, sink: DiscordTranscriptSink,
-                 guild: discord.Guild, tasks: TaskOwner) -> None:
+                 guild: discord.Guild, tasks: TaskOwner,
+                 readability: Readability = PLAIN) -> None:
         self.storage = storage
+        self.readability = readability
         self.sink = sink
         self.guild = guild
         self._tasks = tasks
         self.meeting_id = 0
+        self.number = 0
         self.lines = 0
         self.upstream = "idle"
         self.upstream_error: CantobotError | None = None
@@ -97,19 +93,22 @@ class Ledger:
 
     async def open(self, *, text_channel: discord.TextChannel,
                    voice_channel: discord.VoiceChannel | discord.StageChannel,
-                   started_at: datetime, threads: bool) -> int:
+                   started_at: datetime, threads: bool, title: str | None = None) -> int:
         """Create the meeting's row, start the sink, say what is happening, mark the nickname."""
         self.meeting_id = await self.storage.start_meeting(
             guild_id=self.guild.id,
             text_channel_id=text_channel.id,
             voice_channel_id=voice_channel.id,
-            title=f"{voice_channel.name} meeting",
+            title=minutes_fmt.meeting_title(voice_channel.name, started_at, title),
             started_at=started_at,
         )
+        info = await self.storage.meeting_info(self.meeting_id)
+        # The guild's own number (#1, #2 ...), never the global row id.
+        self.number = info.number if info is not None else 0
         await self.sink.start()
         self.sink.post_notice(
-            f"\N{STUDIO MICROPHONE} **{voice_channel.name}** is now being transcribed "
-            f"(meeting #{self.meeting_id}). Lines are posted here"
+            f"\N{STUDIO MICROPHONE} **{outside(voice_channel.name)}** is now being transcribed "
+            f"(meeting #{self.number}). Lines are posted here"
             + (" and in one caption thread per speaker" if threads else "")
             + ". Don't want to be transcribed? Use `/transcribe optout`: your voice is then "
             "never decoded or sent anywhere."
@@ -137,7 +136,7 @@ class Ledger:
         return minutes
 
     async def post_minutes(self, minutes: Minutes) -> None:
-        post = MinutesPost.of(minutes)
+        post = MinutesPost.of(minutes, readability=self.readability)
         await self.sink.post_minutes(summary=post.text, files=post.files)
 
     async def _set_nickname(self, *, transcribing: bool) -> None:
