@@ -80,12 +80,13 @@ class Meeting:
             threads=threads, captions=captions,
             caption_interval=config.transcribe.caption_edit_interval,
         )
+        self._sink = sink
         self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks)
         self.speakers = Speakers(
             config=config, guild=guild, tasks=self.tasks, on_event=self._on_stt_event,
             is_opted_out=is_opted_out, confirm_opt_out=confirm_opt_out,
             accepting=lambda: self._machine.accepting_speakers,
-            notice_once=self.ledger.notice_once, on_start_failed=self.ledger.upstream_trouble,
+            notice_once=self.ledger.notice_once,
             forget_voice=self._forget_voice, slots=slots, t0=self._t0,
         )
         self.intake = VoiceIntake(
@@ -127,7 +128,7 @@ class Meeting:
 
     @property
     def sink(self) -> DiscordTranscriptSink:
-        return self.ledger.sink
+        return self._sink
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -143,13 +144,12 @@ class Meeting:
             name, avatar = segment.speaker, None
             if segment.speaker_id is not None:
                 name, avatar = self.speakers.display(segment.speaker_id)
-            self.ledger.commit(segment, display_name=name, avatar_url=avatar)
+            self.ledger.commit(event.ref, segment, display_name=name, avatar_url=avatar)
         elif isinstance(event, SegmentTimestamped):
-            self.ledger.amend(event.segment)
+            self.ledger.amend(event.ref, event.segment)
         elif isinstance(event, PartialText):
             if self.captions and self.state is MeetingState.LIVE:
-                key = self.speakers.user_key(event.speaker)
-                self.ledger.sink.update_caption(key, event.text, display_name=event.speaker)
+                self.ledger.sink.update_caption(event.key, event.text, display_name=event.speaker)
         elif isinstance(event, StateChanged):
             self.ledger.upstream_state(event.state, event.error)
 

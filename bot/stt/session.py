@@ -19,17 +19,13 @@ States (every transition is logged once at INFO and reported as :class:`StateCha
   ``session-closed`` we did not ask for moves to RECONNECTING: reconnect with capped, jittered
   exponential backoff, start a new upstream session, re-send the unconfirmed audio, go on.
 
-Unconfirmed audio: the PCM since the last commit boundary (the committed segment's last word end
-when word timestamps say so, else the audio position when the commit arrived), bounded by
-``max_buffer_seconds`` (the oldest is dropped, counted in ``stats.dropped_seconds``, logged
-once). The same buffer is the send queue: a cursor marks what was sent, so ``send_audio`` never
-blocks and the sender emits chunks in order. A new upstream session starts at the buffer's
-start, and its timestamps are offset by that position, so no sentence is lost or doubled.
-
-Both committed forms of one sentence make one line: :class:`SegmentCommitted` on the first form,
-:class:`SegmentTimestamped` (same text, words and better times) when the timestamped twin comes
-(matched to the oldest unmatched commit with equal text). If the timestamped form comes first
-it is the line, and the plain twin is swallowed.
+The logic without the socket (the unconfirmed-audio buffer that is also the send queue, the
+send cursor, the re-send origin of a new upstream session, pairing the two committed forms of a
+sentence, voice detection) is :class:`~bot.stt.core.SttCore`; this adapter owns the socket, its
+two tasks and the retries: reconnects after a start, and first starts (:class:`StartGate`,
+shared by the sessions of one owner so that a rejected key costs one connection per backoff
+period however many people talk). The events it hands on are in :mod:`bot.stt.events`: each
+new line carries a :class:`~bot.stt.events.LineRef` and its timestamped twin amends that ref.
 
 Transport: ``transports=["websocket"]``: one long-lived TCP connection suits a steady 10 chunks
 a second (no long-polling round trips) and a dropped connection shows at once as a disconnect.
@@ -39,18 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
-from collections import deque
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
-import numpy as np
 import socketio
 
+from bot.backoff import Backoff
 from bot.errors import (
     CantobotError,
     StreamClosed,
@@ -60,13 +55,26 @@ from bot.errors import (
     SttUnavailable,
 )
 from bot.stt import protocol as p
-from bot.transcript.model import Segment, Word
+from bot.stt.core import BYTES_PER_SAMPLE, SessionStats, SttCore
+from bot.stt.events import (
+    TRANSITIONS,
+    LineRef,
+    PartialText,
+    SegmentCommitted,
+    SegmentTimestamped,
+    SpeakerKey,
+    StateChanged,
+    SttEvent,
+    SttState,
+)
 
 __all__ = [
+    "LineRef",
     "PartialText",
     "SegmentCommitted",
     "SegmentTimestamped",
     "SessionStats",
+    "StartGate",
     "StateChanged",
     "SttEvent",
     "SttSession",
@@ -75,94 +83,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bytes per 16-bit mono sample (the reference: "16-bit PCM", mono recommended).
-BYTES_PER_SAMPLE: Final = 2
-#: Largest audio-chunk we emit: 64 KiB of PCM (2 s at 16 kHz) stays far below python-engineio's
-#: default 1 MB message limit even after base64; re-sent audio is split to this size.
-MAX_CHUNK_BYTES: Final = 64 * 1024
-#: Commits awaiting their timestamped twin (or twins awaiting a plain form) kept per session; a
-#: server that sends only one form would otherwise grow the lists forever.
-MAX_UNMATCHED: Final = 64
 #: A session must stream this long before the reconnect backoff starts again from its initial
 #: delay, so connections that die at once keep backing off (cf. pipecat's QuickFailureTracker).
 HEALTHY_AFTER_S: Final = 10.0
-#: RMS (int16 units, about -40 dBFS) above which a 20 ms frame counts as speech when a commit
-#: without word timestamps has to be placed in time.
-VOICED_RMS: Final = 330.0
-#: A pause this long ends a sentence; voiced stretches shorter than MIN_VOICED_S are ignored.
-SENTENCE_GAP_S: Final = 0.5
-MIN_VOICED_S: Final = 0.25
 #: Bound on disconnecting one client (sending the Engine.IO close packet).
 DISCONNECT_TIMEOUT_S: Final = 2.0
-
-
-class SttState(enum.Enum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    STARTING = "starting"
-    STREAMING = "streaming"
-    RECONNECTING = "reconnecting"
-    STOPPING = "stopping"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-
-_S = SttState
-#: Legal transitions (anything else is a bug in this module).
-_TRANSITIONS: Final[dict[SttState, frozenset[SttState]]] = {
-    _S.IDLE: frozenset({_S.CONNECTING, _S.CLOSED}),
-    _S.CONNECTING: frozenset({_S.STARTING, _S.FAILED, _S.CLOSED}),
-    _S.STARTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
-    _S.STREAMING: frozenset({_S.RECONNECTING, _S.STOPPING, _S.CLOSED}),
-    _S.RECONNECTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
-    # A drop while stopping reconnects (within stop_timeout) so the last sentences are not lost.
-    _S.STOPPING: frozenset({_S.RECONNECTING, _S.CLOSED}),
-    _S.FAILED: frozenset({_S.CONNECTING, _S.CLOSED}),
-    _S.CLOSED: frozenset(),
-}
-
-
-@dataclass(frozen=True)
-class SegmentCommitted:
-    """A new committed line."""
-
-    segment: Segment
-
-
-@dataclass(frozen=True)
-class SegmentTimestamped:
-    """The line last committed with this text, now with words and better times (not new)."""
-
-    segment: Segment
-
-
-@dataclass(frozen=True)
-class PartialText:
-    speaker: str
-    text: str
-
-
-@dataclass(frozen=True)
-class StateChanged:
-    speaker: str
-    state: SttState
-    error: CantobotError | None = None
-
-
-SttEvent = SegmentCommitted | SegmentTimestamped | PartialText | StateChanged
-
-
-@dataclass
-class SessionStats:
-    chunks_sent: int = 0
-    bytes_sent: int = 0
-    #: Seconds of audio dropped from the unconfirmed buffer by ``max_buffer_seconds``.
-    dropped_seconds: float = 0.0
-    reconnects: int = 0
-    #: Malformed server messages ignored (see :mod:`bot.stt.protocol`).
-    protocol_errors: int = 0
-    #: Lines committed (twins are not counted twice).
-    commits: int = 0
 
 
 @dataclass
@@ -173,7 +98,6 @@ class _Connection:
     http: aiohttp.ClientSession
     started: asyncio.Future[None]
     closed: asyncio.Future[None]  # resolved by session-closed (or the connection's loss)
-    origin: int  # stream sample where this upstream session's audio starts
     session_id: str = ""
     lost: bool = False
 
@@ -190,6 +114,54 @@ def _is_auth_rejection(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+class StartGate:
+    """First starts of many sessions (one owner's speakers), retried here with one backoff.
+
+    A session's :meth:`SttSession.start` is one attempt. :meth:`keep_starting` repeats it until
+    it works, the session is stopped or closed (``startable`` says no), or it raises
+    :class:`~bot.errors.StreamClosed`. Every session passing through the same gate shares its
+    capped, jittered :class:`~bot.backoff.Backoff` and, while in trouble, tries one at a time:
+    a rejected key costs at most one connection per backoff period, however many people talk.
+    A failed attempt is reported by the session itself (``StateChanged`` to FAILED).
+    """
+
+    def __init__(self, backoff: Backoff, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.backoff = backoff
+        self._clock = clock
+        self._not_before = 0.0
+        self._lock = asyncio.Lock()
+
+    async def keep_starting(self, attempt: Callable[[], Awaitable[None]],
+                            startable: Callable[[], bool], label: str) -> None:
+        while startable():
+            wait = self._not_before - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self.backoff.failing:
+                async with self._lock:
+                    if self._not_before > self._clock() or not startable():
+                        continue
+                    if await self._try(attempt, label):
+                        return
+            elif await self._try(attempt, label):
+                return
+
+    async def _try(self, attempt: Callable[[], Awaitable[None]], label: str) -> bool:
+        try:
+            await attempt()
+        except StreamClosed:  # stopped or discarded while connecting: nothing left to start
+            return True
+        except CantobotError as exc:
+            delay = self.backoff.next()
+            self._not_before = self._clock() + delay
+            log.info("stt[%s] start failed (%s); next attempt in %.2f s", label, exc, delay)
+            return False
+        self.backoff.reset()
+        self._not_before = 0.0
+        return True
 
 
 class SttSession:
@@ -212,11 +184,15 @@ class SttSession:
         reconnect_initial_delay: float = 0.5,
         reconnect_max_delay: float = 30.0,
         rng: random.Random | None = None,
+        key: SpeakerKey | None = None,
+        line_numbers: Iterator[int] | None = None,
     ) -> None:
-        if sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        if stream_offset < 0:
-            raise ValueError(f"stream_offset must be >= 0, got {stream_offset}")
+        self.core = SttCore(
+            sample_rate=sample_rate, speaker=speaker,
+            key=key if key is not None else speaker_id if speaker_id is not None else speaker,
+            speaker_id=speaker_id, stream_offset=stream_offset,
+            max_buffer_seconds=max_buffer_seconds, line_numbers=line_numbers,
+        )
         self.url = url
         self._api_key = api_key
         self.sample_rate = sample_rate
@@ -227,32 +203,20 @@ class SttSession:
         self.connect_timeout = connect_timeout
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self.max_buffer_samples = max(1, round(max_buffer_seconds * sample_rate))
         self.reconnect_initial_delay = reconnect_initial_delay
         self.reconnect_max_delay = reconnect_max_delay
-        self._rng = rng or random.Random()
+        #: Reconnects after a start back off here; a start that worked for HEALTHY_AFTER_S
+        #: seconds starts again from the initial delay.
+        self.backoff = Backoff(reconnect_initial_delay, reconnect_max_delay,
+                               rng=rng or random.Random(), healthy_after=HEALTHY_AFTER_S)
         self.state = SttState.IDLE
-        self.stats = SessionStats()
-        # Audio, in stream samples (sample 0 = the first sample given to send_audio).
-        self._buffer: deque[tuple[int, bytes]] = deque()  # (start sample, pcm), unconfirmed
-        self._buf_start = 0  # first unconfirmed sample
-        self._appended = 0  # samples given to send_audio
-        self._send_pos = 0  # next sample to send
-        self._last_commit_end = 0  # stream sample of the previous commit boundary
-        self._dropped_logged = False
-        # Twins of committed sentences.
-        self._unmatched: deque[str] = deque(maxlen=MAX_UNMATCHED)  # plain, awaiting twin
-        self._early_twins: deque[str] = deque(maxlen=MAX_UNMATCHED)  # twin came first
-        # send position when a plain commit came; confirmed unless its timestamped twin follows
-        self._deferred_boundary: int | None = None
+        self.stats = self.core.stats
         self._conn: _Connection | None = None
         self._audio_ready = asyncio.Event()
         self._streaming = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
-        self._streaming_since = 0.0
-        self._failures_in_a_row = 0
         self._stop_requested = False
         self._drained = asyncio.Event()
         self._progress = asyncio.Event()  # set whenever audio went out or the state changed
@@ -285,10 +249,17 @@ class SttSession:
             raise ValueError(f"16-bit PCM must have an even byte count, got {len(pcm)}")
         if self._stop_requested or self.state is SttState.CLOSED or not pcm:
             return
-        self._buffer.append((self._appended, bytes(pcm)))
-        self._appended += len(pcm) // BYTES_PER_SAMPLE
-        self._enforce_bound()
+        self.core.append(pcm)
         self._audio_ready.set()
+
+    @property
+    def unconfirmed_samples(self) -> int:
+        """Audio kept until a commit confirms it (also what a new upstream session re-sends)."""
+        return self.core.unconfirmed_samples
+
+    def startable(self) -> bool:
+        """Not started yet (or the last start failed), and neither stopped nor closed."""
+        return not self._stop_requested and self.state in (SttState.IDLE, SttState.FAILED)
 
     async def drain(self, max_ahead_seconds: float = 0.0) -> None:
         """Wait until at most ``max_ahead_seconds`` of queued audio is unsent.
@@ -298,9 +269,10 @@ class SttSession:
         the session cannot send (stopped, closed or failed).
         """
         limit = round(max_ahead_seconds * self.sample_rate)
+        core = self.core
         sending = (SttState.CONNECTING, SttState.STARTING, SttState.STREAMING,
                    SttState.RECONNECTING)
-        while self._appended - self._send_pos > limit and self.state in sending:
+        while core.unsent_samples > limit and self.state in sending:
             self._progress.clear()
             await self._progress.wait()
 
@@ -349,7 +321,7 @@ class SttSession:
                 log.warning(
                     "stt[%s] gave up: %.1f s of audio were not transcribed",
                     self.speaker,
-                    (self._appended - self._buf_start) / self.sample_rate,
+                    self.core.unconfirmed_samples / self.sample_rate,
                 )
             await self._shutdown()
 
@@ -364,7 +336,7 @@ class SttSession:
         old = self.state
         if new is old:
             return
-        if new not in _TRANSITIONS[old]:
+        if new not in TRANSITIONS[old]:
             raise AssertionError(f"illegal STT state change {old.value} -> {new.value}")
         self.state = new
         if error is None:
@@ -374,7 +346,7 @@ class SttSession:
         self._progress.set()
         if new is SttState.STREAMING:
             self._streaming.set()
-            self._streaming_since = asyncio.get_running_loop().time()
+            self.backoff.succeeded()
         else:
             self._streaming.clear()
         self._emit(StateChanged(self.speaker, new, error))
@@ -405,16 +377,14 @@ class SttSession:
             await self._drop_connection(conn)
             raise
         # Re-send the unconfirmed audio first; its upstream times start at the buffer's start.
-        conn.origin = self._send_pos = self._buf_start
-        self._unmatched.clear()
-        self._early_twins.clear()
+        self.core.restart()
         self._audio_ready.set()
 
     async def _connect(self) -> _Connection:
         http = aiohttp.ClientSession()
         client = socketio.AsyncClient(reconnection=False, http_session=http, handle_sigint=False)
         loop = asyncio.get_running_loop()
-        conn = _Connection(client, http, loop.create_future(), loop.create_future(), 0)
+        conn = _Connection(client, http, loop.create_future(), loop.create_future())
         self._register_handlers(conn)
         self._conn = conn
         try:
@@ -509,7 +479,7 @@ class SttSession:
     def _connection_lost(self, conn: _Connection, error: SttError) -> None:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
         conn.lost = True
-        self._settle_deferred()  # no twin can come any more
+        self.core.connection_lost()  # no twin can come any more
         self._drained.set()  # wake a stop() waiting for the sender
         for fut in (conn.started, conn.closed):
             if not fut.done():
@@ -525,16 +495,12 @@ class SttSession:
     async def _reconnect(self, old: _Connection | None, first_attempt: int | None = None) -> None:
         if old is not None:
             await self._drop_connection(old)
-        loop = asyncio.get_running_loop()
-        healthy = loop.time() - self._streaming_since >= HEALTHY_AFTER_S
-        attempt = 0 if healthy else self._failures_in_a_row
         if first_attempt is not None:
-            attempt = first_attempt
+            self.backoff.reset()
+            self.backoff.failures = first_attempt
         while True:
-            delay = min(self.reconnect_max_delay, self.reconnect_initial_delay * 2**attempt)
-            delay *= 0.5 + self._rng.random() / 2  # jitter: spread a fleet's retries
-            attempt += 1
-            self._failures_in_a_row = attempt
+            delay = self.backoff.next()  # jittered: spreads a fleet's retries
+            attempt = self.backoff.failures
             log.info("stt[%s] reconnect attempt %d in %.2f s", self.speaker, attempt, delay)
             await asyncio.sleep(delay)
             try:
@@ -551,63 +517,13 @@ class SttSession:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _enforce_bound(self) -> None:
-        excess = (self._appended - self._buf_start) - self.max_buffer_samples
-        if excess <= 0:
-            return
-        self._trim_to(self._buf_start + excess)
-        self.stats.dropped_seconds += excess / self.sample_rate
-        skipped = self._buf_start - self._send_pos
-        if skipped > 0:
-            # Never-sent audio was dropped: the upstream hears a gap-free stream, so its clock
-            # runs behind ours by the skipped samples from now on.
-            self._send_pos = self._buf_start
-            if self._conn is not None:
-                self._conn.origin += skipped
-        if not self._dropped_logged:
-            self._dropped_logged = True
-            log.warning(
-                "stt[%s] unconfirmed audio exceeds %.0f s: dropping the oldest (logged once)",
-                self.speaker,
-                self.max_buffer_samples / self.sample_rate,
-            )
-
-    def _trim_to(self, sample: int) -> None:
-        """Forget audio before stream ``sample`` (it is confirmed, or dropped)."""
-        while self._buffer:
-            start, pcm = self._buffer[0]
-            end = start + len(pcm) // BYTES_PER_SAMPLE
-            if end <= sample:
-                self._buffer.popleft()
-            elif start < sample:
-                self._buffer[0] = (sample, pcm[(sample - start) * BYTES_PER_SAMPLE :])
-                break
-            else:
-                break
-        self._buf_start = max(self._buf_start, min(sample, self._appended))
-
-    def _next_chunk(self) -> tuple[int, bytes] | None:
-        """The next unsent piece of audio at the send cursor, at most MAX_CHUNK_BYTES."""
-        # Scan from the newest piece: the unsent tail is short while the unconfirmed head can
-        # hold minutes of audio (a scan from the left cost O(buffer) per chunk sent).
-        found: tuple[int, bytes] | None = None
-        for start, pcm in reversed(self._buffer):
-            if start + len(pcm) // BYTES_PER_SAMPLE <= self._send_pos:
-                break
-            found = (start, pcm)
-        if found is None:
-            return None
-        start, pcm = found
-        offset = (self._send_pos - start) * BYTES_PER_SAMPLE
-        return self._send_pos, pcm[offset : offset + MAX_CHUNK_BYTES]
-
     async def _send_loop(self) -> None:
         while True:
             await self._audio_ready.wait()
             self._audio_ready.clear()
             while self.state in (SttState.STREAMING, SttState.STOPPING):
                 conn = self._conn
-                chunk = self._next_chunk()
+                chunk = self.core.next_chunk()
                 if conn is None or conn.lost or chunk is None:
                     break
                 start, pcm = chunk
@@ -616,12 +532,9 @@ class SttSession:
                 except socketio.exceptions.SocketIOError as exc:
                     self._connection_lost(conn, SttUnavailable(f"send failed: {exc}"))
                     break
-                if self._conn is conn and self._send_pos == start:
-                    self._send_pos = start + len(pcm) // BYTES_PER_SAMPLE
-                    self.stats.chunks_sent += 1
-                    self.stats.bytes_sent += len(pcm)
+                if self._conn is conn and self.core.sent(start, len(pcm)):
                     self._progress.set()
-            if self.state is SttState.STOPPING and self._send_pos >= self._appended:
+            if self.state is SttState.STOPPING and self.core.unsent_samples <= 0:
                 self._drained.set()
 
     async def _drain_and_stop(self, deadline: float) -> None:
@@ -631,7 +544,7 @@ class SttSession:
         loop = asyncio.get_running_loop()
         self._drained.clear()  # may be left set by an earlier connection's loss
         self._audio_ready.set()
-        if self._send_pos < self._appended:
+        if self.core.unsent_samples > 0:
             await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
         if conn.lost:
             raise SttUnavailable("the connection was lost while stopping")
@@ -658,125 +571,9 @@ class SttSession:
 
     # -- transcripts -------------------------------------------------------------------------
 
-    def _seconds(self, sample: float) -> float:
-        """Meeting time of a stream sample position."""
-        return self.stream_offset + sample / self.sample_rate
-
     def _on_transcript(self, conn: _Connection, payload: object) -> None:
-        try:
-            event = p.parse_transcript_message(payload)
-        except p.ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            log.warning("stt[%s] ignored a malformed transcript message: %s", self.speaker, exc)
-            return
-        if not isinstance(event, p.TimestampedTranscript):
-            self._settle_deferred()  # the message after a plain commit was not its twin
-        if isinstance(event, p.SessionStarted):
-            conn.session_id = event.session_id
-        elif isinstance(event, p.PartialTranscript):
-            self._emit(PartialText(self.speaker, event.text))
-        elif isinstance(event, p.CommittedTranscript):
-            self._on_plain_commit(event.text)
-        elif isinstance(event, p.TimestampedTranscript):
-            self._on_timestamped_commit(conn, event)
-
-    def _estimated_segment(self, text: str) -> Segment:
-        """Times of a commit without word timestamps: the voiced audio since the last commit.
-
-        The unconfirmed buffer still holds that audio, so the first and last 20 ms frames above
-        a speech threshold bound the sentence far better than "previous commit .. now" would
-        (that would start every sentence at the end of the previous one, pauses included).
-        """
-        lo, hi = self._last_commit_end, self._send_pos
-        span = self._voiced_span(lo, hi)
-        if span is not None:
-            lo, hi = span
-        start = self._seconds(lo)
-        return Segment(self.speaker, text, start, max(start, self._seconds(hi)),
-                       speaker_id=self.speaker_id)
-
-    def _voiced_span(self, lo: int, hi: int) -> tuple[int, int] | None:
-        """The first stretch of speech in stream samples [lo, hi): voiced 20 ms frames joined
-        across pauses shorter than SENTENCE_GAP_S, ignoring blips shorter than MIN_VOICED_S
-        (a click, the tail of the previous sentence)."""
-        frame = max(1, self.sample_rate // 50)
-        pieces = [
-            (start, pcm) for start, pcm in self._buffer
-            if start < hi and start + len(pcm) // BYTES_PER_SAMPLE > lo
-        ]
-        if not pieces:
-            return None
-        first = max(lo, pieces[0][0])
-        audio = np.frombuffer(b"".join(pcm for _, pcm in pieces), dtype="<i2")
-        audio = audio[first - pieces[0][0]: hi - pieces[0][0]]
-        n = len(audio) // frame
-        if n == 0:
-            return None
-        frames = audio[: n * frame].astype(np.float32).reshape(n, frame)
-        voiced = np.sqrt(np.mean(frames * frames, axis=1)) > VOICED_RMS
-        gap = round(SENTENCE_GAP_S * 50)
-        shortest = max(1, round(MIN_VOICED_S * 50))
-        i = 0
-        while i < n:
-            if not voiced[i]:
-                i += 1
-                continue
-            begin = end = i
-            j = i
-            while j < n and j - end <= gap:
-                if voiced[j]:
-                    end = j
-                j += 1
-            if end - begin + 1 >= shortest:
-                return first + begin * frame, first + (end + 1) * frame
-            i = end + 1
-        return None
-
-    def _settle_deferred(self) -> None:
-        if self._deferred_boundary is not None:
-            self._confirm(self._deferred_boundary)
-            self._deferred_boundary = None
-
-    def _confirm(self, boundary: int) -> None:
-        boundary = min(boundary, self._send_pos)
-        self._last_commit_end = max(self._last_commit_end, boundary)
-        self._trim_to(boundary)
-
-    def _on_plain_commit(self, text: str) -> None:
-        if text in self._early_twins:
-            self._early_twins.remove(text)  # the timestamped twin already made this line
-            return
-        self.stats.commits += 1
-        segment = self._estimated_segment(text)
-        self._unmatched.append(text)
-        # A timestamped twin, if one comes, is the next message and gives a precise boundary.
-        self._deferred_boundary = self._send_pos
-        self._emit(SegmentCommitted(segment))
-
-    def _on_timestamped_commit(self, conn: _Connection, event: p.TimestampedTranscript) -> None:
-        base = self.stream_offset + conn.origin / self.sample_rate
-        words = tuple(Word(w.text, base + w.start, base + w.end) for w in event.words)
-        if words:
-            segment = Segment(
-                self.speaker,
-                event.text,
-                words[0].start,
-                max(w.end for w in words),
-                words,
-                self.speaker_id,
-            )
-            boundary = conn.origin + round(max(w.end for w in event.words) * self.sample_rate)
-        else:
-            segment = self._estimated_segment(event.text)
-            boundary = self._send_pos
-        if event.text in self._unmatched:
-            self._unmatched.remove(event.text)
-            self._deferred_boundary = None
-            self._confirm(boundary)
-            self._emit(SegmentTimestamped(segment))
-            return
-        self._settle_deferred()  # a twin of some other sentence: that plain commit had none
-        self.stats.commits += 1
-        self._early_twins.append(event.text)
-        self._confirm(boundary)
-        self._emit(SegmentCommitted(segment))
+        events, session_id = self.core.receive(payload)
+        if session_id is not None:
+            conn.session_id = session_id
+        for event in events:
+            self._emit(event)
