@@ -80,7 +80,6 @@ class Meeting:
             threads=threads, captions=captions,
             caption_interval=config.transcribe.caption_edit_interval,
         )
-        self._sink = sink
         self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks)
         self.speakers = Speakers(
             config=config, guild=guild, tasks=self.tasks, on_event=self._on_stt_event,
@@ -125,10 +124,6 @@ class Meeting:
     @property
     def transcriber(self) -> Transcriber:
         return self.speakers.transcriber
-
-    @property
-    def sink(self) -> DiscordTranscriptSink:
-        return self._sink
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -195,19 +190,7 @@ class Meeting:
                  self.meeting_id, len(minutes.segments), dict(self.receiver.stats))
         return minutes
 
-    async def post_minutes(self, minutes: Minutes) -> None:
-        await self.ledger.post_minutes(minutes)
-
-    def notice_once(self, kind: str, text: str) -> None:
-        self.ledger.notice_once(kind, text)
-
     # -- channel presence ------------------------------------------------------------------------
-
-    def humans_in_channel(self) -> int:
-        return self.intake.humans_in_channel()
-
-    def follow_move(self) -> None:
-        self.intake.follow_move()
 
     def check_empty(self) -> None:
         """Called on voice state changes: end by itself after a while with no humans."""

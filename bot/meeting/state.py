@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from bot.errors import CantobotError
+from bot.errors import RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class StateMachine:
         return self.state in (MeetingState.STARTING, MeetingState.LIVE)
 
 
-class MeetingError(CantobotError):
-    """A meeting could not start or stop; the message is shown to the user."""
+class MeetingError(RemoteError):
+    """A meeting could not start (Discord refused the voice join, or the guild already has
+    one); the message is shown to the user."""
 
     permanent = True
 
