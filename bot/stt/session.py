@@ -39,8 +39,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 import socketio
@@ -90,16 +89,136 @@ HEALTHY_AFTER_S: Final = 10.0
 DISCONNECT_TIMEOUT_S: Final = 2.0
 
 
-@dataclass
-class _Connection:
-    """One Socket.IO connection and its upstream session."""
+class _LinkOwner(Protocol):
+    """What a link reports to (the session): its events, while it is the current link."""
 
-    client: socketio.AsyncClient
-    http: aiohttp.ClientSession
-    started: asyncio.Future[None]
-    closed: asyncio.Future[None]  # resolved by session-closed (or the connection's loss)
-    session_id: str = ""
-    lost: bool = False
+    def link_current(self, link: _Link) -> bool: ...
+
+    def link_lost(self, link: _Link, error: SttError) -> None: ...
+
+    def link_transcript(self, link: _Link, payload: object) -> None: ...
+
+    def link_stopping(self) -> bool: ...
+
+
+class _Link:
+    """One Socket.IO connection and its upstream session: connect (errors translated),
+    start-session, audio-chunk, stop-session, close. Server events go to the owner."""
+
+    def __init__(self, owner: _LinkOwner) -> None:
+        self.http = aiohttp.ClientSession()
+        self.client = socketio.AsyncClient(reconnection=False, http_session=self.http,
+                                           handle_sigint=False)
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[None] = loop.create_future()
+        #: Resolved by session-closed (or failed by the connection's loss).
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.session_id = ""
+        self.lost = False
+        self._owner = owner
+        self.client.on("disconnect", self._on_disconnect)
+        self.client.on(p.SESSION_STARTED, self._on_started)
+        self.client.on(p.SESSION_ERROR, self._on_error)
+        self.client.on(p.SESSION_CLOSED, self._on_closed)
+        self.client.on(p.TRANSCRIPT_MESSAGE, self._on_transcript)
+
+    async def connect(self, url: str, api_key: str, within: float) -> None:
+        """Connect, or close this link and raise SttAuthError / SttUnavailable."""
+        try:
+            await asyncio.wait_for(
+                self.client.connect(url, headers={p.API_KEY_HEADER: api_key},
+                                    transports=["websocket"], socketio_path=p.SOCKETIO_PATH,
+                                    wait_timeout=within),
+                within,
+            )
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, TimeoutError):
+                raise SttUnavailable(
+                    f"cannot reach cantonese.ai at {url}: no answer in {within:g} s"
+                ) from None
+            if isinstance(exc, socketio.exceptions.ConnectionError | aiohttp.ClientError):
+                if _is_auth_rejection(exc):
+                    raise SttAuthError(
+                        "cantonese.ai rejected the API key (HTTP 401); check stt.api_key"
+                    ) from exc
+                raise SttUnavailable(f"cannot connect to cantonese.ai at {url}") from exc
+            raise
+
+    async def start_session(self, sample_rate: int, within: float) -> None:
+        await self.client.emit(p.START_SESSION, p.start_session(sample_rate))
+        try:
+            await asyncio.wait_for(asyncio.shield(self.started), within)
+        except TimeoutError:
+            raise SttSessionError(
+                f"cantonese.ai did not start a session within {within:g} s"
+            ) from None
+
+    async def send_audio(self, pcm: bytes, sample_rate: int) -> None:
+        await self.client.emit(p.AUDIO_CHUNK, p.audio_chunk(pcm, sample_rate))
+
+    async def stop_session(self, within: float) -> None:
+        """stop-session; the server commits what is pending, then closes (code 1000)."""
+        if self.lost:
+            raise SttUnavailable("the connection was lost while stopping")
+        try:
+            await self.client.emit(p.STOP_SESSION)
+        except socketio.exceptions.SocketIOError as exc:
+            raise SttUnavailable(f"cannot send stop-session: {exc}") from exc
+        await asyncio.wait_for(asyncio.shield(self.closed), within)
+
+    def fail(self, error: SttError) -> None:
+        """Lost: whoever waits for the start or the close gets ``error``."""
+        self.lost = True
+        for fut in (self.started, self.closed):
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved here: whoever awaits it gets it too
+
+    async def close(self) -> None:
+        """Close (late events are then ignored); idempotent."""
+        self.lost = True
+        for fut in (self.started, self.closed):
+            if not fut.done():
+                fut.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), DISCONNECT_TIMEOUT_S)
+        await self.http.close()
+
+    # -- server events ---------------------------------------------------------------------------
+
+    def _current(self) -> bool:
+        return self._owner.link_current(self) and not self.lost
+
+    async def _on_disconnect(self, *args: Any) -> None:
+        if self._current():
+            reason = args[0] if args else "unknown"
+            self._owner.link_lost(
+                self, SttUnavailable(f"disconnected from cantonese.ai ({reason})"))
+
+    async def _on_started(self, *args: Any) -> None:
+        if self._current() and not self.started.done():
+            self.started.set_result(None)
+
+    async def _on_error(self, payload: Any = None) -> None:
+        if self._current():
+            message = p.parse_session_error(payload)
+            self._owner.link_lost(self, SttSessionError(f"cantonese.ai session error: {message}"))
+
+    async def _on_closed(self, payload: Any = None) -> None:
+        if not self._current():
+            return
+        code, reason = p.parse_session_closed(payload)
+        if self._owner.link_stopping() and code == p.CLOSE_NORMAL:
+            if not self.closed.done():
+                self.closed.set_result(None)
+            return
+        self._owner.link_lost(self, SttSessionError(
+            f"cantonese.ai closed the session (code {code}: {reason or 'no reason'})", code=code))
+
+    async def _on_transcript(self, payload: Any = None) -> None:
+        if self._current():
+            self._owner.link_transcript(self, payload)
 
 
 def _is_auth_rejection(exc: BaseException) -> bool:
@@ -211,7 +330,7 @@ class SttSession:
                                rng=rng or random.Random(), healthy_after=HEALTHY_AFTER_S)
         self.state = SttState.IDLE
         self.stats = self.core.stats
-        self._conn: _Connection | None = None
+        self._conn: _Link | None = None
         self._audio_ready = asyncio.Event()
         self._streaming = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -362,17 +481,12 @@ class SttSession:
     async def _connect_and_start(self, *, first: bool) -> None:
         if first:
             self._set_state(SttState.CONNECTING)
-        conn = await self._connect()
+        conn = self._conn = _Link(self)
         try:
+            await conn.connect(self.url, self._api_key, self.connect_timeout)
             if first:
                 self._set_state(SttState.STARTING)
-            await conn.client.emit(p.START_SESSION, p.start_session(self.sample_rate))
-            try:
-                await asyncio.wait_for(asyncio.shield(conn.started), self.start_timeout)
-            except TimeoutError:
-                raise SttSessionError(
-                    f"cantonese.ai did not start a session within {self.start_timeout:g} s"
-                ) from None
+            await conn.start_session(self.sample_rate, self.start_timeout)
         except BaseException:
             await self._drop_connection(conn)
             raise
@@ -380,111 +494,35 @@ class SttSession:
         self.core.restart()
         self._audio_ready.set()
 
-    async def _connect(self) -> _Connection:
-        http = aiohttp.ClientSession()
-        client = socketio.AsyncClient(reconnection=False, http_session=http, handle_sigint=False)
-        loop = asyncio.get_running_loop()
-        conn = _Connection(client, http, loop.create_future(), loop.create_future())
-        self._register_handlers(conn)
-        self._conn = conn
-        try:
-            await asyncio.wait_for(
-                client.connect(
-                    self.url,
-                    headers={p.API_KEY_HEADER: self._api_key},
-                    transports=["websocket"],
-                    socketio_path=p.SOCKETIO_PATH,
-                    wait_timeout=self.connect_timeout,
-                ),
-                self.connect_timeout,
-            )
-        except BaseException as exc:
-            await self._drop_connection(conn)
-            if isinstance(exc, TimeoutError):
-                raise SttUnavailable(
-                    f"cannot reach cantonese.ai at {self.url}: no answer in "
-                    f"{self.connect_timeout:g} s"
-                ) from None
-            if isinstance(exc, socketio.exceptions.ConnectionError | aiohttp.ClientError):
-                if _is_auth_rejection(exc):
-                    raise SttAuthError(
-                        "cantonese.ai rejected the API key (HTTP 401); check stt.api_key"
-                    ) from exc
-                raise SttUnavailable(f"cannot connect to cantonese.ai at {self.url}") from exc
-            raise
-        return conn
-
-    async def _drop_connection(self, conn: _Connection) -> None:
+    async def _drop_connection(self, conn: _Link) -> None:
         """Forget and close one connection (its late events are then ignored)."""
         if self._conn is conn:
             self._conn = None
-        conn.lost = True
-        for fut in (conn.started, conn.closed):
-            if not fut.done():
-                fut.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.client.disconnect(), DISCONNECT_TIMEOUT_S)
-        await conn.http.close()
+        await conn.close()
 
-    def _register_handlers(self, conn: _Connection) -> None:
-        client = conn.client
+    # -- what the current link reports -----------------------------------------------------------
 
-        def current() -> bool:
-            return self._conn is conn and not conn.lost
+    def link_current(self, link: _Link) -> bool:
+        return self._conn is link
 
-        async def on_disconnect(*args: Any) -> None:
-            if current():
-                reason = args[0] if args else "unknown"
-                self._connection_lost(
-                    conn, SttUnavailable(f"disconnected from cantonese.ai ({reason})")
-                )
+    def link_stopping(self) -> bool:
+        return self.state is SttState.STOPPING
 
-        async def on_started(*args: Any) -> None:
-            if current() and not conn.started.done():
-                conn.started.set_result(None)
+    def link_transcript(self, link: _Link, payload: object) -> None:
+        events, session_id = self.core.receive(payload)
+        if session_id is not None:
+            link.session_id = session_id
+        for event in events:
+            self._emit(event)
 
-        async def on_error(payload: Any = None) -> None:
-            if current():
-                message = p.parse_session_error(payload)
-                self._connection_lost(
-                    conn, SttSessionError(f"cantonese.ai session error: {message}")
-                )
+    def link_lost(self, link: _Link, error: SttError) -> None:
+        self._connection_lost(link, error)
 
-        async def on_closed(payload: Any = None) -> None:
-            if not current():
-                return
-            code, reason = p.parse_session_closed(payload)
-            if self.state is SttState.STOPPING and code == p.CLOSE_NORMAL:
-                if not conn.closed.done():
-                    conn.closed.set_result(None)
-                return
-            self._connection_lost(
-                conn,
-                SttSessionError(
-                    f"cantonese.ai closed the session (code {code}: {reason or 'no reason'})",
-                    code=code,
-                ),
-            )
-
-        async def on_transcript(payload: Any = None) -> None:
-            if current():
-                self._on_transcript(conn, payload)
-
-        client.on("disconnect", on_disconnect)
-        client.on(p.SESSION_STARTED, on_started)
-        client.on(p.SESSION_ERROR, on_error)
-        client.on(p.SESSION_CLOSED, on_closed)
-        client.on(p.TRANSCRIPT_MESSAGE, on_transcript)
-
-    def _connection_lost(self, conn: _Connection, error: SttError) -> None:
+    def _connection_lost(self, conn: _Link, error: SttError) -> None:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
-        conn.lost = True
+        conn.fail(error)
         self.core.connection_lost()  # no twin can come any more
         self._drained.set()  # wake a stop() waiting for the sender
-        for fut in (conn.started, conn.closed):
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()  # retrieved here: whoever awaits it gets it too
         if self.state is SttState.STREAMING and not self._stop_requested:
             log.warning("stt[%s] %s; reconnecting", self.speaker, error)
             self._set_state(SttState.RECONNECTING, error)
@@ -492,7 +530,7 @@ class SttSession:
                 self._reconnect(conn), name=f"stt-reconnect:{self.speaker}"
             )
 
-    async def _reconnect(self, old: _Connection | None, first_attempt: int | None = None) -> None:
+    async def _reconnect(self, old: _Link | None, first_attempt: int | None = None) -> None:
         if old is not None:
             await self._drop_connection(old)
         if first_attempt is not None:
@@ -528,7 +566,7 @@ class SttSession:
                     break
                 start, pcm = chunk
                 try:
-                    await conn.client.emit(p.AUDIO_CHUNK, p.audio_chunk(pcm, self.sample_rate))
+                    await conn.send_audio(pcm, self.sample_rate)
                 except socketio.exceptions.SocketIOError as exc:
                     self._connection_lost(conn, SttUnavailable(f"send failed: {exc}"))
                     break
@@ -546,14 +584,7 @@ class SttSession:
         self._audio_ready.set()
         if self.core.unsent_samples > 0:
             await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
-        if conn.lost:
-            raise SttUnavailable("the connection was lost while stopping")
-        try:
-            await conn.client.emit(p.STOP_SESSION)
-        except socketio.exceptions.SocketIOError as exc:
-            raise SttUnavailable(f"cannot send stop-session: {exc}") from exc
-        # The server commits what is pending, then closes the session (code 1000).
-        await asyncio.wait_for(asyncio.shield(conn.closed), max(0.0, deadline - loop.time()))
+        await conn.stop_session(max(0.0, deadline - loop.time()))
 
     async def _shutdown(self) -> None:
         for task in (self._reconnector, self._sender):
@@ -568,12 +599,3 @@ class SttSession:
             await self._drop_connection(self._conn)
         if self.state is not SttState.CLOSED:
             self._set_state(SttState.CLOSED)
-
-    # -- transcripts -------------------------------------------------------------------------
-
-    def _on_transcript(self, conn: _Connection, payload: object) -> None:
-        events, session_id = self.core.receive(payload)
-        if session_id is not None:
-            conn.session_id = session_id
-        for event in events:
-            self._emit(event)
