@@ -283,6 +283,62 @@ class StartGate:
         return True
 
 
+class _Sender:
+    """The one task that emits a session's unsent audio, in order, over its current link.
+
+    ``ready`` wakes it (new audio, a new link, a stop); ``progress`` is set whenever audio went
+    out or the session's state changed (backpressure waits on it); ``drained`` is set once a
+    stopping session has sent everything, or its link was lost.
+    """
+
+    def __init__(self, session: SttSession) -> None:
+        self._session = session
+        self.ready = asyncio.Event()
+        self.progress = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._loop(),
+                                            name=f"stt-sender:{self._session.speaker}")
+
+    async def _loop(self) -> None:
+        session, core = self._session, self._session.core
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            while session.state in (SttState.STREAMING, SttState.STOPPING):
+                conn = session.link
+                chunk = core.next_chunk()
+                if conn is None or conn.lost or chunk is None:
+                    break
+                start, pcm = chunk
+                try:
+                    await conn.send_audio(pcm, core.sample_rate)
+                except socketio.exceptions.SocketIOError as exc:
+                    session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
+                    break
+                if session.link is conn and core.sent(start, len(pcm)):
+                    self.progress.set()
+            if session.state is SttState.STOPPING and core.unsent_samples <= 0:
+                self.drained.set()
+
+    async def all_sent(self, within: float) -> None:
+        """Wake the loop and wait (bounded) until everything queued went out."""
+        self.drained.clear()  # may be left set by an earlier connection's loss
+        self.ready.set()
+        if self._session.core.unsent_samples > 0:
+            await asyncio.wait_for(self.drained.wait(), within)
+
+    async def aclose(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class SttSession:
     """A speaker's STT stream; see the module docstring for the lifecycle."""
 
@@ -330,15 +386,12 @@ class SttSession:
                                rng=rng or random.Random(), healthy_after=HEALTHY_AFTER_S)
         self.state = SttState.IDLE
         self.stats = self.core.stats
-        self._conn: _Link | None = None
-        self._audio_ready = asyncio.Event()
+        self.link: _Link | None = None
         self._streaming = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
+        self._sender = _Sender(self)
         self._reconnector: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
         self._stop_requested = False
-        self._drained = asyncio.Event()
-        self._progress = asyncio.Event()  # set whenever audio went out or the state changed
 
     # -- public ------------------------------------------------------------------------------
 
@@ -359,8 +412,7 @@ class SttSession:
             self._set_state(SttState.FAILED, exc)
             raise
         self._set_state(SttState.STREAMING)
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_loop(), name=f"stt-sender:{self.speaker}")
+        self._sender.start()
 
     def send_audio(self, pcm: bytes) -> None:
         """Queue mono int16 LE PCM at ``sample_rate``; never blocks; ignored once stopping."""
@@ -369,7 +421,7 @@ class SttSession:
         if self._stop_requested or self.state is SttState.CLOSED or not pcm:
             return
         self.core.append(pcm)
-        self._audio_ready.set()
+        self._sender.ready.set()
 
     @property
     def unconfirmed_samples(self) -> int:
@@ -392,8 +444,8 @@ class SttSession:
         sending = (SttState.CONNECTING, SttState.STARTING, SttState.STREAMING,
                    SttState.RECONNECTING)
         while core.unsent_samples > limit and self.state in sending:
-            self._progress.clear()
-            await self._progress.wait()
+            self._sender.progress.clear()
+            await self._sender.progress.wait()
 
     async def stop(self, within: float | None = None) -> None:
         """Send what is queued, stop the session, await its last commits; idempotent.
@@ -433,7 +485,7 @@ class SttSession:
                         continue
                     self._set_state(SttState.RECONNECTING, exc)
                     self._reconnector = asyncio.create_task(
-                        self._reconnect(self._conn, first_attempt=attempt - 1),
+                        self._reconnect(self.link, first_attempt=attempt - 1),
                         name=f"stt-reconnect:{self.speaker}",
                     )
             if not clean:
@@ -462,7 +514,7 @@ class SttSession:
             log.info("stt[%s] %s -> %s", self.speaker, old.value, new.value)
         else:
             log.info("stt[%s] %s -> %s (%s)", self.speaker, old.value, new.value, error)
-        self._progress.set()
+        self._sender.progress.set()
         if new is SttState.STREAMING:
             self._streaming.set()
             self.backoff.succeeded()
@@ -481,7 +533,7 @@ class SttSession:
     async def _connect_and_start(self, *, first: bool) -> None:
         if first:
             self._set_state(SttState.CONNECTING)
-        conn = self._conn = _Link(self)
+        conn = self.link = _Link(self)
         try:
             await conn.connect(self.url, self._api_key, self.connect_timeout)
             if first:
@@ -492,18 +544,18 @@ class SttSession:
             raise
         # Re-send the unconfirmed audio first; its upstream times start at the buffer's start.
         self.core.restart()
-        self._audio_ready.set()
+        self._sender.ready.set()
 
     async def _drop_connection(self, conn: _Link) -> None:
         """Forget and close one connection (its late events are then ignored)."""
-        if self._conn is conn:
-            self._conn = None
+        if self.link is conn:
+            self.link = None
         await conn.close()
 
     # -- what the current link reports -----------------------------------------------------------
 
     def link_current(self, link: _Link) -> bool:
-        return self._conn is link
+        return self.link is link
 
     def link_stopping(self) -> bool:
         return self.state is SttState.STOPPING
@@ -522,7 +574,7 @@ class SttSession:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
         conn.fail(error)
         self.core.connection_lost()  # no twin can come any more
-        self._drained.set()  # wake a stop() waiting for the sender
+        self._sender.drained.set()  # wake a stop() waiting for the sender
         if self.state is SttState.STREAMING and not self._stop_requested:
             log.warning("stt[%s] %s; reconnecting", self.speaker, error)
             self._set_state(SttState.RECONNECTING, error)
@@ -555,47 +607,23 @@ class SttSession:
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def _send_loop(self) -> None:
-        while True:
-            await self._audio_ready.wait()
-            self._audio_ready.clear()
-            while self.state in (SttState.STREAMING, SttState.STOPPING):
-                conn = self._conn
-                chunk = self.core.next_chunk()
-                if conn is None or conn.lost or chunk is None:
-                    break
-                start, pcm = chunk
-                try:
-                    await conn.send_audio(pcm, self.sample_rate)
-                except socketio.exceptions.SocketIOError as exc:
-                    self._connection_lost(conn, SttUnavailable(f"send failed: {exc}"))
-                    break
-                if self._conn is conn and self.core.sent(start, len(pcm)):
-                    self._progress.set()
-            if self.state is SttState.STOPPING and self.core.unsent_samples <= 0:
-                self._drained.set()
-
     async def _drain_and_stop(self, deadline: float) -> None:
-        conn = self._conn
+        conn = self.link
         if conn is None:
             raise SttUnavailable("no connection to stop")
         loop = asyncio.get_running_loop()
-        self._drained.clear()  # may be left set by an earlier connection's loss
-        self._audio_ready.set()
-        if self.core.unsent_samples > 0:
-            await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
+        await self._sender.all_sent(max(0.0, deadline - loop.time()))
         await conn.stop_session(max(0.0, deadline - loop.time()))
 
     async def _shutdown(self) -> None:
-        for task in (self._reconnector, self._sender):
-            if task is not None and not task.done():
-                task.cancel()
-        for task in (self._reconnector, self._sender):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._reconnector = self._sender = None
-        if self._conn is not None:
-            await self._drop_connection(self._conn)
+        task, self._reconnector = self._reconnector, None
+        if task is not None and not task.done():
+            task.cancel()
+        await self._sender.aclose()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.link is not None:
+            await self._drop_connection(self.link)
         if self.state is not SttState.CLOSED:
             self._set_state(SttState.CLOSED)
