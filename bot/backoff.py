@@ -42,7 +42,9 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         """The wait after ``failures`` failures in a row (0 = the first)."""
-        ceiling = min(self.cap, self.initial * 2.0 ** max(0, failures))
+        # The exponent is bounded: past the cap it no longer matters, and 2.0 ** 1024 overflows
+        # (a server refusing at once can fail a thousand times within one stop timeout).
+        ceiling = min(self.cap, self.initial * 2.0 ** min(max(0, failures), 64))
         return ceiling / 2 + self._rng.random() * ceiling / 2
 
     def next(self) -> float:

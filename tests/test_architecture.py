@@ -28,6 +28,7 @@ PURE = [
     "bot/stt/events.py",
     "bot/stt/core.py",
     "bot/backoff.py",
+    "bot/lifecycle.py",
     "bot/meeting/state.py",
     "bot/transcript/model.py",
     "bot/transcript/format.py",

@@ -98,3 +98,9 @@ async def test_a_gate_stops_when_the_stream_is_closed_or_not_startable() -> None
         await gate.keep_starting(closed, lambda: True, "x")
         await gate.keep_starting(closed, lambda: False, "y")
     assert calls == 1
+
+
+def test_thousands_of_failures_stay_at_the_cap_without_overflow() -> None:
+    b = Backoff(0.001, 2.0, rng=random.Random(4))
+    b.failures = 5000
+    assert 1.0 <= b.next() <= 2.0

@@ -19,16 +19,16 @@ def test_a_normal_life_is_logged_change_by_change(caplog: pytest.LogCaptureFixtu
         assert not machine.accepting_speakers
         machine.to(MeetingState.ENDED)
     assert [r.getMessage() for r in caplog.records] == [
-        "guild 1: meeting: starting -> live",
-        "guild 1: meeting: live -> stopping (stopped by alice)",
-        "guild 1: meeting: stopping -> ended",
+        "guild 1: meeting starting -> live",
+        "guild 1: meeting live -> stopping (stopped by alice)",
+        "guild 1: meeting stopping -> ended",
     ]
 
 
 def test_a_change_the_table_does_not_list_is_refused() -> None:
-    machine = StateMachine("m")
+    machine = StateMachine("guild 1: meeting")
     machine.to(MeetingState.LIVE)
-    with pytest.raises(AssertionError, match="live -> ended"):
+    with pytest.raises(AssertionError, match="illegal guild 1: meeting state change live -> ended"):
         machine.to(MeetingState.ENDED)  # a live meeting always stops through STOPPING
     assert machine.state is MeetingState.LIVE
 

@@ -53,6 +53,7 @@ from bot.errors import (
     SttSessionError,
     SttUnavailable,
 )
+from bot.lifecycle import change
 from bot.stt import protocol as p
 from bot.stt.core import BYTES_PER_SAMPLE, SessionStats, SttCore
 from bot.stt.events import (
@@ -504,16 +505,10 @@ class SttSession:
     # -- state -------------------------------------------------------------------------------
 
     def _set_state(self, new: SttState, error: CantobotError | None = None) -> None:
-        old = self.state
-        if new is old:
+        if not change(TRANSITIONS, self.state, new, label=f"stt[{self.speaker}]", log=log,
+                      why=error):
             return
-        if new not in TRANSITIONS[old]:
-            raise AssertionError(f"illegal STT state change {old.value} -> {new.value}")
         self.state = new
-        if error is None:
-            log.info("stt[%s] %s -> %s", self.speaker, old.value, new.value)
-        else:
-            log.info("stt[%s] %s -> %s (%s)", self.speaker, old.value, new.value, error)
         self._sender.progress.set()
         if new is SttState.STREAMING:
             self._streaming.set()
