@@ -93,7 +93,7 @@ class Meeting:
             config=config, guild=guild, tasks=self.tasks, on_event=self._on_stt_event,
             is_opted_out=is_opted_out, confirm_opt_out=confirm_opt_out,
             accepting=lambda: self._machine.accepting_speakers,
-            notice_once=self.ledger.notice_once, on_start_failed=self.ledger.upstream_trouble,
+            notice_once=self.ledger.notice_once,
             forget_voice=self._forget_voice, slots=slots, t0=self._t0,
         )
         self.intake = VoiceIntake(
@@ -133,10 +133,6 @@ class Meeting:
     def transcriber(self) -> Transcriber:
         return self.speakers.transcriber
 
-    @property
-    def sink(self) -> DiscordTranscriptSink:
-        return self.ledger.sink
-
     # -- wiring ----------------------------------------------------------------------------------
 
     def _on_audio(self, user_id: int, pcm: np.ndarray) -> None:
@@ -151,13 +147,12 @@ class Meeting:
             name, avatar = segment.speaker, None
             if segment.speaker_id is not None:
                 name, avatar = self.speakers.display(segment.speaker_id)
-            self.ledger.commit(segment, display_name=name, avatar_url=avatar)
+            self.ledger.commit(event.ref, segment, display_name=name, avatar_url=avatar)
         elif isinstance(event, SegmentTimestamped):
-            self.ledger.amend(event.segment)
+            self.ledger.amend(event.ref, event.segment)
         elif isinstance(event, PartialText):
             if self.captions and self.state is MeetingState.LIVE:
-                key = self.speakers.user_key(event.speaker)
-                self.ledger.sink.update_caption(key, event.text, display_name=event.speaker)
+                self.ledger.sink.update_caption(event.key, event.text, display_name=event.speaker)
         elif isinstance(event, StateChanged):
             self.ledger.upstream_state(event.state, event.error)
 
@@ -204,19 +199,7 @@ class Meeting:
                  self.meeting_id, len(minutes.segments), dict(self.receiver.stats))
         return minutes
 
-    async def post_minutes(self, minutes: Minutes) -> None:
-        await self.ledger.post_minutes(minutes)
-
-    def notice_once(self, kind: str, text: str) -> None:
-        self.ledger.notice_once(kind, text)
-
     # -- channel presence ------------------------------------------------------------------------
-
-    def humans_in_channel(self) -> int:
-        return self.intake.humans_in_channel()
-
-    def follow_move(self) -> None:
-        self.intake.follow_move()
 
     def check_empty(self) -> None:
         """Called on voice state changes: end by itself after a while with no humans."""

@@ -2,7 +2,8 @@
 
 Owns the storage rows of the meeting (every committed line is written the moment it arrives, so
 a crash loses nothing, and amended in place when its timestamped twin comes), the
-:class:`~bot.sinks.discord_sink.DiscordTranscriptSink` (lines, captions, notices), the notices
+:class:`~bot.sinks.discord_sink.DiscordTranscriptSink` (lines, captions, notices; any
+:class:`TranscriptSink`), the notices
 about upstream trouble (said once per kind per :data:`NOTICE_COOLDOWN`, not once per speaker per
 second), the bot's nickname notice, and :class:`MinutesPost`: the one way minutes are put into
 words and files, used by a stop, by crash recovery and by ``/transcribe minutes``.
@@ -17,15 +18,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import discord
 
 from bot.errors import CantobotError, SttAuthError
 from bot.meeting.tasks import TaskOwner
-from bot.sinks.discord_sink import DiscordTranscriptSink
 from bot.storage import StorageBackend
-from bot.stt.session import SttState
+from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
 from bot.transcript.escape import inert, outside
 from bot.transcript.format import nickname_with_notice
@@ -42,6 +42,24 @@ NOTICE_COOLDOWN = 300.0
 MESSAGE_LIMIT = 2000
 #: Task name prefix of storage writes (a stop awaits them all).
 STORE_TASK = "store-"
+
+
+class TranscriptSink(Protocol):
+    """What the ledger needs of the Discord side (:class:`DiscordTranscriptSink`; tests give a
+    small fake)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self, flush_timeout: float = ...) -> None: ...
+
+    def post_notice(self, text: str) -> None: ...
+
+    def post_line(self, segment: Segment, *, display_name: str,
+                  avatar_url: str | None) -> None: ...
+
+    def update_caption(self, user_key: int | str, text: str, *, display_name: str) -> None: ...
+
+    async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,7 @@ class MinutesPost:
 class Ledger:
     """Storage rows, Discord sink and notices of one meeting; see the module docstring."""
 
-    def __init__(self, *, storage: StorageBackend, sink: DiscordTranscriptSink,
+    def __init__(self, *, storage: StorageBackend, sink: TranscriptSink,
                  guild: discord.Guild, tasks: TaskOwner,
                  readability: Readability = PLAIN) -> None:
         self.storage = storage
@@ -86,7 +104,7 @@ class Ledger:
         self.upstream_error: CantobotError | None = None
         self._notices: dict[str, float] = {}
         #: Storage writes of committed lines not yet amended by their timestamped twin.
-        self._line_writes: dict[tuple[str, str], list[asyncio.Task[int]]] = {}
+        self._line_writes: dict[LineRef, asyncio.Task[int]] = {}
         self._old_nick: str | None = None
 
     # -- opening and closing ---------------------------------------------------------------------
@@ -154,30 +172,28 @@ class Ledger:
 
     # -- lines -----------------------------------------------------------------------------------
 
-    def commit(self, segment: Segment, *, display_name: str, avatar_url: str | None) -> None:
+    def commit(self, ref: LineRef, segment: Segment, *, display_name: str,
+               avatar_url: str | None) -> None:
         """A new line: stored now, posted in order."""
         self.lines += 1
-        write = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
-                                  f"{STORE_TASK}line-{self.lines}")
-        self._line_writes.setdefault((segment.speaker, segment.text), []).append(write)
+        self._line_writes[ref] = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
+                                                   f"{STORE_TASK}line-{self.lines}")
         self.sink.post_line(segment, display_name=display_name, avatar_url=avatar_url)
         log.info("guild %s: line %d from %s posted", self.guild.id, self.lines, segment.speaker)
 
-    def amend(self, segment: Segment) -> None:
-        """The timestamped twin of a line: its words and better times replace the row's."""
-        self._tasks.spawn(self._store_words(segment), f"{STORE_TASK}words-{self.lines}")
+    def amend(self, ref: LineRef, segment: Segment) -> None:
+        """The timestamped twin of line ``ref``: its words and better times replace the row's."""
+        self._tasks.spawn(self._store_words(ref, segment), f"{STORE_TASK}words-{self.lines}")
 
-    async def _store_words(self, segment: Segment) -> None:
+    async def _store_words(self, ref: LineRef, segment: Segment) -> None:
         # The session emits a sentence's timestamped twin only after the sentence itself, whose
         # write may still be in flight: wait for that write and amend the row it made.
-        key = (segment.speaker, segment.text)
-        writes = self._line_writes.get(key)
-        if not writes:
+        write = self._line_writes.pop(ref, None)
+        if write is None:  # not ours (cannot happen with one session per ref): keep the words
+            log.warning("guild %s: an amend of unknown line %s stored as a line", self.guild.id,
+                        ref)
             await self.storage.add_line(self.meeting_id, segment)
             return
-        write = writes.pop(0)
-        if not writes:
-            del self._line_writes[key]
         await self.storage.update_line_words(await write, segment)
 
     # -- notices ---------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import discord
 
-from bot.errors import CantobotError
+from bot.errors import LocalError
 from bot.sinks.outbox import Item, Outbox
 from bot.transcript.escape import inert
 from bot.transcript.format import (
@@ -73,7 +73,7 @@ NO_MENTIONS = discord.AllowedMentions.none()
 UserKey = int | str
 
 
-class SinkStateError(CantobotError):
+class SinkStateError(LocalError):
     """The sink was used before ``start()`` (our bug)."""
 
     permanent = True
