@@ -92,8 +92,8 @@ def hour(speakers: int, seconds: float = 3600.0) -> dict[str, Any]:
         receiver.on_speaking(s.user_id, s.ssrc, 0.0)
     # The recorded 20 s loop is re-sent with continuing sequence numbers and timestamps.
     from bench.media import FRAME_SAMPLES
+    from bot.sim.sender import build_rtp_header
     from bot.voice.crypto import TransportCipher
-    from bot.voice.rtp import build_rtp_header
     cipher = TransportCipher(packets.mode, packets.secret_key)
     frames = len(rec.opus)
     total = int(seconds * PACKETS_PER_SECOND)

@@ -14,10 +14,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
 from bot.voice.crypto import TransportCipher
-from bot.voice.opus import OPUS_SILENCE_FRAME, OpusEncoder
+from bot.voice.opus import OPUS_SILENCE_FRAME
 from bot.voice.receiver import FRAME_SAMPLES_48K, VoiceReceiver
-from bot.voice.rtp import audio_level_extension, build_rtp_header
 
 MODES = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
 RATE = 16000
