@@ -113,7 +113,8 @@ def hour(speakers: int, seconds: float = 3600.0) -> dict[str, Any]:
         if i and i % int(SAMPLE_EVERY_S * PACKETS_PER_SECOND) == 0:
             samples.append((now, rss_bytes()))
     samples.append((total / PACKETS_PER_SECOND, rss_bytes()))
-    bad = {k: v for k, v in receiver.stats.items() if k not in ("received",) and v}
+    bad = {k: v for k, v in receiver.counters().as_dict().items()
+           if k not in ("received", "decoded", "waiting") and v}
     return {"speakers": speakers, "seconds": seconds, "chunks": chunks, "problems": bad,
             "rss": samples, "growth_after_first_sample": samples[-1][1] - samples[1][1]}
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from bot.config import Config, load_config
 from bot.errors import ConfigError
+from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track
 from bot.stt import protocol as p
@@ -27,9 +28,7 @@ from bot.stt.session import SegmentCommitted, SttEvent, SttSession
 from bot.transcript.format import escape, format_line
 from bot.transcript.model import Segment
 from bot.voice.crypto import TransportCipher
-from bot.voice.opus import OpusEncoder
 from bot.voice.receiver import FRAME_SAMPLES_48K, VoiceReceiver
-from bot.voice.rtp import audio_level_extension, build_rtp_header
 
 MODE = "aead_aes256_gcm_rtpsize"
 KEY = bytes(range(32))
@@ -162,7 +161,7 @@ def test_a_frame_libopus_refuses_is_counted_and_concealed() -> None:
     for seq, payload in enumerate([OPUS_FRAMES[0], bad, OPUS_FRAMES[1], bad, OPUS_FRAMES[2]]):
         r.handle_packet(packet(seq, payload), seq * 0.02)
     r.tick(0.3)  # past the jitter window, before any silence fill
-    assert r.stats["opus_errors"] == 2
+    assert r.stats["undecodable"] == 2
     assert sink.samples == 5 * (16000 // 50)
 
 
