@@ -38,7 +38,7 @@ import numpy as np
 
 from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
-from bot.voice.jitter import Frame, JitterBuffer, JitterStats, Lost, Silence
+from bot.voice.jitter import Frame, JitterBuffer, JitterOutput, JitterStats, Lost
 from bot.voice.opus import OPUS_SAMPLE_RATES, OPUS_SILENCE_FRAME, OpusDecoder, OpusError
 from bot.voice.rtp import MalformedPacket, is_rtcp, parse_rtp
 from bot.voice.speakers import PendingPackets, SpeakerMap
@@ -349,8 +349,8 @@ class VoiceReceiver:
         state.last_packet = now
         member = self._member(user_id, now)
         member.last_packet = now
-        for out in state.jitter.push(packet.sequence, packet.timestamp, frame):
-            self._emit(state, member, out, now)
+        self._emit_all(state, member, state.jitter.push(packet.sequence, packet.timestamp, frame),
+                       now)
 
     def _new_ssrc(self, ssrc: int, user_id: int, now: float) -> _SsrcState:
         state = _SsrcState(
@@ -385,9 +385,22 @@ class VoiceReceiver:
     def _trim(self, samples: int) -> None:
         self._c.trimmed_ms += samples * 1000 // self.output_rate
 
+    def _emit_all(self, state: _SsrcState, member: _MemberState,
+                  outs: list[JitterOutput], now: float) -> None:
+        # Invented audio (silence, concealment) leaves room for the real frames released after
+        # it, so what the wall-clock bound cuts is what was made up, not what was said.
+        frames_after = sum(isinstance(out, Frame) for out in outs)
+        frame_out = self._out_samples(FRAME_SAMPLES_48K)
+        for out in outs:
+            if isinstance(out, Frame):
+                frames_after -= 1
+                self._emit(state, member, out, now, 0)
+            else:
+                self._emit(state, member, out, now, frames_after * frame_out)
+
     def _emit(self, state: _SsrcState, member: _MemberState,
-              out: Frame | Lost | Silence, now: float) -> None:
-        room = self._room(member, now)
+              out: JitterOutput, now: float, reserve: int) -> None:
+        room = self._room(member, now) - reserve
         if isinstance(out, Frame):
             if room < self._out_samples(FRAME_SAMPLES_48K):
                 self._c.too_fast += 1
@@ -466,11 +479,11 @@ class VoiceReceiver:
         for state in list(self._ssrcs.values()):
             if now - state.last_packet > self._fill_after:
                 member = self._members.get(state.user_id)
-                for out in state.jitter.drain():
-                    if member is not None:
-                        self._emit(state, member, out, now)
-                    elif isinstance(out, Frame):
-                        self._c.closed += 1
+                outs = state.jitter.drain()
+                if member is not None:
+                    self._emit_all(state, member, outs, now)
+                else:
+                    self._c.closed += sum(isinstance(out, Frame) for out in outs)
         for member in list(self._members.values()):
             silent_for = now - member.last_packet
             if silent_for >= self._idle_timeout:
