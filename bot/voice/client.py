@@ -113,7 +113,7 @@ class VoiceListener:
         #: Clock ticks run so far, and restarts of supervised tasks (0 unless a bug struck).
         self.ticks = 0
         self.restarts = 0
-        self._tick_errors = 0
+        self.tick_errors = 0
         self._tick_error_logged_at: float | None = None
         self._stall_reported_at: float | None = None
         self._keepalive_counter = 0
@@ -264,12 +264,12 @@ class VoiceListener:
             try:
                 self._tick_once()
             except Exception:  # never let one bad member or callback stop everyone's clock
-                self._tick_errors += 1
+                self.tick_errors += 1
                 wall = time.monotonic()
                 last = self._tick_error_logged_at
                 if last is None or wall - last > TICK_ERROR_LOG_INTERVAL:
                     self._tick_error_logged_at = wall
-                    log.exception("voice receive tick failed (%d so far)", self._tick_errors)
+                    log.exception("voice receive tick failed (%d so far)", self.tick_errors)
 
     def _tick_once(self) -> None:
         self._drain_inbox()
