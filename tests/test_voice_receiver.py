@@ -314,6 +314,7 @@ def test_a_timestamp_gap_off_the_2_5_ms_grid_is_repaired_not_raised() -> None:
     h.receiver.tick(h.now + 0.05)
     c = h.receiver.counters()
     assert c.internal_error == 0 and c.decoded == len(stamps) and c.concealed_frames == 1
+    assert c.repaired_gaps == 1 and "1 off-grid gaps repaired" in c.summary()
     # The timeline is as long as the timestamps say (to the sample, rounded down at 16 kHz).
     assert len(h.pcm(1)) == (stamps[-1][1] + FRAME_SAMPLES_48K) // 3
 

@@ -110,6 +110,9 @@ class ReceiveCounters:
     #: Invented audio (silence, concealment) or excess decoded audio cut to keep members within
     #: the wall clock, in milliseconds.
     trimmed_ms: int = 0
+    #: Losses whose length was not whole 2.5 ms units (timestamps off Opus' grid): concealed to
+    #: the grid, the rest filled with silence.
+    repaired_gaps: int = 0
     #: Datagrams dropped by the voice client before the receiver saw them (inbox full).
     inbox_dropped: int = 0
 
@@ -137,6 +140,8 @@ class ReceiveCounters:
             parts.append(f"{self.inbox_dropped:,} lost to a full inbox")
         if self.concealed_frames:
             parts.append(f"{self.concealed_frames:,} lost frames concealed")
+        if self.repaired_gaps:
+            parts.append(f"{self.repaired_gaps:,} off-grid gaps repaired")
         if self.trimmed_ms:
             parts.append(f"{self.trimmed_ms / 1000:.1f} s of audio trimmed to real time")
         return "voice packets: " + "; ".join(parts)
@@ -146,7 +151,7 @@ class ReceiveCounters:
 DROP_REASONS: tuple[str, ...] = tuple(
     f.name for f in fields(ReceiveCounters)
     if f.name not in ("received", "decoded", "waiting", "concealed_frames", "trimmed_ms",
-                      "inbox_dropped")
+                      "repaired_gaps", "inbox_dropped")
 )
 
 
@@ -443,6 +448,8 @@ class VoiceReceiver:
         (a timestamp gap that no 20 ms packet grid explains)."""
         decoder = state.decoder
         lost_48k = out.samples - out.samples % PLC_UNIT_48K
+        if lost_48k != out.samples:
+            self._c.repaired_gaps += 1
         n = self._out_samples(lost_48k)
         rest = self._out_samples(out.samples - lost_48k)
         if n + rest > room:
