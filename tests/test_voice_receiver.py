@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
-from bot.voice.client import VoiceListener, supervise
+from bot.voice.client import INBOX_LIMIT, VoiceListener, supervise
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.opus import OPUS_SILENCE_FRAME, OpusDecoder
@@ -517,3 +517,20 @@ async def test_a_supervised_loop_that_ends_or_raises_is_logged_and_restarted(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_datagrams_the_full_inbox_dropped_are_counted_with_the_rest() -> None:
+    h = Harness()
+    listener = VoiceListener(h.receiver, clock=FakeClock())
+    alice = Member(111, h.cipher)
+    h.receiver.on_speaking(1, alice.ssrc, 0.0)
+    opus = alice.encoder.encode(tone(440, 0.02))
+    total = INBOX_LIMIT + 25
+    for i in range(total):  # no loop yet: nothing drains, the oldest are dropped past the limit
+        listener._on_datagram(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
+                                      nonce=i))
+    listener._drain_inbox()
+    c = listener.counters()
+    assert c.inbox_dropped == 25 and c.received == INBOX_LIMIT
+    assert c.received + c.inbox_dropped == total and c.received == settled(c)
+    assert "25 lost to a full inbox" in c.summary()
