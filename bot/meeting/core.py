@@ -235,5 +235,6 @@ class Meeting:
             text_channel=self.text_channel.name, started_at=self.started_at,
             duration=time.monotonic() - self._t0, speakers=speakers, lines_posted=self.lines,
             upstream=self.ledger.upstream_text(), e2ee=e2ee, privacy_code=code, state=self.state,
+            voice=self.intake.listener.counters().summary(),
         )
 
