@@ -236,6 +236,18 @@ def _is_auth_rejection(exc: BaseException) -> bool:
     return False
 
 
+def _reraise_lost_cancel(exc: BaseException) -> None:
+    """Raise CancelledError if this task was cancelled but got ``exc`` instead.
+
+    Python 3.11's ``asyncio.wait_for`` returns the inner result (here: a refused connection)
+    when the cancel arrives just as the inner call ends, so the cancel is lost; a retry loop that
+    only catches the error would then never end (``aclose`` would wait for it forever).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 class StartGate:
     """First starts of many sessions (one owner's speakers), retried here with one backoff.
 
@@ -275,6 +287,7 @@ class StartGate:
         except StreamClosed:  # stopped or discarded while connecting: nothing left to start
             return True
         except CantobotError as exc:
+            _reraise_lost_cancel(exc)
             delay = self.backoff.next()
             self._not_before = self._clock() + delay
             log.info("stt[%s] start failed (%s); next attempt in %.2f s", label, exc, delay)
@@ -594,6 +607,7 @@ class SttSession:
                 self._set_state(SttState.FAILED, exc)
                 return
             except SttError as exc:
+                _reraise_lost_cancel(exc)
                 log.info("stt[%s] reconnect attempt %d failed: %s", self.speaker, attempt, exc)
                 continue
             self.stats.reconnects += 1
