@@ -37,7 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import discord
@@ -119,6 +119,18 @@ class _Post:
 class _Attachments:
     files: tuple[tuple[str, str], ...]  # (file name, text content)
     nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class _LinePost:
+    """A committed line as it is posted, built once: whose line (``key``), as whom
+    (``author``), and its messages (each an :class:`Item` already split to the limit and
+    measured). The same value goes to the channel's outbox and to the speaker's thread's."""
+
+    key: UserKey
+    author: _Author
+    items: tuple[Item, ...]
+    label: str
 
 
 @dataclass(eq=False)
@@ -313,29 +325,36 @@ class DiscordTranscriptSink:
         if not self._accepting("line"):
             return
         self._lines_posted += 1
-        author = self._author(display_name, avatar_url)
-        parts = line_messages(segment, with_speaker=author.username is None,
-                              readability=self._readability)
-        label = f"line by {display_name}"
-        for part in parts:
-            self._outbox.put(
-                Item(part, merge_key=author, payload=_Post(author, _nonce()), label=label)
-            )
-        key: UserKey = segment.speaker_id if segment.speaker_id is not None else segment.speaker
-        speaker = self._speaker(key, display_name, avatar_url)
+        post = self._line_post(segment, display_name, avatar_url)
+        for item in post.items:
+            self._outbox.put(item)
+        speaker = self._speaker(post.key, display_name, avatar_url)
         caption = speaker.caption
         if self._threads_disabled or not (self._threads or caption is not None):
             return
         box = self._thread_outbox(speaker)
-        rest = parts
+        rest = post.items
         if caption is not None:
             # The committed text replaces the live caption; the next partial starts afresh.
             speaker.caption = None
             caption.closed.set()
-            first, rest = parts[0], parts[1:]
-            box.put(Item(first, payload=_CaptionCommit(caption, author, _nonce()), label=label))
-        for part in rest:
-            box.put(Item(part, merge_key=author, payload=_Post(author, _nonce()), label=label))
+            first, rest = post.items[0], post.items[1:]
+            box.put(replace(first, merge_key=None,
+                            payload=_CaptionCommit(caption, post.author, _nonce())))
+        for item in rest:
+            # A nonce per destination: Discord drops a repeated nonce as a duplicate.
+            box.put(replace(item, payload=_Post(post.author, _nonce())))
+
+    def _line_post(self, segment: Segment, display_name: str,
+                   avatar_url: str | None) -> _LinePost:
+        author = self._author(display_name, avatar_url)
+        label = f"line by {display_name}"
+        parts = line_messages(segment, with_speaker=author.username is None,
+                              readability=self._readability)
+        items = tuple(Item(part, merge_key=author, payload=_Post(author, _nonce()), label=label)
+                      for part in parts)
+        key: UserKey = segment.speaker_id if segment.speaker_id is not None else segment.speaker
+        return _LinePost(key, author, items, label)
 
     def update_caption(self, user_key: UserKey, text: str, *, display_name: str) -> None:
         """Show ``text`` as the speaker's live partial (throttled; latest text wins)."""

@@ -236,6 +236,18 @@ def _is_auth_rejection(exc: BaseException) -> bool:
     return False
 
 
+def _reraise_lost_cancel(exc: BaseException) -> None:
+    """Raise CancelledError if this task was cancelled but got ``exc`` instead.
+
+    Python 3.11's ``asyncio.wait_for`` returns the inner result (here: a refused connection)
+    when the cancel arrives just as the inner call ends, so the cancel is lost; a retry loop that
+    only catches the error would then never end (``aclose`` would wait for it forever).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 class StartGate:
     """First starts of many sessions (one owner's speakers), retried here with one backoff.
 
@@ -275,6 +287,7 @@ class StartGate:
         except StreamClosed:  # stopped or discarded while connecting: nothing left to start
             return True
         except CantobotError as exc:
+            _reraise_lost_cancel(exc)
             delay = self.backoff.next()
             self._not_before = self._clock() + delay
             log.info("stt[%s] start failed (%s); next attempt in %.2f s", label, exc, delay)
@@ -340,6 +353,58 @@ class _Sender:
                 await task
 
 
+class _Reconnector:
+    """The retry loop after a start: back off, connect, start a new upstream session (whose
+    audio the session re-sends from the last commit), until it streams again, the key is
+    rejected (FAILED) or the session closes it."""
+
+    def __init__(self, session: SttSession, backoff: Backoff) -> None:
+        self._session = session
+        self.backoff = backoff
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def begin(self, old: _Link | None, first_attempt: int | None = None) -> None:
+        self.task = asyncio.create_task(self._run(old, first_attempt),
+                                        name=f"stt-reconnect:{self._session.speaker}")
+
+    async def _run(self, old: _Link | None, first_attempt: int | None) -> None:
+        session = self._session
+        if old is not None:
+            await session._drop_connection(old)
+        if first_attempt is not None:
+            self.backoff.reset()
+            self.backoff.failures = first_attempt
+        while True:
+            delay = self.backoff.next()  # jittered: spreads a fleet's retries
+            attempt = self.backoff.failures
+            log.info("stt[%s] reconnect attempt %d in %.2f s", session.speaker, attempt, delay)
+            await asyncio.sleep(delay)
+            try:
+                await session._connect_and_start(first=False)
+            except SttAuthError as exc:
+                session._set_state(SttState.FAILED, exc)
+                return
+            except SttError as exc:
+                _reraise_lost_cancel(exc)
+                log.info("stt[%s] reconnect attempt %d failed: %s", session.speaker, attempt,
+                         exc)
+                continue
+            session.stats.reconnects += 1
+            session._set_state(SttState.STREAMING)
+            return
+
+    async def aclose(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class SttSession:
     """A speaker's STT stream; see the module docstring for the lifecycle."""
 
@@ -379,18 +444,16 @@ class SttSession:
         self.connect_timeout = connect_timeout
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self.reconnect_initial_delay = reconnect_initial_delay
-        self.reconnect_max_delay = reconnect_max_delay
         #: Reconnects after a start back off here; a start that worked for HEALTHY_AFTER_S
         #: seconds starts again from the initial delay.
         self.backoff = Backoff(reconnect_initial_delay, reconnect_max_delay,
                                rng=rng or random.Random(), healthy_after=HEALTHY_AFTER_S)
+        self._reconnector = _Reconnector(self, self.backoff)
         self.state = SttState.IDLE
         self.stats = self.core.stats
         self.link: _Link | None = None
         self._streaming = asyncio.Event()
         self._sender = _Sender(self)
-        self._reconnector: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
         self._stop_requested = False
 
@@ -482,13 +545,10 @@ class SttSession:
                     attempt += 1
                     log.warning("stt[%s] lost while stopping (%s); reconnecting", self.speaker,
                                 exc)
-                    if self._reconnector is not None and not self._reconnector.done():
+                    if self._reconnector.running:
                         continue
                     self._set_state(SttState.RECONNECTING, exc)
-                    self._reconnector = asyncio.create_task(
-                        self._reconnect(self.link, first_attempt=attempt - 1),
-                        name=f"stt-reconnect:{self.speaker}",
-                    )
+                    self._reconnector.begin(self.link, first_attempt=attempt - 1)
             if not clean:
                 log.warning(
                     "stt[%s] gave up: %.1f s of audio were not transcribed",
@@ -562,10 +622,7 @@ class SttSession:
         for event in events:
             self._emit(event)
 
-    def link_lost(self, link: _Link, error: SttError) -> None:
-        self._connection_lost(link, error)
-
-    def _connection_lost(self, conn: _Link, error: SttError) -> None:
+    def link_lost(self, conn: _Link, error: SttError) -> None:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
         conn.fail(error)
         self.core.connection_lost()  # no twin can come any more
@@ -573,32 +630,7 @@ class SttSession:
         if self.state is SttState.STREAMING and not self._stop_requested:
             log.warning("stt[%s] %s; reconnecting", self.speaker, error)
             self._set_state(SttState.RECONNECTING, error)
-            self._reconnector = asyncio.create_task(
-                self._reconnect(conn), name=f"stt-reconnect:{self.speaker}"
-            )
-
-    async def _reconnect(self, old: _Link | None, first_attempt: int | None = None) -> None:
-        if old is not None:
-            await self._drop_connection(old)
-        if first_attempt is not None:
-            self.backoff.reset()
-            self.backoff.failures = first_attempt
-        while True:
-            delay = self.backoff.next()  # jittered: spreads a fleet's retries
-            attempt = self.backoff.failures
-            log.info("stt[%s] reconnect attempt %d in %.2f s", self.speaker, attempt, delay)
-            await asyncio.sleep(delay)
-            try:
-                await self._connect_and_start(first=False)
-            except SttAuthError as exc:
-                self._set_state(SttState.FAILED, exc)
-                return
-            except SttError as exc:
-                log.info("stt[%s] reconnect attempt %d failed: %s", self.speaker, attempt, exc)
-                continue
-            self.stats.reconnects += 1
-            self._set_state(SttState.STREAMING)
-            return
+            self._reconnector.begin(conn)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -611,13 +643,8 @@ class SttSession:
         await conn.stop_session(max(0.0, deadline - loop.time()))
 
     async def _shutdown(self) -> None:
-        task, self._reconnector = self._reconnector, None
-        if task is not None and not task.done():
-            task.cancel()
+        await self._reconnector.aclose()
         await self._sender.aclose()
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self.link is not None:
             await self._drop_connection(self.link)
         if self.state is not SttState.CLOSED:
