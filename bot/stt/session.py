@@ -248,6 +248,14 @@ def _reraise_lost_cancel(exc: BaseException) -> None:
         raise asyncio.CancelledError from exc
 
 
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class StartGate:
     """First starts of many sessions (one owner's speakers), retried here with one backoff.
 
@@ -347,10 +355,7 @@ class _Sender:
 
     async def aclose(self) -> None:
         task, self.task = self.task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(task)
 
 
 class _Reconnector:
@@ -399,10 +404,7 @@ class _Reconnector:
 
     async def aclose(self) -> None:
         task, self.task = self.task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(task)
 
 
 class SttSession:
