@@ -123,6 +123,9 @@ class TranscribeConfig:
     #: Minutes end by themselves after this many seconds with no humans in the channel.
     empty_channel_timeout: float = field(default=60.0, metadata=_range(1, 86400))
     caption_edit_interval: float = field(default=1.0, metadata=_range(0.2, 60))
+    #: When Discord (or a moderator) moves the bot to another voice channel: follow it, telling
+    #: the new room first (true), or end the meeting (false).
+    follow_moves: bool = True
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ from typing import Any
 import discord
 
 from bot.errors import CantobotError, SttAuthError
+from bot.meeting.consent import ConsentNotices
 from bot.meeting.tasks import TaskOwner
 from bot.sinks.discord_sink import DiscordTranscriptSink
 from bot.storage import StorageBackend
 from bot.stt.session import SttState
 from bot.transcript import minutes as minutes_fmt
+from bot.transcript.escape import inert
 from bot.transcript.format import nickname_with_notice
 from bot.transcript.model import Minutes, Segment
 
@@ -83,6 +85,7 @@ class Ledger:
         self.guild = guild
         self._tasks = tasks
         self.meeting_id = 0
+        self.number = 0
         self.lines = 0
         self.upstream = "idle"
         self.upstream_error: CantobotError | None = None
@@ -96,7 +99,8 @@ class Ledger:
     async def open(self, *, text_channel: discord.TextChannel,
                    voice_channel: discord.VoiceChannel | discord.StageChannel,
                    started_at: datetime, threads: bool) -> int:
-        """Create the meeting's row, start the sink, say what is happening, mark the nickname."""
+        """Create the meeting's row, start the sink, mark the nickname. The consent notice comes
+        once the voice call is joined and its encryption known (:meth:`post_consent`)."""
         self.meeting_id = await self.storage.start_meeting(
             guild_id=self.guild.id,
             text_channel_id=text_channel.id,
@@ -104,14 +108,10 @@ class Ledger:
             title=f"{voice_channel.name} meeting",
             started_at=started_at,
         )
+        info = await self.storage.meeting_info(self.meeting_id)
+        #: What members see (#1, #2 ... per guild); ``meeting_id`` is the row, across guilds.
+        self.number = info.number if info is not None and info.number else self.meeting_id
         await self.sink.start()
-        self.sink.post_notice(
-            f"\N{STUDIO MICROPHONE} **{voice_channel.name}** is now being transcribed "
-            f"(meeting #{self.meeting_id}). Lines are posted here"
-            + (" and in one caption thread per speaker" if threads else "")
-            + ". Don't want to be transcribed? Use `/transcribe optout`: your voice is then "
-            "never decoded or sent anywhere."
-        )
         await self._set_nickname(transcribing=True)
         return self.meeting_id
 
@@ -180,6 +180,22 @@ class Ledger:
         await self.storage.update_line_words(await write, segment)
 
     # -- notices ---------------------------------------------------------------------------------
+
+    async def post_consent(self, voice_channel: discord.VoiceChannel | discord.StageChannel,
+                           notices: ConsentNotices) -> str | None:
+        """The consent notice in the transcript channel, then in the voice channel's own chat;
+        returns once Discord accepted both (None), else what failed, said to members."""
+        if not await self.sink.post_notice_and_wait(notices.transcript_channel):
+            return "Could not post the consent notice in the transcript channel."
+        try:
+            await voice_channel.send(inert(notices.voice_chat),
+                                     allowed_mentions=discord.AllowedMentions.none())
+        except discord.HTTPException as exc:
+            log.warning("guild %s: consent notice not accepted in the chat of voice channel %s: "
+                        "%s", self.guild.id, voice_channel.id, exc)
+            return (f"Could not post the consent notice in the chat of the voice channel "
+                    f"{voice_channel.name} ({exc}); grant me Send Messages there.")
+        return None
 
     def say(self, text: str) -> None:
         self.sink.post_notice(text)

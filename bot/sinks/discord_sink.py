@@ -298,6 +298,19 @@ class DiscordTranscriptSink:
                 Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
             )
 
+    async def post_notice_and_wait(self, text: str) -> bool:
+        """:meth:`post_notice`, returning once Discord has accepted it (True) or it was dropped
+        (False): the consent notice, which must be in the channel before any audio is sent."""
+        if not self._accepting("notice"):
+            return False
+        parts = split_message(inert(text))
+        for part in parts[:-1]:
+            self._outbox.put(
+                Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
+            )
+        return await self._outbox.put_and_wait(
+            Item(parts[-1], payload=_Post(_BOT, _nonce()), label="consent notice"))
+
     def post_line(
         self, segment: Segment, *, display_name: str, avatar_url: str | None
     ) -> None:

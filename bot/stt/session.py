@@ -254,6 +254,7 @@ class SttSession:
         self._streaming_since = 0.0
         self._failures_in_a_row = 0
         self._stop_requested = False
+        self._discarded = False
         self._drained = asyncio.Event()
         self._progress = asyncio.Event()  # set whenever audio went out or the state changed
 
@@ -353,6 +354,16 @@ class SttSession:
                 )
             await self._shutdown()
 
+    def discard(self) -> None:
+        """Forget this speaker now (an opt-out): buffered audio is dropped unsent, nothing more
+        is sent, and no transcript event (partial, line, twin) is emitted from here on, even
+        if the service still sends one. Follow with :meth:`aclose` to disconnect."""
+        self._discarded = True
+        self._stop_requested = True
+        self._buffer.clear()
+        self._send_pos = self._buf_start = self._appended
+        self._audio_ready.clear()
+
     async def aclose(self) -> None:
         """Close now: cancel the tasks, disconnect; idempotent (no stop-session sent)."""
         self._stop_requested = True
@@ -380,6 +391,8 @@ class SttSession:
         self._emit(StateChanged(self.speaker, new, error))
 
     def _emit(self, event: SttEvent) -> None:
+        if self._discarded and not isinstance(event, StateChanged):
+            return  # the speaker opted out: nothing of theirs goes on
         try:
             self._on_event(event)
         except Exception:  # the owner's bug must not end this speaker's transcript

@@ -81,7 +81,7 @@ def to_markdown(m: Minutes) -> str:
     Timestamps switch to ``hh:mm:ss`` for every line once the meeting passes an hour, so
     the column stays aligned.
     """
-    m = m.sorted()
+    m = m.labelled().sorted()
     long_meeting = m.duration >= 3600
     stamp: Callable[[float], str] = _hms if long_meeting else format_timestamp
     lines = [f"# {_markdown_text(m.title) or 'Meeting'}", ""]
@@ -100,7 +100,7 @@ def to_markdown(m: Minutes) -> str:
 def to_srt(m: Minutes) -> str:
     """SubRip: one cue per segment, numbered from 1 in order of start time."""
     blocks = []
-    for index, s in enumerate(m.sorted().segments, start=1):
+    for index, s in enumerate(m.labelled().sorted().segments, start=1):
         timing = f"{_clock(s.start, ',')} --> {_clock(s.end, ',')}"
         blocks.append(f"{index}\n{timing}\n{_cue_text(s.speaker)}: {_cue_text(s.text) or '…'}\n")
     return "\n".join(blocks)
@@ -109,7 +109,7 @@ def to_srt(m: Minutes) -> str:
 def to_vtt(m: Minutes) -> str:
     """WebVTT: ``WEBVTT`` header, then one cue per segment with a ``<v speaker>`` voice tag."""
     out = ["WEBVTT", ""]
-    for s in m.sorted().segments:
+    for s in m.labelled().sorted().segments:
         voice = _cue_text(s.speaker).translate(_VTT_ESCAPES) or "speaker"
         text = _cue_text(s.text).translate(_VTT_ESCAPES) or "…"
         out.append(f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}")
@@ -138,7 +138,7 @@ def to_json(m: Minutes) -> str:
         "ended_at": m.ended_at.isoformat() if m.ended_at is not None else None,
         "duration": m.duration,
         "participants": list(m.participants),
-        "segments": [_segment_json(s) for s in m.sorted().segments],
+        "segments": [_segment_json(s) for s in m.labelled().sorted().segments],
     }
     return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
