@@ -52,18 +52,26 @@ def records_with_audio(r: Rig) -> list[SidRecord]:
 
 async def test_opting_out_mid_sentence_sends_posts_and_stores_nothing_more(tmp_path: Path) -> None:
     sentence = ["開會討論預算"]
-    async with rig(tmp_path) as r:
+    # Captions are edited at most every 5 s: a newer partial waits in the queue meanwhile.
+    async with rig(tmp_path, transcribe={"captions": True, "caption_edit_interval": 5.0}) as r:
         r.stt.hold_commits = True  # the recogniser is slow: the sentence is not committed yet
         speaking = asyncio.create_task(r.speak("bob", track(*sentence)))
         # Mid-sentence: more than a second of bob's audio has reached the service.
         await until(lambda: any(rec.audio_bytes > 2 * 16000 * 1.5
                                 for rec in records_with_audio(r)))
-        assert not speaking.done()
+        # ... and his live caption shows the sentence so far, with a newer partial queued.
+        await until(lambda: any(m.thread is not None and "bob" in m.thread
+                                for m in r.discord.messages))
         (bob,) = records_with_audio(r)
+        shown = len(bob.partials)
+        await until(lambda: len(bob.partials) > shown)
+        await asyncio.sleep(0.2)  # that partial reached the bot
+        assert not speaking.done()
         optout = await r.discord.invoke("transcribe optout", {}, user_id=r.ids["bob"])
         async with asyncio.timeout(30):
             await optout.wait_until(lambda rec: rec.acknowledged)
         opted_out_at = time.monotonic()  # the bot has handled the command by now
+        opted_out_wall = time.time()
         await speaking  # bob goes on talking to the end of his sentence
         await asyncio.sleep(1.0)
         assert await r.stt.release_commits() == 0, "bob's session is still open upstream"
@@ -72,6 +80,9 @@ async def test_opting_out_mid_sentence_sends_posts_and_stores_nothing_more(tmp_p
         assert not late, f"{len(late)} chunk(s) of bob's reached the service after his opt-out"
         assert bob.session_stops == 0, "his session was flushed (stop-session) not dropped"
         assert r.lines("bob") == []
+        captions_after = [m for m in r.discord.messages
+                          if m.thread is not None and "bob" in m.thread and m.at > opted_out_wall]
+        assert captions_after == [], "bob's live caption was still edited after his opt-out"
         await r.stop_meeting()
         stored = r.bot.storage
         assert stored is not None

@@ -278,8 +278,10 @@ class Meeting:
                 delay, lambda: self.tasks.spawn(self.stop("voice channel empty"), "auto-stop"))
 
     def forget_member(self, user_id: int) -> None:
-        """A member opted out mid-meeting: stop their stream now."""
+        """A member opted out mid-meeting: from now nothing of theirs is sent, posted or stored
+        (their stream is dropped unsent, a caption edit not yet made is not made)."""
         self.speakers.forget(user_id)
+        self.ledger.sink.silence(user_id)
 
     # -- status ----------------------------------------------------------------------------------
 

@@ -364,6 +364,14 @@ class DiscordTranscriptSink:
                 Item(payload=_CaptionEdit(caption, author), label=f"caption of {display_name}")
             )
 
+    def silence(self, user_key: UserKey) -> None:
+        """A member opted out: their live caption is not edited any more (a queued edit is
+        dropped); their next words would start a new one, but none come."""
+        speaker = self._speakers.get(user_key)
+        if speaker is not None and speaker.caption is not None:
+            speaker.caption.closed.set()
+            speaker.caption = None
+
     async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None:
         """The summary with the minutes files attached, after every line queued before it.
 
