@@ -419,7 +419,10 @@ async def test_simulate_and_demo_jsonl_print_only_the_documented_records(
 
     records = json_records(sim_out)
     assert sorted(spoken_lines(records)) == [("alice", "你好"), ("bob", "早晨")]
-    assert {r["channel"] for r in records} == {"general"}
+    # Everything in #general, but the consent notice also in the voice channel's own chat.
+    assert {r["channel"] for r in records} == {"general", "Meeting Room"}
+    in_voice_chat = [r for r in records if r["channel"] == "Meeting Room"]
+    assert len(in_voice_chat) == 1 and "/transcribe optout" in str(in_voice_chat[0]["content"])
     assert {r["thread"] for r in records} == {None}
     minutes = [r for r in records if r["attachments"]]
     assert len(minutes) == 1 and "minutes.md" in minutes[0]["attachments"]  # type: ignore[operator]

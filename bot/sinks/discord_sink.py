@@ -314,6 +314,19 @@ class DiscordTranscriptSink:
                 Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
             )
 
+    async def post_notice_and_wait(self, text: str) -> bool:
+        """:meth:`post_notice`, returning once Discord has accepted it (True) or it was dropped
+        (False): the consent notice, which must be in the channel before any audio is sent."""
+        if not self._accepting("notice"):
+            return False
+        parts = split_message(inert(text))
+        for part in parts[:-1]:
+            self._outbox.put(
+                Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
+            )
+        return await self._outbox.put_and_wait(
+            Item(parts[-1], payload=_Post(_BOT, _nonce()), label="consent notice"))
+
     def post_line(
         self, segment: Segment, *, display_name: str, avatar_url: str | None
     ) -> None:
@@ -373,6 +386,14 @@ class DiscordTranscriptSink:
             self._thread_outbox(speaker).put(
                 Item(payload=_CaptionEdit(caption, author), label=f"caption of {display_name}")
             )
+
+    def silence(self, user_key: UserKey) -> None:
+        """A member opted out: their live caption is not edited any more (a queued edit is
+        dropped); their next words would start a new one, but none come."""
+        speaker = self._speakers.get(user_key)
+        if speaker is not None and speaker.caption is not None:
+            speaker.caption.closed.set()
+            speaker.caption = None
 
     async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None:
         """The summary with the minutes files attached, after every line queued before it.

@@ -189,6 +189,11 @@ class SttCore:
         self.stats.bytes_sent += nbytes
         return True
 
+    def discard(self) -> None:
+        """Forget every queued sample (an opt-out): none of it is sent, now or on a re-send."""
+        self._trim_to(self.appended)
+        self.send_pos = self.appended
+
     def restart(self) -> None:
         """A new upstream session: re-send the unconfirmed audio; its clock starts there."""
         self.origin = self.send_pos = self.buf_start

@@ -458,6 +458,7 @@ class SttSession:
         self._sender = _Sender(self)
         self._stop_lock = asyncio.Lock()
         self._stop_requested = False
+        self._discarded = False
 
     # -- public ------------------------------------------------------------------------------
 
@@ -559,6 +560,14 @@ class SttSession:
                 )
             await self._shutdown()
 
+    def discard(self) -> None:
+        """Forget this speaker now (an opt-out): buffered audio is dropped unsent, nothing more
+        is sent, and no transcript event (partial, line, twin) is emitted from here on, even
+        if the service still sends one. Follow with :meth:`aclose` to disconnect."""
+        self._discarded = True
+        self._stop_requested = True
+        self.core.discard()
+
     async def aclose(self) -> None:
         """Close now: cancel the tasks, disconnect; idempotent (no stop-session sent)."""
         self._stop_requested = True
@@ -580,6 +589,8 @@ class SttSession:
         self._emit(StateChanged(self.speaker, new, error))
 
     def _emit(self, event: SttEvent) -> None:
+        if self._discarded and not isinstance(event, StateChanged):
+            return  # the speaker opted out: nothing of theirs goes on
         try:
             self._on_event(event)
         except Exception:  # the owner's bug must not end this speaker's transcript
