@@ -46,9 +46,20 @@ def _cue_text(text: str) -> str:
     return line
 
 
+#: Latest time a subtitle cue shows (999 999 h). Storage holds any finite time >= 0 and
+#: rendering minutes must never raise (``round(1e306 * 1000)`` overflows); no real meeting
+#: comes near this, and WebVTT readers take at most 10 hour digits.
+MAX_RENDER_SECONDS = 999_999 * 3600.0
+
+
+def _renderable(seconds: float) -> float:
+    """``seconds`` within [0, MAX_RENDER_SECONDS] (NaN -> 0): what every writer prints."""
+    return min(max(seconds, 0.0), MAX_RENDER_SECONDS) if seconds == seconds else 0.0
+
+
 def _clock(seconds: float, sep: str) -> str:
     """``HH:MM:SS<sep>mmm`` as used by SRT (``,``) and WebVTT (``.``)."""
-    ms = round(seconds * 1000)
+    ms = round(_renderable(seconds) * 1000)
     hours, ms = divmod(ms, 3_600_000)
     minutes, ms = divmod(ms, 60_000)
     secs, ms = divmod(ms, 1000)
@@ -86,13 +97,13 @@ def to_markdown(m: Minutes) -> str:
     stamp: Callable[[float], str] = _hms if long_meeting else format_timestamp
     lines = [f"# {_markdown_text(m.title) or 'Meeting'}", ""]
     lines.append(f"- **Date:** {_date(m.started_at)}")
-    lines.append(f"- **Duration:** {format_timestamp(m.duration)}")
+    lines.append(f"- **Duration:** {format_timestamp(_renderable(m.duration))}")
     names = ", ".join(_markdown_text(p) for p in m.participants) or "nobody spoke"
     lines.append(f"- **Participants:** {names}")
     lines.append("")
     for s in m.segments:
         speaker, text = _markdown_text(s.speaker), _markdown_text(s.text)
-        lines.append(f"**[{stamp(s.start)}] {speaker}:** {text}")
+        lines.append(f"**[{stamp(_renderable(s.start))}] {speaker}:** {text}")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -213,7 +224,7 @@ def summary_text(m: Minutes) -> str:
     count = len(lines_by)
     head = [
         f"**Minutes: {escape(_one_line(m.title)) or 'Meeting'}**",
-        f"{format_timestamp(m.duration)} · {count} participant{'s' if count != 1 else ''}"
+        f"{format_timestamp(_renderable(m.duration))} · {count} participant{'s' if count != 1 else ''}"
         f" · {sum(lines_by.values())} lines",
     ]
     body = []
@@ -221,7 +232,7 @@ def summary_text(m: Minutes) -> str:
         n = lines_by[name]
         body.append(
             f"• {escape(_one_line(name))}: {n} line{'s' if n != 1 else ''},"
-            f" {format_timestamp(talk_by[name])} talking"
+            f" {format_timestamp(_renderable(talk_by[name]))} talking"
         )
     if count > SUMMARY_MAX_SPEAKERS:
         body.append(f"… and {count - SUMMARY_MAX_SPEAKERS} more")
