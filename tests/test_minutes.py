@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.storage import open_storage_at
-
 from bot.transcript.format import MAX_MESSAGE_CHARS
 from bot.transcript.minutes import (
     MAX_RENDER_SECONDS,

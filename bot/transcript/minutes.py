@@ -222,9 +222,10 @@ def summary_text(m: Minutes) -> str:
     lines_by = m.lines_per_speaker
     talk_by = m.talk_time_per_speaker
     count = len(lines_by)
+    length = format_timestamp(_renderable(m.duration))
     head = [
         f"**Minutes: {escape(_one_line(m.title)) or 'Meeting'}**",
-        f"{format_timestamp(_renderable(m.duration))} · {count} participant{'s' if count != 1 else ''}"
+        f"{length} · {count} participant{'s' if count != 1 else ''}"
         f" · {sum(lines_by.values())} lines",
     ]
     body = []
