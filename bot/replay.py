@@ -148,18 +148,21 @@ async def _pace(stream: SpeakerStream, track: TrackSource, speed: float,
     t0 = loop.time()
     i = fed = 0
     for samples in track.blocks(block * READ_BLOCKS):
+        if speed <= 0:  # as fast as the session sends: no need to cut the block up
+            stream.feed(samples)
+            fed += len(samples)
+            progress(stream.speaker, fed / track.sample_rate)
+            await stream.session.drain(MAX_AHEAD_SECONDS)
+            continue
         for begin in range(0, len(samples), block):
             piece = samples[begin:begin + block]
             stream.feed(piece)
             fed += len(piece)
             i += 1
             progress(stream.speaker, fed / track.sample_rate)
-            if speed > 0:
-                delay = t0 + i * (BLOCK_MS / 1000) / speed - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            else:
-                await stream.session.drain(MAX_AHEAD_SECONDS)
+            delay = t0 + i * (BLOCK_MS / 1000) / speed - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
 
 async def replay(

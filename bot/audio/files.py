@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Final
+from typing import IO, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -310,11 +310,85 @@ def _check_member(label: str, m: zipfile.ZipInfo) -> None:
         )
 
 
+class _MemberReader(io.RawIOBase):
+    """A zip member as a seekable stream that decompresses forward only.
+
+    libsndfile seeks a lot (to the end for the length, back a little after reading ahead);
+    ``ZipExtFile`` answers every backward seek by decompressing again from the start, which
+    makes reading a long track quadratic. Here a seek only moves a position; reads go forward
+    through the member, and the last :attr:`KEEP` bytes stay at hand for short steps back.
+    Memory stays at that window whatever the member's size.
+    """
+
+    KEEP = 1 << 20
+
+    def __init__(self, raw: IO[bytes], size: int) -> None:
+        super().__init__()
+        self._raw, self._size = raw, size
+        self._pos = 0
+        self._buf = bytearray()  # member bytes [_buf_start, _buf_start + len(_buf))
+        self._buf_start = 0
+        self.rewinds = 0  # backward steps past the window (each decompresses from the start)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _fill_to(self, end: int) -> None:
+        """Decompress forward until the window reaches ``end`` (or the member ends)."""
+        have = self._buf_start + len(self._buf)
+        while have < end:
+            piece = self._raw.read(max(end - have, 64 * 1024))
+            if not piece:
+                break
+            self._buf += piece
+            have += len(piece)
+            if len(self._buf) > 2 * self.KEEP:
+                drop = len(self._buf) - self.KEEP
+                del self._buf[:drop]
+                self._buf_start += drop
+
+    def readinto(self, b: Any) -> int:
+        want = len(b)
+        if want == 0 or self._pos >= self._size:
+            return 0
+        if self._pos < self._buf_start:  # far back: start over (rare)
+            self.rewinds += 1
+            self._raw.seek(0)
+            self._buf, self._buf_start = bytearray(), 0
+        if self._pos > self._buf_start + len(self._buf) + self.KEEP:
+            # Far ahead: skip forward without keeping what lies between.
+            self._buf_start += len(self._buf)
+            self._buf = bytearray()
+            while self._buf_start < self._pos:
+                skipped = self._raw.read(min(self._pos - self._buf_start, 1 << 20))
+                if not skipped:
+                    break
+                self._buf_start += len(skipped)
+        self._fill_to(self._pos + want)
+        lo = self._pos - self._buf_start
+        chunk = self._buf[lo:lo + want]
+        b[:len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+
 def _member_opener(path: str, label: str, member: zipfile.ZipInfo) -> Opener:
     def opener(stack: ExitStack) -> IO[bytes]:
         try:
             zf = stack.enter_context(zipfile.ZipFile(path))
-            return stack.enter_context(zf.open(member))
+            raw = stack.enter_context(zf.open(member))
+            return io.BufferedReader(_MemberReader(raw, member.file_size), 64 * 1024)
         except (zipfile.BadZipFile, OSError, NotImplementedError, KeyError) as exc:
             raise AudioInputError(f"{label}: cannot extract: {exc}") from exc
 

@@ -95,6 +95,9 @@ class FakeSttServer:
         self.send_plain = True  # committed_transcript
         self.send_timestamps = True  # committed_transcript_with_timestamps
         self.timestamps_first = False  # the twin may arrive before the plain form
+        # Decode tone codes only in the first this-many seconds of each session's audio (None:
+        # all of it); later audio is counted, not decoded, so hours of it pass quickly.
+        self.decode_seconds: float | None = None
         self._runner: web.AppRunner | None = None
         self._sio: socketio.AsyncServer | None = None
         self._live: dict[str, _Live] = {}
@@ -270,8 +273,9 @@ class FakeSttServer:
         record.chunk_rates.add(rate)
         live.chunks_in_session += 1
         live.samples_in_session += len(pcm) // 2
-        for event in live.decoder.feed(np.frombuffer(pcm, dtype="<i2")):
-            await self._emit_decoded(sio, sid, event)
+        if self.decode_seconds is None or live.samples_in_session <= self.decode_seconds * rate:
+            for event in live.decoder.feed(np.frombuffer(pcm, dtype="<i2")):
+                await self._emit_decoded(sio, sid, event)
         await self._maybe_fault(sio, sid, live)
 
     async def _maybe_fault(self, sio: socketio.AsyncServer, sid: str, live: _Live) -> None:
