@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +68,6 @@ def track(*texts: str, gap: float = GAP, lead: float = GAP) -> np.ndarray:
     mono = speech_track(lines, 48000, duration=t + gap)
     pcm = np.clip(mono * 32767 * 0.5, -32768, 32767).astype(np.int16)
     return np.repeat(pcm[:, None], 2, axis=1)
-
-
-def seconds_until(texts: Iterable[str], index: int, fraction: float = 0.5) -> float:
-    """When, from the start of :func:`track`, ``fraction`` of sentence ``index`` has been said."""
-    texts = list(texts)
-    t = GAP
-    for text in texts[:index]:
-        t += utterance_duration(text) + GAP
-    return t + fraction * utterance_duration(texts[index])
 
 
 async def until(condition: Callable[[], bool], limit: float = WAIT) -> None:
@@ -146,24 +138,51 @@ class Rig:
             await stop.wait_followups(1)
 
 
+class TracebackLog(logging.Handler):
+    """Collects every log record that carries a traceback while the bot runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.stack_info:
+            self.records.append(record)
+
+    def report(self) -> str:
+        return "\n".join(logging.Formatter().format(r) for r in self.records)
+
+
 @contextlib.asynccontextmanager
 async def logged_in_bot(config: Config) -> AsyncIterator[CantoBot]:
+    """The bot logged in to LocalDiscord; on the way out it must stop by itself (no error from
+    its task) and must not have logged any traceback (an unexpected exception anywhere)."""
     redirect_discord(config)
     bot = CantoBot(config)
     # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready;
     # LocalDiscord sends its one guild at once, so waiting that long only slows the suite.
     bot._connection.guild_ready_timeout = 0.05
+    tracebacks = TracebackLog()
+    logging.getLogger().addHandler(tracebacks)
     task = asyncio.create_task(bot.start(config.discord.token.reveal()), name="bot")
+    failed = False
     try:
         await until(lambda: bot.is_ready() or task.done())
         if task.done():
             task.result()
         yield bot
+    except BaseException:
+        failed = True
+        raise
     finally:
-        await bot.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        try:
+            await bot.close()
+            async with asyncio.timeout(WAIT):
+                await task  # bot.start returns once closed; anything it raises fails the test
+        finally:
+            logging.getLogger().removeHandler(tracebacks)
+    if not failed:
+        assert not tracebacks.records, f"unexpected traceback(s) in the log:\n{tracebacks.report()}"
 
 
 @contextlib.asynccontextmanager
@@ -201,7 +220,10 @@ async def test_stt_restart_mid_sentence_loses_and_doubles_nothing(tmp_path: Path
     async with rig(tmp_path) as r:
         speaking = asyncio.gather(r.speak("alice", track(*alice)),
                                   r.speak("bob", track(*bob, lead=1.2)))
-        await asyncio.sleep(seconds_until(alice, 1))  # alice is in the middle of her 2nd line
+        # Restart when the fake has decoded the start of alice's 2nd line but not its end.
+        await until(lambda: any(p.startswith(alice[1][0])
+                                for rec in r.stt.records.values() for p in rec.partials))
+        assert alice[1] not in r.stt.heard_texts, "the restart must hit alice mid-sentence"
         sessions_before = len(r.stt.records)
         await r.stt.restart()
         await speaking
@@ -524,7 +546,9 @@ async def test_signal_mid_meeting_flushes_every_session_posts_minutes_and_exits_
         # only stop-session (the fake then commits what it heard) brings them in.
         await asyncio.gather(fake.speak(ids["alice"], track(*alice, gap=0.05)),
                              fake.speak(ids["bob"], track(*bob, gap=0.05, lead=2.0)))
-        await asyncio.sleep(0.2)  # the last packets reach the bot
+        # The fake has heard "再見" to its end marker: its commit waits for a pause that the
+        # signal (sent in the same loop turn as this check) comes before.
+        await until(lambda: "再見" in stt.heard_texts)
         assert "再見" not in stt.committed_texts
         proc.send_signal(sig)
         async with asyncio.timeout(WAIT):

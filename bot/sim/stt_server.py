@@ -59,6 +59,8 @@ class SidRecord:
     session_stops: int = 0
     committed: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
+    #: Sentences heard to their end marker (before their commit pause), in order.
+    heard: list[str] = field(default_factory=list)
     disconnected: bool = False
 
 
@@ -70,6 +72,7 @@ class _Live:
     rate: int = 0
     chunks_in_session: int = 0
     samples_in_session: int = 0
+    pending_seen: int = -1  # commits so far when the current pending sentence was first seen
 
 
 class FakeSttServer:
@@ -159,6 +162,11 @@ class FakeSttServer:
     def committed_texts(self) -> list[str]:
         """Every committed sentence, all connections, in connection order."""
         return [text for record in self.records.values() for text in record.committed]
+
+    @property
+    def heard_texts(self) -> list[str]:
+        """Every sentence heard to its end, committed yet or not, across connections."""
+        return [text for r in self.records.values() for text in r.heard]
 
     @property
     def total_audio_bytes(self) -> int:
@@ -276,6 +284,11 @@ class FakeSttServer:
         if self.decode_seconds is None or live.samples_in_session <= self.decode_seconds * rate:
             for event in live.decoder.feed(np.frombuffer(pcm, dtype="<i2")):
                 await self._emit_decoded(sio, sid, event)
+            pending = live.decoder.pending if live.decoder is not None else None
+            # A new pending sentence: none was pending, or the one that was has been committed.
+            if pending is not None and live.pending_seen != len(record.committed):
+                record.heard.append(pending)
+            live.pending_seen = len(record.committed) if pending is not None else -1
         await self._maybe_fault(sio, sid, live)
 
     async def _maybe_fault(self, sio: socketio.AsyncServer, sid: str, live: _Live) -> None:
