@@ -406,6 +406,9 @@ class DaveMember(ABC):
     def reinit(self, protocol_version: int) -> None:
         """Op 24: start over with a new group (after DAVE was switched back on)."""
 
+    def execute_transition(self) -> None:
+        """Op 22: the transition every client is ready for happens now (send with new keys)."""
+
     @property
     @abstractmethod
     def epoch(self) -> int | None: ...
@@ -518,6 +521,7 @@ class LibdaveMember(DaveMember):
         self.session.init(protocol_version, self.channel_id, str(self.user_id))
         self.encryptor = libdave.Encryptor()
         self.encryptor.assign_ssrc_to_codec(self._SSRC, libdave.Codec.opus)
+        self._staged: libdave.IKeyRatchet | None = None
         self._epoch = None
 
     def _on_failure(self, source: str, reason: str) -> None:
@@ -543,12 +547,19 @@ class LibdaveMember(DaveMember):
         return split_commit_welcome(bytes(out))
 
     def _rekey(self, epoch: int | None) -> None:
+        """Stage the new epoch's key: like Discord's clients, the encryptor switches to it
+        only when the transition executes (op 22), when every receiver holds it too."""
         ratchet = self.session.get_key_ratchet(str(self.user_id))
         if ratchet is None:
             raise DaveGroupError(f"libdave member {self.user_id} has no key after the commit")
-        self.encryptor.set_key_ratchet(ratchet)
-        self.encryptor.set_passthrough_mode(False)
+        self._staged = ratchet
         self._epoch = epoch
+
+    def execute_transition(self) -> None:
+        if self._staged is not None:
+            self.encryptor.set_key_ratchet(self._staged)
+            self.encryptor.set_passthrough_mode(False)
+            self._staged = None
 
     def on_commit(self, commit: bytes) -> None:
         result = self.session.process_commit(commit)
@@ -998,6 +1009,9 @@ class DaveGroup:
         del self._transitions[tid]
         if t.protocol_version != self.protocol_version:
             self._set_protocol_version(t.protocol_version)
+        for p in self._participants.values():
+            if p.member is not None and p.in_group:
+                p.member.execute_transition()
         msg = {"op": int(Op.DAVE_EXECUTE_TRANSITION), "d": {"transition_id": tid}}
         return [(u, dict(msg)) for u in t.notified if u in self._participants]
 
