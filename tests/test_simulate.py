@@ -485,3 +485,29 @@ async def test_libdave_members_rekey_for_a_late_joiner_and_a_leaver_without_losi
         assert receiver_stats.get("dave_failed", 0) == 0, receiver_stats
         assert all(not m.dave.failures for m in sim.discord.voice.members.values()
                    if isinstance(m.dave, LibdaveMember))
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+async def test_without_the_sim_extra_simulate_and_demo_name_it_in_one_line(
+    tmp_path: Path, command: str
+) -> None:
+    """An install without dave.py (no ``sim`` extra): one line saying what to install."""
+    blocker = tmp_path / "site" / "dave"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('dave.py is not installed')\n")
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, tone_pcm([(0.2, "你好")])[:, 0], SAMPLE_RATE)
+    args = ["demo"] if command == "demo" else [
+        "simulate", "--speaker", f"alice={wav}", "--stt-url", "http://127.0.0.1:9",
+        "--api-key", API_KEY]
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env.get("PYTHONPATH", "")])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    async with asyncio.timeout(CLI_TIMEOUT):
+        out, err = await proc.communicate()
+    lines = [line for line in err.decode().splitlines() if line.startswith("cantobot:")]
+    assert proc.returncode == 1 and out == b"", err.decode()
+    assert len(lines) == 1 and "pip install 'cantobot[sim]'" in lines[0], err.decode()
+    assert "Traceback" not in err.decode()

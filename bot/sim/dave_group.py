@@ -406,7 +406,7 @@ class DaveMember(ABC):
     def reinit(self, protocol_version: int) -> None:
         """Op 24: start over with a new group (after DAVE was switched back on)."""
 
-    def execute_transition(self) -> None:
+    def execute_transition(self) -> None:  # noqa: B027 - davey switches keys by itself
         """Op 22: the transition every client is ready for happens now (send with new keys)."""
 
     @property
