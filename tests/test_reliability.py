@@ -139,14 +139,18 @@ class Rig:
 
 
 class TracebackLog(logging.Handler):
-    """Collects every log record that carries a traceback while the bot runs."""
+    """Collects every log record that carries a traceback while the bot runs, except those
+    whose message starts with one of ``expected`` (a fault the test causes on purpose)."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected: tuple[str, ...] = ()) -> None:
         super().__init__(logging.DEBUG)
+        self.expected = expected
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or record.stack_info:
+        if (record.exc_info or record.stack_info) and not (
+            self.expected and record.getMessage().startswith(self.expected)
+        ):
             self.records.append(record)
 
     def report(self) -> str:
@@ -154,7 +158,9 @@ class TracebackLog(logging.Handler):
 
 
 @contextlib.asynccontextmanager
-async def logged_in_bot(config: Config) -> AsyncIterator[CantoBot]:
+async def logged_in_bot(
+    config: Config, expected_tracebacks: tuple[str, ...] = ()
+) -> AsyncIterator[CantoBot]:
     """The bot logged in to LocalDiscord; on the way out it must stop by itself (no error from
     its task) and must not have logged any traceback (an unexpected exception anywhere)."""
     redirect_discord(config)
@@ -162,7 +168,7 @@ async def logged_in_bot(config: Config) -> AsyncIterator[CantoBot]:
     # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready;
     # LocalDiscord sends its one guild at once, so waiting that long only slows the suite.
     bot._connection.guild_ready_timeout = 0.05
-    tracebacks = TracebackLog()
+    tracebacks = TracebackLog(expected_tracebacks)
     logging.getLogger().addHandler(tracebacks)
     task = asyncio.create_task(bot.start(config.discord.token.reveal()), name="bot")
     failed = False
@@ -193,6 +199,7 @@ async def rig(
     dave: bool = False,
     start: bool = True,
     stt_key: str = KEY,
+    expected_tracebacks: tuple[str, ...] = (),
     **sections: dict[str, Any],
 ) -> AsyncIterator[Rig]:
     """LocalDiscord + STT fake + the real bot, all members in voice, a meeting LIVE."""
@@ -202,7 +209,7 @@ async def rig(
             LocalDiscord(human_names=(HOST, *names), moderators=(HOST,), dave=dave) as fake,
         ):
             cfg = bot_config(make_config(stt, **sections), fake, str(tmp_path / "bot.sqlite3"))
-            async with logged_in_bot(cfg) as bot:
+            async with logged_in_bot(cfg, expected_tracebacks) as bot:
                 ids = fake.member_ids
                 for name in (HOST, *names):
                     await fake.member_join_voice(ids[name])
@@ -372,8 +379,13 @@ async def voice_session_renewed(r: Rig, old: object, limit: float = WAIT) -> Non
 
 # 4006 is a full voice reconnect: new socket, IP discovery, session. It used to take ~30 s
 # (discord.py's reader thread slept in select on the closed socket); see _WakingSocketReader.
-# Now ~9 s, but in 2 of ~20 runs under full-suite load the new session still did not arrive
-# within 15 s (cause not found), so CI runs it only when asked to.
+# Now ~9 s, but under load the new session sometimes does not arrive within 15 s. Where it
+# stalls (issue 12, item 13): the loopback voice server receives the bot's IP discovery on the
+# new socket and answers, yet discord.py's socket reader thread never hands the answer to the
+# discovery callback (no "Received ip discovery packet", no reader error) until its 30 s select
+# times out: after disconnect(cleanup=False) the reader was not woken onto the new socket.
+# Reproduced in 4 of 4 parallel runs with DEBUG logging. The fix belongs in bot/voice/client.py
+# (the reader), so CI runs this case only when asked to.
 FULL_VOICE_RECONNECT = pytest.mark.skipif(
     not os.environ.get("CANTOBOT_SLOW_TESTS"),
     reason="a rare second stall of the full voice reconnect under load is not yet understood; "
@@ -386,7 +398,11 @@ FULL_VOICE_RECONNECT = pytest.mark.skipif(
 async def test_voice_reconnects_and_resumes_keep_transcribing(tmp_path: Path, fault: str) -> None:
     # A move to another channel (4014 + new gateway voice updates) is tested below.
     alice = ["之前", "之後"]
-    async with rig(tmp_path, names=("alice",)) as r:
+    # discord.py logs its reconnect after an unhandled close code (4006) with the traceback,
+    # and its socket reader's read of the swapped socket ("safe to ignore") with one too.
+    expected = (("Disconnected from voice... Reconnecting", "Error reading from socket")
+                if fault.endswith("4006") else ())
+    async with rig(tmp_path, names=("alice",), expected_tracebacks=expected) as r:
         await r.speak("alice", track(alice[0]))
         await r.wait_lines({"alice": alice[:1]})
         conn = r.discord.voice.connection
