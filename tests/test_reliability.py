@@ -379,13 +379,14 @@ async def voice_session_renewed(r: Rig, old: object, limit: float = WAIT) -> Non
 
 # 4006 is a full voice reconnect: new socket, IP discovery, session. It used to take ~30 s
 # (discord.py's reader thread slept in select on the closed socket); see _WakingSocketReader.
-# Now ~9 s, but under load the new session sometimes does not arrive within 15 s. Where it
-# stalls (issue 12, item 13): the loopback voice server receives the bot's IP discovery on the
-# new socket and answers, yet discord.py's socket reader thread never hands the answer to the
-# discovery callback (no "Received ip discovery packet", no reader error) until its 30 s select
-# times out: after disconnect(cleanup=False) the reader was not woken onto the new socket.
-# Reproduced in 4 of 4 parallel runs with DEBUG logging. The fix belongs in bot/voice/client.py
-# (the reader), so CI runs this case only when asked to.
+# Now ~9 s, but under load the new session sometimes does not arrive within 15 s (cause not
+# pinned down, issue 12 item 13). Seen once with DEBUG logs: the loopback voice server received
+# the bot's IP discovery on the new socket and answered, yet discord.py's discover_ip never got
+# the answer ("Received ip discovery packet" missing for 14 s, until the test gave up), so the
+# handshake stalled after op 2 READY; the suspect is the socket reader thread (bot/voice/client.py
+# _WakingSocketReader / discord.py SocketReader). With the reader instrumented (8 runs, 4 in
+# parallel) every reconnect woke it onto the new socket and the stall did not recur. So CI runs
+# this case only when asked to.
 FULL_VOICE_RECONNECT = pytest.mark.skipif(
     not os.environ.get("CANTOBOT_SLOW_TESTS"),
     reason="a rare second stall of the full voice reconnect under load is not yet understood; "
