@@ -46,12 +46,17 @@ async def test_upstream_row_counts_every_chunk_at_the_server() -> None:
     async with asyncio.timeout(60), chunk_server(commit_every=5) as server:
         result = await run_upstream(server, sessions=3, seconds=0.5)
     assert result.chunks_arrived == result.chunks_sent > 0
-    assert result.lag_p99_ms >= 0
+    # A measured lag: a chunk takes some time to cross the socket, and far less than the run.
+    assert 0 < result.lag_p99_ms < 30_000
 
 
 def test_memory_per_speaker_runs_with_every_speaker_active_in_the_receiver() -> None:
-    result = per_speaker(3)
-    assert result["speakers"] == 3  # per_speaker itself checks the receiver holds all 3
+    result = per_speaker(3)  # per_speaker itself checks the receiver holds all 3
+    # The figures are real readings of this process, not placeholders: a Python process with
+    # numpy, libopus and three speakers' state is well over 10 MB resident.
+    assert result["rss_before"] > 10 * 1024 * 1024
+    assert result["rss_after"] > 10 * 1024 * 1024
+    assert result["bytes_per_speaker"] == (result["rss_after"] - result["rss_before"]) / 3
 
 
 def test_script_row_converts_lines_of_both_sizes_in_both_modes() -> None:
