@@ -1,14 +1,20 @@
 """``python -m bench [--quick] [--rows 1,2,3,4,mem] [--no-install]``: Markdown tables, then one
 JSON line ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
 
+Steadiness: compared contenders run interleaved within every repeat (same packets, alternating
+order), and every ratio is the median of per-repeat ratios, printed with its (min..max) spread.
+Row 2 pins the loopback STT server and this process to different CPUs (on a machine with two or
+more), so the server's CPU is not counted as the client's latency.
+
 N: concurrent speakers one core sustains for receive + convert + upstream emit at 100 ms chunks
 (1 s / (50 x product µs per packet + client CPU per session-second of row 2)), AES-GCM with DAVE
 on (what Discord negotiates today). R: the product's receive path over the floor on the same
-packets. L: p99 of what is added on top of filling one chunk: row 2's send lag plus one
-packet's receive time.
+packets (median of per-repeat ratios). L: p99 of what is added on top of filling one chunk:
+row 2's send lag plus one packet's receive time.
 
-``--quick`` (under 45 s): 10 s of speech, 3 repeats, two packet sets, row 2 at 200 sessions
-for 3 s, peers only if their venvs already exist; no rows 3 and memory.
+``--quick`` (under 45 s): 10 s of speech, 9 repeats, two packet sets, row 2 at 250 sessions
+for 4 s (product and batched prototype interleaved), peers only if their venvs already exist;
+no rows 3 and memory.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any
@@ -28,6 +35,10 @@ from bench.receive import Timing, row1
 from bot.voice.crypto import MODE_AES256_GCM, MODE_XCHACHA20
 
 log = logging.getLogger("bench")
+
+#: Sessions per process the README sizes a bot for (and ``stt.max_sessions`` defaults to): row 2
+#: and the headline latency are measured at this count.
+SIZING = 250
 
 
 def cpu_model() -> str:
@@ -51,6 +62,10 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _ratio(median: float, spread: tuple[float, float]) -> str:
+    return f"{median:.2f}x ({spread[0]:.2f}..{spread[1]:.2f})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced rows 1, 2, 4 (< 45 s)")
@@ -66,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
-    repeats = 3 if quick else 7
+    repeats = 9 if quick else 15
     print(f"# cantobot bench{' (quick)' if quick else ''}\n")
     print(f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
@@ -86,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     headline = "aes-gcm, DAVE on"
     product = by.get(("product", headline))
     floor = by.get(("floor", headline))
-    floor_ratio = product.us_per_packet / floor.us_per_packet if product and floor else None
+    floor_ratio = product.ratio if product and floor else None
 
     if "1" in rows and timings:
         print("## 1. Receive path per speaker (decrypt -> DAVE -> jitter -> Opus to 16 kHz mono "
               "-> 100 ms chunks)\n")
         print(table(
-            ["packets", "µs / packet (min..max)", "CPU % of a core per speaker",
-             "speakers / core (receive only)"],
+            ["packets", "µs / packet (min..max)", "ratio to floor (min..max)",
+             "CPU % of a core per speaker", "speakers / core (receive only)"],
             [[t.label, f"{_f(t.us_per_packet)} ({_f(t.spread[0])}..{_f(t.spread[1])})",
+              _ratio(t.ratio, t.ratio_spread),
               _f(t.core_percent_per_speaker, 2), _f(t.speakers_per_core, 0)]
              for t in timings if t.name == "product"]))
         print()
@@ -102,16 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     upstream: list[Any] = []
     if "2" in rows:
         from bench.upstream import row2
-        counts = (200,) if quick else (50, 200, 500)
-        upstream = asyncio.run(row2(counts, 3.0 if quick else 10.0))
+        counts = (SIZING,) if quick else (50, SIZING, 500)
+        upstream = asyncio.run(row2(counts, 4.0 if quick else 12.0,
+                                    repeats=2 if quick else 4))
+        pinned = bool(upstream) and upstream[0].pinned
         print("## 2. Upstream: N SttSessions, 100 ms chunks, loopback Socket.IO server "
               "(another process)\n")
+        print(("Server and client pinned to different CPUs (os.sched_setaffinity), so the "
+               "server's CPU is not the client's latency. " if pinned else
+               "Server and client NOT pinned (fewer than 2 CPUs or no sched_setaffinity): the "
+               "server's CPU competes with the client's. ") +
+              "Send paths interleaved on the same sessions: product = SttSession.send_audio; "
+              "batched = the prototype in bench/uplink.py (one flush task per loop iteration "
+              "writes pre-encoded frames).\n")
         print(table(
-            ["sessions", "client CPU % of a core", "µs CPU / session-second",
-             "server CPU %", "send lag p50 / p99 / max (ms)", "chunks arrived"],
-            [[str(u.sessions), _f(u.cpu_percent), _f(u.us_per_session_second, 0),
+            ["sessions", "send path", "client CPU % of a core", "µs CPU / session-second",
+             "CPU vs product per round", "server CPU %", "send lag p50 / p99 / max (ms)",
+             "p99 per round (ms)", "chunks arrived"],
+            [[str(u.sessions), u.variant, _f(u.cpu_percent), _f(u.us_per_session_second, 0),
+              (_ratio(statistics.median(u.cpu_ratios),
+                      (min(u.cpu_ratios), max(u.cpu_ratios)))
+               if u.cpu_ratios and u.variant != "product" else "-"),
               _f(u.server_cpu_percent), f"{_f(u.lag_p50_ms, 2)} / {_f(u.lag_p99_ms, 2)} / "
-              f"{_f(u.lag_max_ms, 2)}", f"{u.chunks_arrived}/{u.chunks_sent}"]
+              f"{_f(u.lag_max_ms, 2)}", " ".join(_f(x, 1) for x in u.lag_p99_per_round),
+              f"{u.chunks_arrived}/{u.chunks_sent}"]
              for u in upstream]))
         print()
 
@@ -145,16 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         print("## 4. The floor and the peers, same packets\n")
         rows4 = []
         for s in sets:
-            f = by[("floor", s.label)]
             for name in ("floor", "floor 48k stereo", "product", "plain"):
                 t = by[(name, s.label)]
                 rows4.append([s.label, name, _f(t.us_per_packet),
-                              f"{t.us_per_packet / f.us_per_packet:.2f}x"])
+                              _ratio(t.ratio, t.ratio_spread)])
             if s is peer_set:
                 for p in peers:
                     rows4.append([s.label, f"{p.flavor} {p.version} (48 kHz stereo out)",
-                                  _f(p.us_per_packet), f"{p.us_per_packet / f.us_per_packet:.2f}x"])
-        print(table(["packets", "contender", "µs / packet", "ratio to floor"], rows4))
+                                  _f(p.us_per_packet), _ratio(p.ratio, p.ratio_spread) +
+                                  " vs its own in-process floor"])
+        print(table(["packets", "contender", "µs / packet (median)",
+                     "ratio to floor, median of per-repeat ratios (min..max)"], rows4))
         print("\nfloor: transport AEAD (+ davey) + ctypes opus_decode straight to 16 kHz mono "
               "into a preallocated buffer. plain: discord.py opus.Decoder (48 kHz stereo) + numpy "
               "downmix + soxr stream resample to 16 kHz. Peers: their own rtp decode, "
@@ -175,24 +206,35 @@ def main(argv: list[str] | None = None) -> int:
               f"{'; problems: ' + str(hour['problems']) if hour['problems'] else ''}\n")
 
     speakers_per_core = latency = None
-    up = next((u for u in upstream if u.sessions == 200), upstream[-1] if upstream else None)
+    up = next((u for u in upstream if u.sessions == SIZING and u.variant == "product"),
+              upstream[0] if upstream else None)
+    batched = next((u for u in upstream if u.sessions == SIZING and u.variant == "batched"),
+                   None)
     if product is not None and up is not None:
         per_speaker_us = product.us_per_packet * 50 + up.us_per_session_second
         speakers_per_core = 1e6 / per_speaker_us
         latency = up.lag_p99_ms + product.us_per_packet / 1000
         print("## Targets\n")
         print(table(["target", "measured", "met"], [
-            ["≥ 300 speakers / core (receive + convert + emit, 100 ms chunks)",
+            ["≥ 400 speakers / core (receive + convert + emit, 100 ms chunks)",
              f"{speakers_per_core:.0f} ({per_speaker_us / 1000:.2f} ms CPU per speaker-second"
              f" = {_f(product.us_per_packet * 50 / 1000, 2)} receive + "
              f"{_f(up.us_per_session_second / 1000, 2)} upstream at {up.sessions} sessions)",
-             "yes" if speakers_per_core >= 300 else "no"],
+             "yes" if speakers_per_core >= 400 else "no"],
+            *([["(prototype) the same with the batched send path of bench/uplink.py",
+                f"{1e6 / (product.us_per_packet * 50 + batched.us_per_session_second):.0f} "
+                f"({_f(batched.us_per_session_second / 1000, 2)} ms upstream)",
+                "not shipped"]] if batched else []),
             ["receive path ≤ 1.5x the libopus floor",
-             f"{floor_ratio:.2f}x" if floor_ratio else "?",
+             _ratio(floor_ratio, product.ratio_spread) if floor_ratio else "?",
              "yes" if floor_ratio and floor_ratio <= 1.5 else "no"],
             ["audio at the STT socket ≤ one chunk + 5 ms after its packet",
-             f"one chunk + {latency:.2f} ms (p99, {up.sessions} sessions)",
+             f"one chunk + {latency:.2f} ms (p99, {up.sessions} sessions"
+             f"{', pinned' if up.pinned else ''})",
              "yes" if latency <= 5 else "no"],
+            *([["(prototype) the same with the batched send path",
+                f"one chunk + {batched.lag_p99_ms + product.us_per_packet / 1000:.2f} ms",
+                "not shipped"]] if batched else []),
             *([["commit -> Discord request ≤ 50 ms p99",
                 f"{max(w['p99_ms'] for w in whole):.1f} ms", "yes" if max(
                     w["p99_ms"] for w in whole) <= 50 else "no"]] if whole else []),
@@ -203,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "speakers_per_core": round(speakers_per_core) if speakers_per_core else None,
         "floor_ratio": round(floor_ratio, 3) if floor_ratio else None,
+        "floor_ratio_spread": ([round(x, 3) for x in product.ratio_spread]
+                               if floor_ratio and product else None),
         "added_latency_ms_p99": round(latency, 2) if latency is not None else None,
     }), flush=True)
     return 0

@@ -22,6 +22,7 @@ Contenders:
 from __future__ import annotations
 
 import ctypes
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -64,13 +65,20 @@ _US: Final = 1e6
 
 @dataclass(frozen=True)
 class Timing:
-    """µs per packet (median over repeats) and the spread, for one contender on one input."""
+    """µs per packet (median over repeats) and the spread, for one contender on one input.
+
+    ``ratio``: the median over repeats of (this contender's time / the floor's time in the same
+    repeat), ``ratio_spread`` its (min, max): measured back to back on the same packets, a slow
+    patch of the machine cancels out of the ratio, which is why the ratio, not the µs, is what
+    the bench compares."""
 
     name: str
     label: str
     us_per_packet: float
     spread: tuple[float, float]
     packets: int
+    ratio: float = 0.0
+    ratio_spread: tuple[float, float] = (0.0, 0.0)
 
     @property
     def core_percent_per_speaker(self) -> float:
@@ -239,19 +247,46 @@ CONTENDERS: Final[dict[str, Runner]] = {
 }
 
 
+def ratio_stats(ratios: list[float]) -> tuple[float, tuple[float, float]]:
+    """Median and (min, max) of per-repeat ratios."""
+    return statistics.median(ratios), (min(ratios), max(ratios))
+
+
+def _timed(runner: Runner, packets: PacketSet) -> float:
+    """µs per packet for one pass, with the cyclic GC off (a collection landing inside one
+    contender's pass but not the other's would be noise, not a difference between them)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return runner(packets) / len(packets.datagrams) * _US
+    finally:
+        gc.enable()
+
+
 def row1(rec: Recording, sets: list[PacketSet], repeats: int,
-         contenders: tuple[str, ...] = tuple(CONTENDERS)) -> list[Timing]:
-    """Every contender on every packet set (mode x DAVE); repeats are interleaved across the
-    contenders so that a slow patch of the machine hits all of them alike."""
+         contenders: tuple[str, ...] = tuple(CONTENDERS),
+         reference: str = "floor") -> list[Timing]:
+    """Every contender on every packet set (mode x DAVE), interleaved.
+
+    Within one repeat each contender runs once on the same packets, back to back, in an order
+    that alternates between repeats (A B C, C B A, ...) so that neither a warm cache nor a drift
+    of the machine's speed favours whoever runs first. A contender's ratio to ``reference`` is
+    taken per repeat, and its figure is the median of those ratios (with their spread)."""
+    order = list(contenders)
+    if reference not in order:
+        order.append(reference)
     runs: dict[tuple[int, str], list[float]] = {}
-    for _ in range(repeats):
+    for r in range(repeats):
         for i, packets in enumerate(sets):
-            for name in contenders:
+            for name in (order if r % 2 == 0 else order[::-1]):
                 fresh = _fresh(rec, packets)
-                us = CONTENDERS[name](fresh) / len(fresh.datagrams) * _US
-                runs.setdefault((i, name), []).append(us)
-    return [
-        Timing(name, sets[i].label, statistics.median(v), (min(v), max(v)),
-               len(sets[i].datagrams))
-        for (i, name), v in runs.items()
-    ]
+                runs.setdefault((i, name), []).append(_timed(CONTENDERS[name], fresh))
+    out = []
+    for (i, name), v in runs.items():
+        if name not in contenders:
+            continue
+        ref = runs[(i, reference)]
+        ratio, ratio_spread = ratio_stats([a / b for a, b in zip(v, ref, strict=True)])
+        out.append(Timing(name, sets[i].label, statistics.median(v), (min(v), max(v)),
+                          len(sets[i].datagrams), ratio, ratio_spread))
+    return out
