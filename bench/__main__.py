@@ -69,15 +69,15 @@ def _ratio(median: float, spread: tuple[float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced rows 1, 2, 4 (< 45 s)")
-    parser.add_argument("--rows", default="1,2,3,4,mem",
-                        help="comma-separated subset of 1,2,3,4,mem (default: all)")
+    parser.add_argument("--rows", default="1,2,2e,3,4,mem",
+                        help="comma-separated subset of 1,2,2e,3,4,mem (default: all)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not create the peers' venvs (skip peers without one)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    rows = {"1", "2", "4"} if args.quick else set(args.rows.split(","))
+    rows = {"1", "2", "2e", "4"} if args.quick else set(args.rows.split(","))
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
@@ -143,6 +143,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{_f(u.lag_max_ms, 2)}", " ".join(_f(x, 1) for x in u.lag_p99_per_round),
               f"{u.chunks_arrived}/{u.chunks_sent}"]
              for u in upstream]))
+        print()
+
+    e2e: list[Any] = []
+    if "2e" in rows:
+        from bench.e2e import row2e
+        e2e = asyncio.run(row2e(rec, (SIZING,), 2.0 if quick else 8.0,
+                                repeats=2 if quick else 4))
+        print(f"## 2e. End to end in one process: {SIZING} speakers' packets -> VoiceReceiver "
+              "-> Chunker -> SttSession -> loopback server (pinned as in row 2; AES-GCM, "
+              "DAVE off; UDP reads not included)\n")
+        print(table(
+            ["speakers", "send path", "process CPU % of a core", "µs CPU / speaker-second",
+             "speakers / core", "CPU vs product per round",
+             "packet due -> chunk at server p50 / p99 / max (ms)", "p99 per round (ms)",
+             "chunks arrived", "real time kept"],
+            [[str(e.speakers), e.variant, _f(e.cpu_percent), _f(e.us_per_speaker_second, 0),
+              _f(e.speakers_per_core, 0),
+              (_ratio(statistics.median(e.cpu_ratios), (min(e.cpu_ratios), max(e.cpu_ratios)))
+               if e.cpu_ratios and e.variant != "product" else "-"),
+              f"{_f(e.lag_p50_ms, 2)} / {_f(e.lag_p99_ms, 2)} / {_f(e.lag_max_ms, 2)}",
+              " ".join(_f(x, 1) for x in e.lag_p99_per_round),
+              f"{e.chunks_arrived}/{e.chunks_sent}",
+              "yes" if e.behind_s < 0.05 else f"no ({e.behind_s:.2f} s behind)"]
+             for e in e2e]))
         print()
 
     whole: list[Any] = []
@@ -235,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             *([["(prototype) the same with the batched send path",
                 f"one chunk + {batched.lag_p99_ms + product.us_per_packet / 1000:.2f} ms",
                 "not shipped"]] if batched else []),
+            *([[f"end to end (row 2e, {e.variant}, {e.speakers} speakers in one process): "
+                 "≥ 400 speakers / core; ≤ one chunk + 5 ms p99",
+                 f"{e.speakers_per_core:.0f} / core; one chunk + {e.lag_p99_ms:.2f} ms"
+                 f"{'' if e.behind_s < 0.05 else ' (fell behind real time)'}",
+                 ("yes" if e.speakers_per_core >= 400 and e.lag_p99_ms <= 5 else "no")
+                 + ("" if e.variant == "product" else " (prototype, not shipped)")]
+               for e in e2e]),
             *([["commit -> Discord request ≤ 50 ms p99",
                 f"{max(w['p99_ms'] for w in whole):.1f} ms", "yes" if max(
                     w["p99_ms"] for w in whole) <= 50 else "no"]] if whole else []),
@@ -242,12 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print(f"Wall time: {time.monotonic() - started:.1f} s; load average at end "
           f"{os.getloadavg()[0]:.2f}\n")
+    e2e_product = next((e for e in e2e if e.variant == "product"), None)
     print(json.dumps({
         "speakers_per_core": round(speakers_per_core) if speakers_per_core else None,
         "floor_ratio": round(floor_ratio, 3) if floor_ratio else None,
         "floor_ratio_spread": ([round(x, 3) for x in product.ratio_spread]
                                if floor_ratio and product else None),
         "added_latency_ms_p99": round(latency, 2) if latency is not None else None,
+        "e2e_speakers_per_core": round(e2e_product.speakers_per_core) if e2e_product else None,
+        "e2e_latency_ms_p99": round(e2e_product.lag_p99_ms, 2) if e2e_product else None,
     }), flush=True)
     return 0
 

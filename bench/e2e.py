@@ -1,0 +1,242 @@
+"""Row 2e: receive + convert + upstream for N speakers in ONE process, end to end.
+
+Row 1 times the receive path alone and row 2 the upstream alone; a bot does both on one event
+loop, and the receive work (~75 % of it) delays the sends. Here N speakers' datagrams are
+handed to one :class:`bot.voice.receiver.VoiceReceiver` at the times they would arrive (each
+speaker one packet per 20 ms, the speakers' phases spread over the 20 ms; the driver wakes every
+millisecond), the decoded 16 kHz audio goes through a :class:`bot.audio.convert.Chunker` per
+speaker into that speaker's real :class:`bot.stt.session.SttSession`, which streams it to
+:mod:`bench.chunk_server` in another process (pinned to another CPU when there are two).
+
+Measured per send path (``product``: ``SttSession.send_audio``; ``batched``: the prototype in
+:mod:`bench.uplink`), interleaved on the same sessions: this process's CPU per speaker-second
+(everything: receive, convert, upstream, driver) -> speakers per core without any adding up,
+and the lag from the moment the packet completing a chunk was due (its arrival time) to the
+chunk's arrival at the server: what "audio at the STT socket <= one chunk + 5 ms after its
+packet" asks for. Not included: the UDP socket reads (``recvfrom`` and asyncio's
+``datagram_received`` per packet), so real CPU is somewhat higher. DAVE is off here (a 250-member
+MLS group takes minutes to form); row 1 shows what DAVE adds per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import statistics
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from bench.media import PACKETS_PER_SECOND, Recording, make_packets
+from bench.upstream import ChunkServer, _p99
+from bot.audio.convert import Chunker
+from bot.stt.session import SttEvent, SttSession
+from bot.voice.crypto import MODE_AES256_GCM
+from bot.voice.receiver import VoiceReceiver
+
+log = logging.getLogger(__name__)
+
+STT_RATE: Final = 16000
+CHUNK_MS: Final = 100
+TICK_SECONDS: Final = 0.05
+DRIVER_SLEEP_S: Final = 0.001
+START_BATCH: Final = 50
+WARMUP_S: Final = 1.0
+_HEAD = struct.Struct("<II")
+_PACKET_S: Final = 1 / PACKETS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    speakers: int
+    variant: str
+    seconds: float
+    cpu_percent: float  # of one core: the whole process
+    us_per_speaker_second: float
+    lag_p50_ms: float
+    lag_p99_ms: float
+    lag_max_ms: float
+    chunks_sent: int
+    chunks_arrived: int
+    #: Driver behind schedule at the end (s): > 0 means the process could not keep up.
+    behind_s: float
+    cpu_ratios: tuple[float, ...] = ()
+    lag_p99_per_round: tuple[float, ...] = field(default_factory=tuple)
+
+    @property
+    def speakers_per_core(self) -> float:
+        return 1e6 / self.us_per_speaker_second
+
+
+async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: float, *,
+                  variants: tuple[str, ...] = ("product", "batched"), repeats: int = 2,
+                  mode: str = MODE_AES256_GCM) -> dict[str, E2EResult]:
+    """``speakers`` speakers end to end, ``seconds`` measured per variant (split into
+    ``repeats`` rounds of the ``variants`` in alternating order) after a warm-up; see the
+    module docstring. The recording must cover warm-up + seconds x variants."""
+    from bench.uplink import BatchedUplink
+
+    frames_needed = int((WARMUP_S + seconds * len(variants) + 0.5) * PACKETS_PER_SECOND)
+    if len(rec.opus) < frames_needed:
+        raise ValueError(f"recording too short: {len(rec.opus)} frames, need {frames_needed}")
+    packets = make_packets(rec.opus[:frames_needed], rec.levels[:frames_needed], mode=mode,
+                           dave=False, speakers=speakers)
+    datagrams = [d for _k, d in packets.datagrams]
+    index_of = {s.user_id: i for i, s in enumerate(packets.speakers)}
+    events = 0
+
+    def on_event(_e: SttEvent) -> None:
+        nonlocal events
+        events += 1
+
+    clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
+                          speaker=f"s{i}", on_event=on_event) for i in range(speakers)]
+    uplink = BatchedUplink()
+    chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
+    counters = [0] * speakers
+    sent_at: dict[tuple[int, int], tuple[float, int]] = {}
+    phase_no = -1
+    current_due = 0.0
+    variant = variants[0]
+
+    def on_audio(user_id: int, pcm: np.ndarray) -> None:
+        s = index_of[user_id]
+        for chunk in chunkers[s].push(pcm):
+            k = counters[s]
+            counters[s] = k + 1
+            sent_at[(s, k)] = (current_due, phase_no)
+            data = _HEAD.pack(s, k) + chunk[_HEAD.size:]
+            if variant == "batched":
+                uplink.send_audio(clients[s], data)
+            else:
+                clients[s].send_audio(data)
+
+    receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio,
+                             on_idle=lambda _u: None, is_ignored=lambda _u: False)
+    receiver.set_transport(packets.mode, packets.secret_key)
+    for sp in packets.speakers:
+        receiver.on_speaking(sp.user_id, sp.ssrc, 0.0)
+
+    phases: list[tuple[str, float, float]] = []  # (variant, cpu, wall)
+    try:
+        for i in range(0, speakers, START_BATCH):
+            await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
+        plan = [(variants[0], WARMUP_S, False)]
+        for r in range(repeats):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
+                plan.append((v, seconds / repeats, True))
+        gc.collect()
+        t0 = time.monotonic() + 0.01
+        step = _PACKET_S / speakers
+        pos = 0
+        next_tick = t0 + TICK_SECONDS
+        handle, tick = receiver.handle_packet, receiver.tick
+        phase_end = t0
+        behind = 0.0
+        for v, length, measured in plan:
+            variant = v
+            phase_no = len(phases) if measured else -1
+            phase_end += length
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            while True:
+                now = time.monotonic()
+                if now >= phase_end:
+                    break
+                while pos < len(datagrams):
+                    due = t0 + pos * step
+                    if due > now:
+                        break
+                    current_due = due
+                    handle(datagrams[pos], now)
+                    pos += 1
+                if now >= next_tick:
+                    current_due = now
+                    tick(now)
+                    next_tick += TICK_SECONDS
+                await asyncio.sleep(DRIVER_SLEEP_S)
+            behind = max(0.0, time.monotonic() - (t0 + pos * step))
+            log.info("phase %s: pos %d of %d, behind %.3f", v, pos, len(datagrams), behind)
+            if measured:
+                phases.append((v, time.process_time() - cpu0, time.monotonic() - wall0))
+        await asyncio.sleep(0.5)
+        await uplink.aclose()
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/results") as resp:
+                arrivals = (await resp.json())["arrivals"]
+            await (await http.get(f"{server.url}/reset")).release()
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+    lags: dict[int, list[float]] = {i: [] for i in range(len(phases))}
+    for s, k, at in arrivals:
+        t, number = sent_at.get((s, k), (0.0, -1))
+        if number >= 0:
+            lags[number].append((at - t) * 1000)
+    sent = {i: 0 for i in range(len(phases))}
+    for _t, number in sent_at.values():
+        if number >= 0:
+            sent[number] += 1
+    base = [cpu / wall for v, cpu, wall in phases if v == variants[0]]
+    out = {}
+    for v in variants:
+        mine = [i for i, ph in enumerate(phases) if ph[0] == v]
+        pooled = sorted(x for i in mine for x in lags[i])
+        if not pooled:
+            raise RuntimeError(f"no chunk of the {v} phases arrived")
+        rates = [phases[i][1] / phases[i][2] for i in mine]
+        rate = statistics.median(rates)
+        out[v] = E2EResult(
+            speakers=speakers, variant=v, seconds=sum(phases[i][2] for i in mine),
+            cpu_percent=rate * 100, us_per_speaker_second=rate / speakers * 1e6,
+            lag_p50_ms=statistics.median(pooled), lag_p99_ms=_p99(pooled),
+            lag_max_ms=pooled[-1], chunks_sent=sum(sent[i] for i in mine),
+            chunks_arrived=len(pooled), behind_s=behind,
+            cpu_ratios=tuple(a / b for a, b in zip(rates, base, strict=True)),
+            lag_p99_per_round=tuple(_p99(sorted(lags[i])) for i in mine if lags[i]),
+        )
+    bad = {k: n for k, n in receiver.stats.items()
+           if k not in ("received", "pending_expired") and n}
+    if bad:
+        log.warning("receiver counted problems: %s", bad)
+    return out
+
+
+async def row2e(rec: Recording, counts: tuple[int, ...], seconds: float, *,
+                repeats: int = 2) -> list[E2EResult]:
+    """:func:`run_e2e` per speaker count, server and this process pinned as in row 2."""
+    import os
+
+    from bench.upstream import chunk_server, cpus, pin
+
+    out: list[E2EResult] = []
+    allowed = cpus()
+    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    try:
+        async with chunk_server() as server:
+            if len(allowed) >= 2:
+                pin(server.pid, allowed[-1])
+                pin(0, allowed[0])
+            for n in counts:
+                by = await run_e2e(server, rec, n, seconds, repeats=repeats)
+                out.extend(by.values())
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from bench.media import record
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    secs = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
+    for r in asyncio.run(row2e(record(WARMUP_S + 2 * secs + 1), (n,), secs)):
+        print(json.dumps({**r.__dict__, "speakers_per_core": round(r.speakers_per_core)}))
