@@ -121,7 +121,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
     for sp in packets.speakers:
         receiver.on_speaking(sp.user_id, sp.ssrc, 0.0)
 
-    phases: list[tuple[str, float, float]] = []  # (variant, cpu, wall)
+    phases: list[tuple[str, float, float, int]] = []  # (variant, cpu, wall, packets handled)
     try:
         for i in range(0, speakers, START_BATCH):
             await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
@@ -141,7 +141,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             variant = v
             phase_no = len(phases) if measured else -1
             phase_end += length
-            cpu0, wall0 = time.process_time(), time.monotonic()
+            cpu0, wall0, pos0 = time.process_time(), time.monotonic(), pos
             while True:
                 now = time.monotonic()
                 if now >= phase_end:
@@ -161,7 +161,8 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             behind = max(0.0, time.monotonic() - (t0 + pos * step))
             log.info("phase %s: pos %d of %d, behind %.3f", v, pos, len(datagrams), behind)
             if measured:
-                phases.append((v, time.process_time() - cpu0, time.monotonic() - wall0))
+                phases.append((v, time.process_time() - cpu0, time.monotonic() - wall0,
+                               pos - pos0))
         await asyncio.sleep(0.5)
         await uplink.aclose()
         import aiohttp
@@ -181,22 +182,27 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
     for _t, number in sent_at.values():
         if number >= 0:
             sent[number] += 1
-    base = [cpu / wall for v, cpu, wall in phases if v == variants[0]]
+    # CPU per second of audio handled (not per wall second): a process that falls behind has
+    # handled less audio than the wall time, and its cost per speaker-second must say so.
+    def cost(ph: tuple[str, float, float, int]) -> float:
+        return ph[1] / max(1, ph[3]) * PACKETS_PER_SECOND
+
+    base = [cost(ph) for ph in phases if ph[0] == variants[0]]
     out = {}
     for v in variants:
         mine = [i for i, ph in enumerate(phases) if ph[0] == v]
         pooled = sorted(x for i in mine for x in lags[i])
         if not pooled:
             raise RuntimeError(f"no chunk of the {v} phases arrived")
-        rates = [phases[i][1] / phases[i][2] for i in mine]
-        rate = statistics.median(rates)
+        costs = [cost(phases[i]) for i in mine]
+        rate = statistics.median(phases[i][1] / phases[i][2] for i in mine)
         out[v] = E2EResult(
             speakers=speakers, variant=v, seconds=sum(phases[i][2] for i in mine),
-            cpu_percent=rate * 100, us_per_speaker_second=rate / speakers * 1e6,
+            cpu_percent=rate * 100, us_per_speaker_second=statistics.median(costs) * 1e6,
             lag_p50_ms=statistics.median(pooled), lag_p99_ms=_p99(pooled),
             lag_max_ms=pooled[-1], chunks_sent=sum(sent[i] for i in mine),
             chunks_arrived=len(pooled), behind_s=behind,
-            cpu_ratios=tuple(a / b for a, b in zip(rates, base, strict=True)),
+            cpu_ratios=tuple(a / b for a, b in zip(costs, base, strict=True)),
             lag_p99_per_round=tuple(_p99(sorted(lags[i])) for i in mine if lags[i]),
         )
     bad = {k: n for k, n in receiver.stats.items()

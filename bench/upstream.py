@@ -255,15 +255,20 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
         if number >= 0:
             sent[number] += 1
     out: dict[str, UpstreamResult] = {}
-    base_cpu = [ph.cpu / ph.wall for ph in phases if ph.variant == variants[0]]
+    # CPU per session-second of audio actually handed over (a driver that fell behind sent
+    # fewer chunks than sessions x wall time).
+    def cost(i: int) -> float:
+        return phases[i].cpu / max(1, sent[i]) * (1000 / CHUNK_MS)
+
+    base_cpu = [cost(i) for i, ph in enumerate(phases) if ph.variant == variants[0]]
     for variant in variants:
         mine = [i for i, ph in enumerate(phases) if ph.variant == variant]
         pooled = sorted(x for i in mine for x in lags[i])
         if not pooled:
             raise RuntimeError(f"no chunk of the {variant} phases arrived at the server")
         wall = sum(phases[i].wall for i in mine)
-        cpu_rates = [phases[i].cpu / phases[i].wall for i in mine]
-        cpu_rate = statistics.median(cpu_rates)
+        costs = [cost(i) for i in mine]
+        cpu_rate = statistics.median(phases[i].cpu / phases[i].wall for i in mine)
         server_rate = statistics.median(phases[i].server_cpu / phases[i].wall for i in mine)
         p99s = [_p99(sorted(lags[i])) for i in mine if lags[i]]
         out[variant] = UpstreamResult(
@@ -271,7 +276,7 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
             seconds=wall,
             cpu_percent=cpu_rate * 100,
             server_cpu_percent=server_rate * 100,
-            us_per_session_second=cpu_rate / sessions * 1e6,
+            us_per_session_second=statistics.median(costs) * 1e6,
             lag_p50_ms=statistics.median(pooled),
             lag_p99_ms=_p99(pooled),
             lag_max_ms=pooled[-1],
@@ -279,7 +284,7 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
             chunks_arrived=len(pooled),
             fd_limit=fd_limit,
             variant=variant,
-            cpu_ratios=tuple(a / b for a, b in zip(cpu_rates, base_cpu, strict=True)),
+            cpu_ratios=tuple(a / b for a, b in zip(costs, base_cpu, strict=True)),
             lag_p99_per_round=tuple(p99s),
         )
     return out
