@@ -31,6 +31,7 @@ from typing import Final
 
 import numpy as np
 
+from bench.lean import LeanReceiver
 from bench.media import PACKETS_PER_SECOND, Recording, make_packets
 from bench.upstream import ChunkServer, _p99
 from bot.audio.convert import Chunker
@@ -48,6 +49,11 @@ START_BATCH: Final = 50
 WARMUP_S: Final = 1.0
 _HEAD = struct.Struct("<II")
 _PACKET_S: Final = 1 / PACKETS_PER_SECOND
+#: product: VoiceReceiver -> Chunker -> SttSession.send_audio; batched: the same into
+#: bench.uplink.BatchedUplink; lean+batched: bench.lean.LeanReceiver (chunks straight out of
+#: libopus) into BatchedUplink. Each phase gets a fresh receiver and chunkers (a receiver that
+#: sat out a phase would see the other phases' packets as lost and conceal them).
+VARIANTS: Final = ("product", "batched", "lean+batched")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class E2EResult:
 
 
 async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: float, *,
-                  variants: tuple[str, ...] = ("product", "batched"), repeats: int = 2,
+                  variants: tuple[str, ...] = VARIANTS, repeats: int = 2,
                   mode: str = MODE_AES256_GCM) -> dict[str, E2EResult]:
     """``speakers`` speakers end to end, ``seconds`` measured per variant (split into
     ``repeats`` rounds of the ``variants`` in alternating order) after a warm-up; see the
@@ -103,23 +109,36 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
     current_due = 0.0
     variant = variants[0]
 
-    def on_audio(user_id: int, pcm: np.ndarray) -> None:
+    def on_chunk(user_id: int, chunk: bytes) -> None:
         s = index_of[user_id]
-        for chunk in chunkers[s].push(pcm):
-            k = counters[s]
-            counters[s] = k + 1
-            sent_at[(s, k)] = (current_due, phase_no)
-            data = _HEAD.pack(s, k) + chunk[_HEAD.size:]
-            if variant == "batched":
-                uplink.send_audio(clients[s], data)
-            else:
-                clients[s].send_audio(data)
+        k = counters[s]
+        counters[s] = k + 1
+        sent_at[(s, k)] = (current_due, phase_no)
+        data = _HEAD.pack(s, k) + chunk[_HEAD.size:]
+        if variant == "product":
+            clients[s].send_audio(data)
+        else:
+            uplink.send_audio(clients[s], data)
 
-    receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio,
-                             on_idle=lambda _u: None, is_ignored=lambda _u: False)
-    receiver.set_transport(packets.mode, packets.secret_key)
-    for sp in packets.speakers:
-        receiver.on_speaking(sp.user_id, sp.ssrc, 0.0)
+    def on_audio(user_id: int, pcm: np.ndarray) -> None:
+        for chunk in chunkers[index_of[user_id]].push(pcm):
+            on_chunk(user_id, chunk)
+
+    def new_receiver(v: str) -> VoiceReceiver | LeanReceiver:
+        nonlocal chunkers
+        chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
+        if v == "lean+batched":
+            return LeanReceiver(mode=packets.mode, secret_key=packets.secret_key,
+                                users={sp.ssrc: sp.user_id for sp in packets.speakers},
+                                on_chunk=on_chunk, rate=STT_RATE, chunk_ms=CHUNK_MS)
+        r = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio,
+                          on_idle=lambda _u: None, is_ignored=lambda _u: False)
+        r.set_transport(packets.mode, packets.secret_key)
+        for sp in packets.speakers:
+            r.on_speaking(sp.user_id, sp.ssrc, 0.0)
+        return r
+
+    problems: dict[str, int] = {}
 
     phases: list[tuple[str, float, float, int]] = []  # (variant, cpu, wall, packets handled)
     try:
@@ -134,10 +153,13 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
         step = _PACKET_S / speakers
         pos = 0
         next_tick = t0 + TICK_SECONDS
-        handle, tick = receiver.handle_packet, receiver.tick
         phase_end = t0
         behind = 0.0
+        receiver: VoiceReceiver | LeanReceiver | None = None
         for v, length, measured in plan:
+            _close(receiver, problems)
+            receiver = new_receiver(v)
+            handle, tick = receiver.handle_packet, receiver.tick
             variant = v
             phase_no = len(phases) if measured else -1
             phase_end += length
@@ -163,6 +185,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             if measured:
                 phases.append((v, time.process_time() - cpu0, time.monotonic() - wall0,
                                pos - pos0))
+        _close(receiver, problems)
         await asyncio.sleep(0.5)
         await uplink.aclose()
         import aiohttp
@@ -205,11 +228,21 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             cpu_ratios=tuple(a / b for a, b in zip(costs, base, strict=True)),
             lag_p99_per_round=tuple(_p99(sorted(lags[i])) for i in mine if lags[i]),
         )
-    bad = {k: n for k, n in receiver.stats.items()
-           if k not in ("received", "pending_expired") and n}
-    if bad:
-        log.warning("receiver counted problems: %s", bad)
+    if problems:
+        log.warning("receivers counted problems: %s", problems)
     return out
+
+
+def _close(receiver: VoiceReceiver | LeanReceiver | None, problems: dict[str, int]) -> None:
+    """End a phase's receiver, adding up what it counted as wrong (nothing, on these packets)."""
+    if isinstance(receiver, VoiceReceiver):
+        for k, n in receiver.stats.items():
+            if k not in ("received", "pending_expired") and n:
+                problems[k] = problems.get(k, 0) + n
+    elif receiver is not None:
+        if receiver.out_of_order:
+            problems["out_of_order"] = problems.get("out_of_order", 0) + receiver.out_of_order
+        receiver.close()
 
 
 async def row2e(rec: Recording, counts: tuple[int, ...], seconds: float, *,
@@ -244,5 +277,5 @@ if __name__ == "__main__":
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     secs = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
-    for r in asyncio.run(row2e(record(WARMUP_S + 2 * secs + 1), (n,), secs)):
+    for r in asyncio.run(row2e(record(WARMUP_S + len(VARIANTS) * secs + 1), (n,), secs)):
         print(json.dumps({**r.__dict__, "speakers_per_core": round(r.speakers_per_core)}))

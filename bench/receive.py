@@ -243,8 +243,41 @@ def run_plain(packets: PacketSet) -> float:
     return elapsed
 
 
+# --- prototype: no per-packet Python objects (bench/lean.py) ---------------------------------
+
+
+def run_lean(packets: PacketSet) -> float:
+    """Seconds for :class:`bench.lean.LeanReceiver` over the stream; checks nothing is lost."""
+    from bench.lean import LeanReceiver
+
+    chunks = 0
+
+    def on_chunk(_user: int, _pcm: bytes) -> None:
+        nonlocal chunks
+        chunks += 1
+
+    session = packets.call.session if packets.call is not None else None
+    receiver = LeanReceiver(mode=packets.mode, secret_key=packets.secret_key,
+                            users={s.ssrc: s.user_id for s in packets.speakers},
+                            on_chunk=on_chunk, rate=STT_RATE, chunk_ms=CHUNK_MS,
+                            dave_session=session)
+    n_speakers = len(packets.speakers)
+    handle = receiver.handle_packet
+    started = CLOCK()
+    for i, (_k, data) in enumerate(packets.datagrams):
+        handle(data, i / n_speakers / PACKETS_PER_SECOND)
+    elapsed = CLOCK() - started
+    receiver.close()
+    frames = len(packets.datagrams) // n_speakers
+    expected = n_speakers * (frames * FRAME_SAMPLES // 3 // (STT_RATE * CHUNK_MS // 1000))
+    if chunks < expected or receiver.out_of_order:
+        raise RuntimeError(f"lean prototype lost audio: {chunks}/{expected} chunks")
+    return elapsed
+
+
 CONTENDERS: Final[dict[str, Runner]] = {
     "product": run_product,
+    "lean (prototype)": run_lean,
     "floor": floor_runner(STT_RATE, 1),
     "floor 48k stereo": floor_runner(48000, 2),
     "plain": run_plain,
