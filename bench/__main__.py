@@ -12,7 +12,7 @@ on (what Discord negotiates today). R: the product's receive path over the floor
 packets (median of per-repeat ratios). L: p99 of what is added on top of filling one chunk:
 row 2's send lag plus one packet's receive time.
 
-``--quick`` (under 45 s): 10 s of speech, 9 repeats, two packet sets, row 2 at 250 sessions
+``--quick`` (under 45 s): 10 s of speech, 11 repeats, two packet sets, row 2 at 250 sessions
 for 3 s per send path and row 2e at 250 speakers for 1.6 s per variant (variants interleaved),
 peers only if their venvs already exist; no rows 3 and memory.
 """
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
-    repeats = 9 if quick else 15
+    repeats = 11 if quick else 15
     print(f"# cantobot bench{' (quick)' if quick else ''}\n")
     print(f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     by = {(t.name, t.label): t for t in timings}
     headline = "aes-gcm, DAVE on"
     product = by.get(("product", headline))
+    lean = by.get(("lean (prototype)", headline))
     floor = by.get(("floor", headline))
     floor_ratio = product.ratio if product and floor else None
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print("## 4. The floor and the peers, same packets\n")
         rows4 = []
         for s in sets:
-            for name in ("floor", "floor 48k stereo", "product", "plain"):
+            for name in ("floor", "floor 48k stereo", "product", "lean (prototype)", "plain"):
                 t = by[(name, s.label)]
                 rows4.append([s.label, name, _f(t.us_per_packet),
                               _ratio(t.ratio, t.ratio_spread)])
@@ -253,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{1e6 / (product.us_per_packet * 50 + batched.us_per_session_second):.0f} "
                 f"({_f(batched.us_per_session_second / 1000, 2)} ms upstream)",
                 "not shipped"]] if batched else []),
+            *([["(prototype) lean receive path of bench/lean.py + the batched send path",
+                f"{1e6 / (lean.us_per_packet * 50 + batched.us_per_session_second):.0f} "
+                f"({_f(lean.us_per_packet * 50 / 1000, 2)} ms receive, "
+                f"{_ratio(lean.ratio, lean.ratio_spread)} the floor)",
+                "not shipped"]] if batched and lean else []),
             ["receive path ≤ 1.5x the libopus floor",
              _ratio(floor_ratio, product.ratio_spread) if floor_ratio else "?",
              "yes" if floor_ratio and floor_ratio <= 1.5 else "no"],
