@@ -12,7 +12,7 @@ on (what Discord negotiates today). R: the product's receive path over the floor
 packets (median of per-repeat ratios). L: p99 of what is added on top of filling one chunk:
 row 2's send lag plus one packet's receive time.
 
-``--quick`` (under 45 s): 10 s of speech, 11 repeats, two packet sets, row 2 at 250 sessions
+``--quick`` (under 45 s): 10 s of speech, 15 repeats, two packet sets, row 2 at 250 sessions
 for 3 s per send path and row 2e at 250 speakers for 1.6 s per variant (variants interleaved),
 peers only if their venvs already exist; no rows 3 and memory.
 """
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
-    repeats = 11 if quick else 15
+    repeats = 15
     print(f"# cantobot bench{' (quick)' if quick else ''}\n")
     print(f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
