@@ -1,5 +1,5 @@
-"""``python -m bench [--quick] [--rows 1,2,3,4,mem] [--no-install]``: Markdown tables, then one
-JSON line ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
+"""``python -m bench [--quick] [--rows 1,2,3,4,mem,script] [--no-install]``: Markdown tables,
+then one JSON line ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
 
 Steadiness: compared contenders run interleaved within every repeat (same packets, alternating
 order), and every ratio is the median of per-repeat ratios, printed with its (min..max) spread.
@@ -69,15 +69,15 @@ def _ratio(median: float, spread: tuple[float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced rows 1, 2, 4 (< 45 s)")
-    parser.add_argument("--rows", default="1,2,2e,3,4,mem",
-                        help="comma-separated subset of 1,2,2e,3,4,mem (default: all)")
+    parser.add_argument("--rows", default="1,2,2e,3,4,mem,script",
+                        help="comma-separated subset of 1,2,2e,3,4,mem,script (default: all)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not create the peers' venvs (skip peers without one)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    rows = {"1", "2", "2e", "4"} if args.quick else set(args.rows.split(","))
+    rows = {"1", "2", "2e", "4", "script"} if args.quick else set(args.rows.split(","))
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
@@ -233,6 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- One hour of simulated time, 2 speakers ({hour['chunks']} chunks): RSS {samples};"
               f" growth after the first 5 min: {hour['growth_after_first_sample'] / 1024:.0f} KiB"
               f"{'; problems: ' + str(hour['problems']) if hour['problems'] else ''}\n")
+
+    if "script" in rows:
+        from bench.script import TARGET_P99_MS, row_script
+        script_rows = row_script(500 if quick else 2000)
+        print("## Readability: one committed line converted for showing (after warm-up)\n")
+        print(table(
+            ["chars", "conversion", "wall p50 / p99 / max (ms)", "CPU p50 / p99 (ms)",
+             f"CPU p99 ≤ {TARGET_P99_MS:g} ms"],
+            [[str(r.chars), r.mode, f"{r.p50_ms:.3f} / {r.p99_ms:.3f} / {r.max_ms:.3f}",
+              f"{r.cpu_p50_ms:.3f} / {r.cpu_p99_ms:.3f}",
+              "yes" if r.cpu_p99_ms <= TARGET_P99_MS else "no"] for r in script_rows]))
+        print()
 
     speakers_per_core = latency = None
     up = next((u for u in upstream if u.sessions == SIZING and u.variant == "product"),

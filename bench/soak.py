@@ -27,13 +27,12 @@ import numpy as np
 
 from bot.config import SttConfig
 from bot.pipeline import Transcriber
+from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
 from bot.stt.session import SegmentCommitted, SttEvent
 from bot.voice.crypto import TransportCipher
-from bot.voice.opus import OpusEncoder
 from bot.voice.receiver import FRAME_SAMPLES_48K, VoiceReceiver
-from bot.voice.rtp import audio_level_extension, build_rtp_header
 
 log = logging.getLogger(__name__)
 
@@ -212,17 +211,15 @@ async def run_soak(minutes: float = 60.0, speakers: int = 5, sample_rate: int = 
                 await asyncio.gather(*starts)
                 streams = transcriber.streams()
                 await asyncio.gather(*(s.session.drain(MAX_AHEAD_S) for s in streams))
-                # Private on purpose: the figure this soak exists to watch.
-                unconfirmed = max((s.session._appended - s.session._buf_start
-                                   for s in streams), default=0)
+                # The figure this soak exists to watch.
+                unconfirmed = max((s.session.unconfirmed_samples for s in streams), default=0)
                 max_unconfirmed = max(max_unconfirmed, unconfirmed)
                 bot_tasks_peak = max(bot_tasks_peak, len(bot_tasks()))
                 # Faster than real time, the fake decodes behind us: wait for its commits
                 # rather than let the unconfirmed audio pile up towards its bound.
                 while unconfirmed > MAX_UNCONFIRMED_S * sample_rate:
                     await asyncio.sleep(0.005)
-                    unconfirmed = max(s.session._appended - s.session._buf_start
-                                      for s in streams)
+                    unconfirmed = max(s.session.unconfirmed_samples for s in streams)
         receiver.tick(steps * FRAME_S + 0.2)
         dropped = sum(s.session.stats.dropped_seconds for s in transcriber.streams())
         await transcriber.finish_all()

@@ -1,14 +1,14 @@
 """Prototype of a cheaper upstream send path, measured by row 2 against the product's.
 
 Today (``bot.stt.session.SttSession``) every 100 ms chunk costs three task steps: ``send_audio``
-sets an event, the session's sender task wakes and awaits ``AsyncClient.emit`` (python-socketio
-JSON-encodes a ~4 KB string and puts the packet on python-engineio's queue), and engineio's
-write task wakes through ``asyncio.wait_for(queue.get())`` (on Python 3.11 a new task per
-packet) to write the websocket frame.
+sets the sender's event, the session's sender task wakes and awaits ``_Link.send_audio`` ->
+``AsyncClient.emit`` (python-socketio JSON-encodes a ~4 KB string and puts the packet on
+python-engineio's queue), and engineio's write task wakes through
+``asyncio.wait_for(queue.get())`` (on Python 3.11 a new task per packet) to write the frame.
 
-:class:`BatchedUplink` does the same bookkeeping on the session (the unconfirmed buffer, its
-bound, the send cursor, the stats) but emits from **one** task per event-loop iteration for all
-sessions that got audio in that iteration: the Socket.IO text is built by
+:class:`BatchedUplink` does the same bookkeeping (``SttCore.append`` / ``next_chunk`` /
+``sent``, the sender's ``progress`` event) but emits from **one** task per event-loop
+iteration for all sessions that got audio in that iteration: the Socket.IO text is built by
 :func:`bot.stt.protocol.audio_chunk_event_json` and written with the connection's own aiohttp
 websocket (``await ws.send_str``, which completes without suspending unless the socket's buffer
 is full). Same bytes on the wire, same order per session (audio only flows through here while
@@ -25,7 +25,8 @@ import asyncio
 import logging
 
 from bot.stt import protocol as p
-from bot.stt.session import BYTES_PER_SAMPLE, SttSession, SttState
+from bot.stt.core import BYTES_PER_SAMPLE
+from bot.stt.session import SttSession, SttState
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,16 @@ class BatchedUplink:
             raise ValueError(f"16-bit PCM must have an even byte count, got {len(pcm)}")
         if s._stop_requested or s.state is SttState.CLOSED or not pcm:
             return
-        idle = s.state is SttState.STREAMING and s._send_pos == s._appended
-        s._buffer.append((s._appended, bytes(pcm)))
-        s._appended += len(pcm) // BYTES_PER_SAMPLE
-        s._enforce_bound()
+        core = s.core
+        idle = s.state is SttState.STREAMING and core.unsent_samples <= 0
+        core.append(pcm)
         if s in self._pending:
             return  # the flush already due sends everything up to the end of the buffer
         if not idle:
             # The session's own sender is (or must be) at work: a reconnect, a backlog, a
             # chunk in flight. Sending here too could send a chunk twice.
             self.fallbacks += 1
-            s._audio_ready.set()
+            s._sender.ready.set()
             return
         self._pending.add(s)
         self._ready.append(s)
@@ -77,28 +77,25 @@ class BatchedUplink:
         self.flushes += 1
         for s in ready:
             self._pending.discard(s)
-            conn = s._conn
+            link, core = s.link, s.core
             while True:
-                if conn is None or conn.lost or s.state is not SttState.STREAMING:
-                    s._audio_ready.set()
+                if link is None or link.lost or s.state is not SttState.STREAMING:
+                    s._sender.ready.set()
                     break
-                chunk = s._next_chunk()
+                chunk = core.next_chunk()
                 if chunk is None:
                     break
                 start, pcm = chunk
                 try:
-                    await conn.client.eio.ws.send_str(
-                        _EVENT_PREFIX + p.audio_chunk_event_json(pcm, s.sample_rate))
+                    await link.client.eio.ws.send_str(
+                        _EVENT_PREFIX + p.audio_chunk_event_json(pcm, core.sample_rate))
                 except Exception as exc:  # noqa: BLE001 - the session's own path reconnects
                     log.warning("uplink write failed for %s: %s", s.speaker, exc)
-                    s._audio_ready.set()
+                    s._sender.ready.set()
                     break
-                if s._conn is not conn or s._send_pos != start:
+                if s.link is not link or not core.sent(start, len(pcm)):
                     break
-                s._send_pos = start + len(pcm) // BYTES_PER_SAMPLE
-                s.stats.chunks_sent += 1
-                s.stats.bytes_sent += len(pcm)
-                s._progress.set()
+                s._sender.progress.set()
 
     async def aclose(self) -> None:
         """Wait for flushes in flight."""

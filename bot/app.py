@@ -37,6 +37,7 @@ from bot.logsafe import add_secrets
 from bot.meeting import MeetingManager
 from bot.reach import Rejected, Unreachable, describe_failure, preflight
 from bot.storage import StorageBackend, describe_target, open_storage, storage_target
+from bot.transcript import script
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class CantoBot(commands.AutoShardedBot):
         return self._storage
 
     async def setup_hook(self) -> None:
+        await script.warm_up()  # OpenCC and PyCantonese dictionaries, on a worker thread (~2 s)
         if self._storage is None:
             log.info("storage: %s", describe_target(storage_target(self.config.storage)))
             self._storage = await open_storage(self.config.storage)

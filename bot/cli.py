@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: local Discord + local STT, no token or key")
     p.add_argument("--jsonl", action="store_true")
     p.add_argument("--threads", action="store_true")
+    p.add_argument("--script", choices=("hk", "simplified", "as-is"), default=None,
+                   help="characters of posts and minutes (transcribe.script)")
+    p.add_argument("--jyutping", choices=("off", "line"), default=None,
+                   help="a Jyutping line under each sentence (transcribe.jyutping)")
 
     p = sub.add_parser("fake-stt", help="serve the loopback cantonese.ai fake (tone-coded text)")
     p.add_argument("--host", default="127.0.0.1")

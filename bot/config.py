@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ import yaml
 
 from bot.errors import ConfigError
 from bot.logsafe import redact_url
+from bot.transcript.script import Readability, ReadabilityError, parse_jyutping, parse_script
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,15 @@ class TranscribeConfig:
     #: Minutes end by themselves after this many seconds with no humans in the channel.
     empty_channel_timeout: float = field(default=60.0, metadata=_range(1, 86400))
     caption_edit_interval: float = field(default=1.0, metadata=_range(0.2, 60))
+    #: How speech is shown where a guild chose nothing: hk | simplified | as-is.
+    script: str = "as-is"
+    #: A Jyutping line under each posted sentence: off | line.
+    jyutping: str = "off"
+
+    @property
+    def readability(self) -> Readability:
+        """The default :class:`Readability` (checked by :func:`load_config`)."""
+        return Readability.parse(self.script, self.jyutping)
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,8 @@ _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 #: Sections holding a secret: a mistake anywhere in them is reported without the value (a
 #: token pasted under the wrong key, or as the section itself, must not reach a terminal or log).
 SECRET_SECTIONS = frozenset({"discord", "stt", "storage"})
+#: What a real key looks like; anything else under a secret section may be a pasted secret.
+_KEY_LIKE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 def _shown(value: Any, key: str) -> str:
@@ -286,6 +299,8 @@ def _build(cls: type[Any], data: Any, file: str, prefix: str, env: Mapping[str, 
     for key in data:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
+            if prefix.split(".")[0] in SECRET_SECTIONS and not _KEY_LIKE.match(str(key)):
+                dotted = f"{prefix}.<a key not shown: it looks like a value>"  # a pasted secret
             known = ", ".join(sorted(fields))
             raise ConfigError(file, dotted, f"unknown key (known keys here: {known})")
     kwargs: dict[str, Any] = {}
@@ -331,6 +346,10 @@ def load_config(
             where = f"line {mark.line + 1}" if mark is not None else "?"
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(file, "", f"invalid YAML at {where}: {problem}") from None
+    section = data.get("transcribe") if isinstance(data, dict) else None
+    if isinstance(section, dict) and isinstance(section.get("jyutping"), bool):
+        # YAML 1.1 reads a bare `off` as false: take it as the word the user wrote.
+        section["jyutping"] = "line" if section["jyutping"] else "off"
     env = {key: (var, environ[var]) for var, key in ENV_OVERRIDES.items() if var in environ}
     config: Config = _build(Config, data, file, "", env)
     if config.logging.level.upper() not in _LOG_LEVELS:
@@ -343,6 +362,7 @@ def load_config(
     if not config.discord.gateway_url.startswith(("ws://", "wss://")):
         raise ConfigError(file, "discord.gateway_url", "must be a ws(s) URL")
     check_transport(config, file)
+    _check_readability(config, file)
     if config.discord.ca_file is not None and not Path(config.discord.ca_file).is_file():
         raise ConfigError(file, "discord.ca_file", f"no such file: {config.discord.ca_file}")
     return dataclasses.replace(config, source=file)
@@ -378,12 +398,24 @@ def check_transport(config: Config, source: str) -> None:
                 source, key,
                 f"plain {parts.scheme}:// to {parts.hostname} would send {what} unencrypted; use "
                 f"{parts.scheme}s:// or set {section}.allow_insecure: true")
-        log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
-                    key, parts.scheme, parts.hostname, what, section)
+        if (key, url) not in _warned_insecure:  # once per process, however often it is loaded
+            _warned_insecure.add((key, url))
+            log.warning("%s: plain %s:// to %s sends %s unencrypted (%s.allow_insecure is true)",
+                        key, parts.scheme, parts.hostname, what, section)
+
+
+_warned_insecure: set[tuple[str, str]] = set()
 
 
 def _url_key(config: Config, url: str) -> str:
     return "api_base" if url == config.discord.api_base else "gateway_url"
+def _check_readability(config: Config, file: str) -> None:
+    for key, parse, value in (("transcribe.script", parse_script, config.transcribe.script),
+                              ("transcribe.jyutping", parse_jyutping, config.transcribe.jyutping)):
+        try:
+            parse(value)
+        except ReadabilityError as exc:
+            raise ConfigError(file, key, str(exc)) from None
 
 
 def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Config:
@@ -403,6 +435,7 @@ def with_overrides(config: Config, **section_values: Mapping[str, Any]) -> Confi
     updated = dataclasses.replace(config, **sections)
     if "stt" in sections or "discord" in sections:
         check_transport(updated, "command line")
+    _check_readability(updated, "command line")
     return updated
 
 

@@ -1,25 +1,61 @@
-"""The cantobot error tree.
+"""The cantobot error tree: every :class:`CantobotError` subclass, where it lives, whose fault.
 
-    CantobotError                 .user_message: one line a user can act on; .permanent
-    ├── ConfigError               our configuration is wrong (file, key, fix)
-    ├── AudioInputError           an audio file we were given cannot be read
-    ├── SttError                  the speech-to-text service
-    │   ├── SttAuthError          401: the API key was rejected (permanent: never retried)
-    │   ├── SttUnavailable        could not connect / dropped (transient: retried with backoff)
-    │   └── SttSessionError       session-error or session-closed with a non-1000 code
-    └── VoiceError                Discord voice: malformed packets, decryption failures
+    CantobotError                   .user_message: one line a user can act on; .permanent; .fault
+    ├── RemoteError                 the other side's fault: Discord, the STT server, a bad file
+    │   ├── AudioInputError         an audio file we were given cannot be read
+    │   ├── SttError                the speech-to-text service
+    │   │   ├── SttAuthError        401: the API key was rejected (permanent: never retried)
+    │   │   ├── SttUnavailable      could not connect / dropped (transient: retried with backoff)
+    │   │   ├── SttSessionError     session-error or session-closed with a non-1000 code
+    │   │   └── ProtocolError       (bot.stt.protocol) a malformed server message
+    │   ├── VoiceError              Discord voice: malformed packets, decryption failures
+    │   │   ├── MalformedPacket     (bot.voice.rtp) not an RTP packet we can read
+    │   │   ├── DecryptError        (bot.voice.crypto) a packet that does not decrypt
+    │   │   ├── UnsupportedMode     (bot.voice.crypto) an encryption mode we do not speak
+    │   │   ├── OpusNotAvailable    (bot.voice.opus) libopus is missing on this machine
+    │   │   └── OpusError           (bot.voice.opus) libopus refused a frame
+    │   ├── MeetingError            (bot.meeting.state) cannot start: no voice join, one per guild
+    │   └── Unreachable             (bot.reach) Discord or cantonese.ai not reached at start-up
+    │       └── Rejected            (bot.reach) reached, but our token or key was refused (401)
+    ├── LocalError                  ours: our configuration, or a bug
+    │   ├── ConfigError             our configuration is wrong (file, key, fix)
+    │   ├── ReadabilityError        (bot.transcript.script) an unknown script or Jyutping choice
+    │   ├── OutboxClosedError       (bot.sinks.outbox) put after close (a sink outlived it)
+    │   └── SinkStateError          (bot.sinks.discord_sink) used before start()
+    ├── StorageError                (bot.storage.common) the database; fault not yet told apart
+    │   ├── StorageClosed           (bot.storage.common) used after close
+    │   ├── MeetingNotFound         (bot.storage.common) no such meeting
+    │   ├── MeetingForgotten        (bot.storage.common) its lines were deleted by a forget
+    │   └── LineNotFound            (bot.storage.common) no such line
+    └── TranscriptError             (bot.transcript.model) an impossible segment or word
+
+:class:`StorageError` and :class:`TranscriptError` derive from :class:`CantobotError` directly
+and so report ``fault`` :attr:`Fault.UNKNOWN`. Not in the tree: :class:`StreamClosed`, an
+expected end (a stream closed before it could start), never shown to anyone.
+``tests/test_errors_tree.py`` keeps this tree complete.
 
 Outside errors are translated at the boundary with ``raise ... from exc`` so callers catch one
-family, as python-socketio and discord.py do.
+family, as python-socketio and discord.py do; as h11's ``RemoteProtocolError`` and
+``LocalProtocolError``, ``fault`` says whether to look at the other side or at us.
 """
 
 from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class Fault(enum.Enum):
+    REMOTE = "remote"  # Discord, the STT server, a file or a request we were given
+    LOCAL = "local"  # our configuration or our code
+    UNKNOWN = "unknown"  # not told apart yet
 
 
 class CantobotError(Exception):
     """Base class; ``str(err)`` is the one line shown to users."""
 
     permanent: bool = False
+    fault: ClassVar[Fault] = Fault.UNKNOWN
 
     def __init__(self, message: str, *, permanent: bool | None = None) -> None:
         super().__init__(message)
@@ -31,7 +67,19 @@ class CantobotError(Exception):
         return str(self)
 
 
-class ConfigError(CantobotError):
+class RemoteError(CantobotError):
+    """The other side's fault: what Discord, the STT server or an input file did."""
+
+    fault = Fault.REMOTE
+
+
+class LocalError(CantobotError):
+    """Our fault: our configuration, or a bug in cantobot."""
+
+    fault = Fault.LOCAL
+
+
+class ConfigError(LocalError):
     permanent = True
 
     def __init__(self, file: str, key: str, problem: str) -> None:
@@ -42,11 +90,11 @@ class ConfigError(CantobotError):
         super().__init__(f"config error in {where}: {problem}")
 
 
-class AudioInputError(CantobotError):
+class AudioInputError(RemoteError):
     permanent = True
 
 
-class SttError(CantobotError):
+class SttError(RemoteError):
     pass
 
 
@@ -64,7 +112,7 @@ class SttSessionError(SttError):
         self.code = code
 
 
-class VoiceError(CantobotError):
+class VoiceError(RemoteError):
     pass
 
 

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from bot.audio.convert import Chunker, StreamConverter
+from bot.backoff import Backoff
 from bot.config import SttConfig
-from bot.stt.session import SttEvent, SttSession, SttState
+from bot.stt.events import SpeakerKey
+from bot.stt.session import StartGate, SttEvent, SttSession, SttState
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,9 @@ class SpeakerStream:
         stream_offset: float = 0.0,
         slots: SessionSlots | None = None,
         on_wait: WaitCallback | None = None,
+        key: SpeakerKey | None = None,
+        gate: StartGate | None = None,
+        line_numbers: Iterator[int] | None = None,
     ) -> None:
         self.speaker = speaker
         self.speaker_id = speaker_id
@@ -127,6 +133,7 @@ class SpeakerStream:
         self._chunker = Chunker(config.sample_rate, config.chunk_ms)
         self._samples_fed = 0
         self._finished = False
+        self._gate = gate
         self.session = SttSession(
             url=config.url,
             api_key=config.api_key.reveal(),
@@ -141,6 +148,8 @@ class SpeakerStream:
             max_buffer_seconds=config.max_buffer_seconds,
             reconnect_initial_delay=config.reconnect_initial_delay,
             reconnect_max_delay=config.reconnect_max_delay,
+            key=key,
+            line_numbers=line_numbers,
         )
 
     @property
@@ -169,6 +178,16 @@ class SpeakerStream:
             await self.session.start()
         finally:
             self._start_done.set()
+
+    async def keep_starting(self) -> None:
+        """:meth:`start`, a failed first start retried through the gate (see
+        :class:`~bot.stt.session.StartGate`) until it works or the stream is finished."""
+        if self._gate is None:
+            raise RuntimeError("keep_starting() needs a StartGate (Transcriber.open gives one)")
+        await self._gate.keep_starting(self.start, self._startable, self.speaker)
+
+    def _startable(self) -> bool:
+        return not self._finished and self.session.startable()
 
     def _release_slot(self) -> None:
         if self._holds_slot and self._slots is not None:
@@ -259,6 +278,11 @@ class Transcriber:
         self._on_wait = on_wait
         self._streams: dict[Hashable, SpeakerStream] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        #: Failed first starts of this transcriber's streams share one backoff.
+        self.start_gate = StartGate(Backoff(config.reconnect_initial_delay,
+                                            config.reconnect_max_delay))
+        #: One line counter for every stream: a speaker's LineRefs stay unique across pauses.
+        self._line_numbers = itertools.count(1)
 
     @property
     def config(self) -> SttConfig:
@@ -293,6 +317,9 @@ class Transcriber:
             stream_offset=stream_offset,
             slots=self.slots,
             on_wait=self._on_wait,
+            key=key if isinstance(key, int | str) else None,
+            gate=self.start_gate,
+            line_numbers=self._line_numbers,
         )
         self._streams[key] = stream
         log.info("speaker %s: stream opened", speaker)

@@ -1,4 +1,5 @@
-"""`/transcribe start|stop|status|minutes|forget|forget-me|optout|optin`: parse, call bot/, reply.
+"""`/transcribe start|stop|status|minutes|settings|forget|forget-me|optout|optin`: parse,
+call bot/, reply.
 
 Refusals and errors are ephemeral and say what to do. Long steps (joining voice, flushing every
 speaker) are deferred first: Discord wants an acknowledgement within 3 seconds.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
@@ -19,6 +20,13 @@ from bot.meeting import MeetingManager, MinutesPost
 from bot.storage.common import MeetingInfo, MeetingNotFound
 from bot.transcript.escape import ERROR_BUDGET, outside
 from bot.transcript.format import format_timestamp
+from bot.transcript.script import (
+    Readability,
+    ReadabilityChoice,
+    parse_jyutping,
+    parse_script,
+    resolve_readability,
+)
 
 if TYPE_CHECKING:
     from bot.app import CantoBot
@@ -47,6 +55,17 @@ INVOKER_TEXT_PERMISSIONS = (("view_channel", "View Channel"), ("send_messages", 
 #: What a member needs in a meeting's text channel to get its minutes (else: manager rights).
 MINUTES_READ_PERMISSIONS = (("view_channel", "View Channel"),
                             ("read_message_history", "Read Message History"))
+
+
+#: The choices of the script and jyutping options (bot/transcript/script.py: Script, JyutpingMode).
+ScriptOption = Literal["hk", "simplified", "as-is"]
+JyutpingOption = Literal["off", "line"]
+
+
+def choice_of(script: str | None, jyutping: str | None) -> ReadabilityChoice:
+    """Command options as a partial choice (an option not given stays ``None``)."""
+    return ReadabilityChoice(parse_script(script) if script is not None else None,
+                             parse_jyutping(jyutping) if jyutping is not None else None)
 
 
 def may_manage(member: discord.Member, manager_role: str | None) -> bool:
@@ -89,6 +108,12 @@ class Transcribe(commands.Cog):
         else:
             await interaction.response.send_message(text, ephemeral=True)
 
+    async def guild_readability(self, guild_id: int,
+                                meeting: ReadabilityChoice | None = None) -> Readability:
+        """The effective choice: the meeting's options, the guild's settings, the config."""
+        stored = await self.bot.storage.guild_settings(guild_id)
+        return resolve_readability(meeting, stored, self.bot.config.transcribe.readability)
+
     def _check_manager(self, interaction: discord.Interaction) -> str | None:
         member = interaction.user
         if not isinstance(member, discord.Member):
@@ -104,6 +129,9 @@ class Transcribe(commands.Cog):
         channel="Where transcripts go (default: this channel)",
         threads="One caption thread per speaker",
         captions="Live partial captions in the speaker threads",
+        script="Characters for this meeting: hk, simplified or as-is (default: server setting)",
+        jyutping="A Jyutping line under each sentence for this meeting: off or line",
+        title="The minutes' title (default: the voice channel and the date)",
     )
     async def start(
         self,
@@ -111,6 +139,9 @@ class Transcribe(commands.Cog):
         channel: discord.TextChannel | None = None,
         threads: bool | None = None,
         captions: bool | None = None,
+        script: ScriptOption | None = None,
+        jyutping: JyutpingOption | None = None,
+        title: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
         refusal = self._check_manager(interaction)
         if refusal:
@@ -152,10 +183,11 @@ class Transcribe(commands.Cog):
                                "then try again.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
+        readability = await self.guild_readability(guild.id, choice_of(script, jyutping))
         try:
             meeting = await self.meetings.start(
                 guild=guild, voice_channel=voice, text_channel=target,
-                threads=threads, captions=captions,
+                threads=threads, captions=captions, readability=readability, title=title,
             )
         except CantobotError as exc:
             await interaction.followup.send(
@@ -165,6 +197,7 @@ class Transcribe(commands.Cog):
         number = f" (meeting #{info.number})" if info is not None else ""
         reply = (f"Transcribing **{outside(voice.name)}** into "
                  f"{target.mention}{number}.")
+        reply += f"\nShown as: {readability.describe()}."
         if missing_permissions(text_perms, WEBHOOK_PERMISSIONS):
             reply += ("\nI am missing **Manage Webhooks** in #" + outside(target.name)
                       + ", so lines are posted by me with the speaker's name in bold; grant it "
@@ -202,14 +235,17 @@ class Transcribe(commands.Cog):
             f"upstream {s.upstream}" for s in st.speakers) or "• nobody has spoken yet"
         e2ee = (f"yes (DAVE), voice privacy code `{st.privacy_code}`" if st.e2ee and st.privacy_code
                 else "yes (DAVE)" if st.e2ee else "no")
+        shown = meeting.readability
         info = await self.bot.storage.meeting_info(st.meeting_id)
         number = info.number if info is not None else "?"
         text = (f"**Meeting #{number}**: {outside(st.voice_channel)} → "
                 f"#{outside(st.text_channel)}, "
                 f"running {format_timestamp(st.duration)}\n"
+                f"Shown as: {shown.describe()}\n"
                 f"Lines posted: {st.lines_posted}\n"
                 f"Speech-to-text: {outside(st.upstream, ERROR_BUDGET)}\n"
-                f"End-to-end encrypted: {e2ee}\nSpeakers:\n{speakers}")
+                f"End-to-end encrypted: {e2ee}\n"
+                f"{st.voice or 'voice packets: none yet'}\nSpeakers:\n{speakers}")
         await interaction.response.send_message(text, ephemeral=True)
 
     @group.command(name="minutes", description="Post the minutes of this or an earlier meeting")
@@ -246,8 +282,9 @@ class Transcribe(commands.Cog):
         ephemeral = interaction.channel_id != info.text_channel_id
         await interaction.response.defer(ephemeral=ephemeral, thinking=True)
         minutes = await storage.minutes(info.id)
-        await MinutesPost.of(minutes).send(functools.partial(interaction.followup.send,
-                                                             ephemeral=ephemeral))
+        readability = await self.guild_readability(guild.id)
+        post = MinutesPost.of(minutes, readability=readability)
+        await post.send(functools.partial(interaction.followup.send, ephemeral=ephemeral))
 
     @group.command(name="forget", description="Delete a meeting's stored lines now (managers)")
     @app_commands.describe(meeting="Meeting number, as in /transcribe minutes")
@@ -292,6 +329,33 @@ class Transcribe(commands.Cog):
             f"Deleted {deleted} stored line(s) of yours in this server. Messages already posted "
             "in Discord stay until deleted there; to stop being transcribed, use "
             "`/transcribe optout`.", ephemeral=True)
+
+    @group.command(name="settings",
+                   description="This server's default script and Jyutping for posts and minutes")
+    @app_commands.describe(
+        script="hk (Hong Kong Traditional), simplified, or as-is (as transcribed)",
+        jyutping="line: a Jyutping line under each sentence; off: none",
+    )
+    async def settings(
+        self,
+        interaction: discord.Interaction,
+        script: ScriptOption | None = None,
+        jyutping: JyutpingOption | None = None,
+    ) -> None:
+        assert interaction.guild is not None
+        guild_id = interaction.guild.id
+        if script is not None or jyutping is not None:
+            refusal = self._check_manager(interaction)
+            if refusal:
+                await self._refuse(interaction, refusal.replace("start or stop transcription",
+                                                                "change these settings"))
+                return
+            await self.bot.storage.set_guild_settings(guild_id, choice_of(script, jyutping))
+        shown = await self.guild_readability(guild_id)
+        await interaction.response.send_message(
+            f"This server's posts and minutes: **{shown.describe()}**. A meeting can choose "
+            "otherwise with the `script` and `jyutping` options of `/transcribe start`; "
+            "what was said is always stored as transcribed.", ephemeral=True)
 
     @group.command(name="optout", description="Never transcribe my voice")
     async def optout(self, interaction: discord.Interaction) -> None:

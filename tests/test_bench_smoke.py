@@ -86,3 +86,12 @@ def test_fast_audio_chunk_json_is_what_socketio_would_send() -> None:
                                                              audio_chunk(pcm, 16000)]
     with pytest.raises(ValueError):
         audio_chunk_event_json(b"\x00", 16000)
+
+
+def test_script_row_converts_lines_of_both_sizes_in_both_modes() -> None:
+    from bench.script import SIZES, row_script
+
+    rows = row_script(n=5)
+    assert {(r.chars, r.mode) for r in rows} == {
+        (size, mode) for size in SIZES for mode in ("simplified", "simplified + jyutping")}
+    assert all(r.lines == 5 and r.max_ms >= r.p99_ms >= r.p50_ms > 0 for r in rows)

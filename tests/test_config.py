@@ -157,3 +157,19 @@ def test_cantobot_check_config_prints_one_key_a_line(tmp_path: Path) -> None:
     assert "discord.token: not set  (default)" in lines
     assert "hunter2" not in done.stdout + done.stderr
     assert all(": " in line and line.endswith(")") for line in lines), lines
+def test_readability_defaults_come_from_the_file_and_typos_name_the_key(tmp_path: Path) -> None:
+    from bot.transcript.script import PLAIN, JyutpingMode, Readability, Script
+
+    assert load_config(None, environ={}).transcribe.readability == PLAIN
+    p = write(tmp_path, "transcribe:\n  script: Simplified\n  jyutping: line\n")
+    assert load_config(p, environ={}).transcribe.readability == Readability(
+        Script.SIMPLIFIED, JyutpingMode.LINE)
+    bare = write(tmp_path, "transcribe:\n  jyutping: off\n")  # YAML 1.1 reads it as false
+    assert load_config(bare, environ={}).transcribe.jyutping == "off"
+    for text, key in (("transcribe:\n  script: traditional\n", "transcribe.script"),
+                      ("transcribe:\n  jyutping: sometimes\n", "transcribe.jyutping")):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text), environ={})
+        assert str(tmp_path) in info.value.user_message and key in info.value.user_message
+    with pytest.raises(ConfigError, match="command line: transcribe.script"):
+        with_overrides(Config(), transcribe={"script": "trad"})

@@ -352,3 +352,26 @@ async def test_using_the_sink_before_start_is_a_bug_and_after_close_is_ignored()
         await sink.aclose()
         sink.post_line(seg("late"), display_name="alice", avatar_url=None)
         assert s.discord.messages == []
+
+
+async def test_a_sink_given_a_readability_posts_converted_lines_with_their_jyutping() -> None:
+    from bot.transcript.script import JyutpingMode, Readability, Script
+
+    readability = Readability(Script.SIMPLIFIED, JyutpingMode.LINE)
+    async with local_discord() as s:
+        sink = s.sink(threads=True, readability=readability)
+        await sink.start()
+        sink.post_line(seg("我哋今日開會", uid=1), display_name="alice", avatar_url=None)
+        long_line = seg(("佢畀咗份文件我，冇問題。" * 200)[:1990], uid=2, speaker="bob")
+        sink.post_line(long_line, display_name="bob", avatar_url=None)
+        await sink.aclose()
+        channel = [m for m in s.discord.messages if m.thread is None]
+        threads = [m for m in s.discord.messages if m.thread is not None]
+        assert channel[0].content == "`[01:23]` 我哋今日开会\n-# ngo5dei6 gam1jat6 hoi1wui2"
+        # The thread gets the same messages; every message of the long line has its own
+        # Jyutping line and stays within Discord's limit.
+        assert [m.content for m in threads] == [m.content for m in channel]
+        bob = [m.content for m in channel if m.author == "bob"]
+        assert len(bob) > 1
+        assert all(c.count("\n-# ") == 1 and len(c) <= 2000 for c in bob)
+        assert_nobody_pinged(s.discord.messages)

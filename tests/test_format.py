@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.transcript.format import (
+    JYUTPING_PREFIX,
     MAX_MESSAGE_CHARS,
     MAX_NICKNAME_CHARS,
     MAX_THREAD_NAME_CHARS,
@@ -18,6 +19,7 @@ from bot.transcript.format import (
     escape,
     format_line,
     format_timestamp,
+    line_messages,
     message_length,
     nickname_with_notice,
     split_message,
@@ -25,6 +27,14 @@ from bot.transcript.format import (
     webhook_username,
 )
 from bot.transcript.model import Segment, TranscriptError
+from bot.transcript.script import (
+    PLAIN,
+    JyutpingMode,
+    Readability,
+    Script,
+    jyutping_line,
+    to_simplified,
+)
 
 # --- a small model of how Discord reads message content ---------------------------------
 
@@ -239,3 +249,64 @@ def test_nickname_carries_the_transcribing_notice_within_32_chars() -> None:
     assert len(long) <= MAX_NICKNAME_CHARS
     assert long.endswith(" [transcribing]")
     assert nickname_with_notice("") == "cantobot [transcribing]"
+
+
+# --- readability: converted lines with their Jyutping line ------------------------------
+
+SIMPLIFIED_JP = Readability(Script.SIMPLIFIED, JyutpingMode.LINE)
+_HAN_CHAR = re.compile("[\u4e00-\u9fff\U00020000-\U0003134f]")
+_SYLLABLE = re.compile(r"[a-z]+[1-6]")
+
+
+def test_plain_readability_posts_exactly_what_format_line_gives() -> None:
+    seg = Segment("alice", "我哋今日開會 *bold* @everyone", 61.0, 62.0)
+    for with_speaker in (True, False):
+        assert line_messages(seg, with_speaker=with_speaker, readability=PLAIN) == split_message(
+            format_line(seg, with_speaker=with_speaker))
+
+
+def test_a_converted_line_has_its_jyutping_as_discord_small_text_under_it() -> None:
+    seg = Segment("alice", "我哋今日開會，好唔好？ Zoom *link*", 61.0, 62.0)
+    (msg,) = line_messages(seg, with_speaker=True, readability=SIMPLIFIED_JP)
+    first, second = msg.split("\n")
+    assert first == "**alice** `[01:01]` " + escape(to_simplified(seg.text))
+    assert "开会" in first and "開會" not in first
+    assert second == JYUTPING_PREFIX + escape(jyutping_line(seg.text))
+    assert second.startswith("-# ngo5dei6 gam1jat6 hoi1wui2")
+    _, _, active = _render(second[len(JYUTPING_PREFIX):])
+    assert active == []  # speech in the Jyutping line cannot render markdown either
+    # Script only: no Jyutping line.
+    (hk,) = line_messages(Segment("bob", "我们开会", 0, 1), with_speaker=False,
+                          readability=Readability(Script.HK, JyutpingMode.OFF))
+    assert hk == "`[00:00]` 我們開會"
+
+
+def test_a_1990_character_line_is_split_under_the_limit_each_part_with_its_own_jyutping() -> None:
+    sentence = "我哋今日喺會議室開會，佢畀咗份文件我，冇問題嘅話就唔使再傾。"
+    text = (sentence * 100)[:1990]
+    assert len(text) == 1990
+    seg = Segment("alice", text, 5.0, 9.0)
+    parts = line_messages(seg, with_speaker=True, readability=SIMPLIFIED_JP)
+    assert len(parts) > 1
+    total_han = 0
+    for i, part in enumerate(parts):
+        assert message_length(part) <= MAX_MESSAGE_CHARS
+        body, jp = part.split("\n" + JYUTPING_PREFIX)
+        assert "\n" not in body and "\n" not in jp
+        assert body.startswith("**alice** `[00:05]` ") == (i == 0)
+        han = len(_HAN_CHAR.findall(body))
+        # Every character of this part, and no other, is read in this part's Jyutping line.
+        assert han > 0 and len(_SYLLABLE.findall(jp)) == han
+        total_han += han
+    assert total_han == len(_HAN_CHAR.findall(text))
+    shown = "".join(p.split("\n")[0] for p in parts).replace("**alice** `[00:05]` ", "")
+    assert shown == to_simplified(text)
+
+
+def test_a_long_line_of_astral_characters_and_latin_words_still_fits() -> None:
+    text = " ".join(["𠵱家 Zoom_meeting 😀"] * 300)
+    parts = line_messages(Segment("bob", text, 0, 1), with_speaker=False,
+                          readability=Readability(Script.HK, JyutpingMode.LINE))
+    assert all(message_length(p) <= MAX_MESSAGE_CHARS for p in parts)
+    assert all(p.count("\n" + JYUTPING_PREFIX) == 1 for p in parts)
+    assert sum(p.count("ji1gaa1") for p in parts) == 300

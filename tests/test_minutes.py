@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -13,8 +13,12 @@ from hypothesis import strategies as st
 
 from bot.transcript.format import MAX_MESSAGE_CHARS
 from bot.transcript.minutes import (
+    BAR_WIDTH,
     from_json,
+    meeting_title,
+    minutes_files,
     summary_text,
+    talk_bar,
     to_json,
     to_markdown,
     to_srt,
@@ -22,6 +26,7 @@ from bot.transcript.minutes import (
     write_minutes,
 )
 from bot.transcript.model import Minutes, Segment, TranscriptError, Word
+from bot.transcript.script import PLAIN, JyutpingMode, Readability, Script, to_simplified
 
 T0 = datetime(2026, 3, 4, 9, 30, tzinfo=UTC)
 
@@ -267,9 +272,9 @@ def test_summary_names_participants_lines_and_talk_time() -> None:
     assert text.splitlines() == [
         "**Minutes: 週會 weekly**",
         "1:03:20 · 3 participants · 4 lines",
-        "• 阿明: 2 lines, 00:04 talking",
-        "• carol \\<3: 1 line, 00:00 talking",
-        "• bob: 1 line, 00:03 talking",
+        "`███████▍░░░░` 62% 阿明: 2 lines, 00:04 talking",
+        "`████▋░░░░░░░` 38% bob: 1 line, 00:03 talking",
+        "`░░░░░░░░░░░░` 0% carol \\<3: 1 line, 00:00 talking",
     ]
 
 
@@ -279,3 +284,96 @@ def test_summary_escapes_names_and_fits_one_message_with_many_speakers() -> None
     assert len(text) <= MAX_MESSAGE_CHARS
     assert "@everyone" not in text
     assert "500 participants" in text
+
+
+# --- readability and minutes at a glance (issue 14) ---------------------------------------
+
+SIMPLIFIED_JP = Readability(Script.SIMPLIFIED, JyutpingMode.LINE)
+SPOKEN = meeting(
+    Segment("阿明", "我哋今日開會，討論預算。", 1.0, 4.0,
+            (Word("我哋", 1.0, 1.5), Word("今日", 1.5, 2.0))),
+    Segment("bob", "OK 我哋 Zoom 見", 5.0, 6.0),
+    ended_after=60,
+)
+
+
+def test_markdown_follows_the_script_with_the_jyutping_under_each_sentence() -> None:
+    md = to_markdown(SPOKEN, SIMPLIFIED_JP)
+    assert "**[00:01] 阿明:** 我哋今日开会，讨论预算。\\\n*ngo5dei6 gam1jat6 hoi1wui2，" in md
+    assert "**[00:05] bob:** OK 我哋 Zoom 见\\\n*OK ngo5dei6 Zoom gin3*" in md
+    assert "開會" not in md
+    assert to_markdown(SPOKEN, PLAIN) == to_markdown(SPOKEN)
+    assert "開會" in to_markdown(SPOKEN) and "ngo5" not in to_markdown(SPOKEN)
+
+
+def test_srt_and_vtt_carry_the_jyutping_as_a_second_cue_line() -> None:
+    cues = validate_srt(to_srt(SPOKEN, SIMPLIFIED_JP))
+    assert cues[0][2] == ["阿明: 我哋今日开会，讨论预算。",
+                          "ngo5dei6 gam1jat6 hoi1wui2，tou2leon6 jyu6syun3。"]
+    assert cues[1][2] == ["bob: OK 我哋 Zoom 见", "OK ngo5dei6 Zoom gin3"]
+    vtt = validate_vtt(to_vtt(SPOKEN, SIMPLIFIED_JP))
+    assert vtt[1][2:] == ("bob", "OK 我哋 Zoom 见\nOK ngo5dei6 Zoom gin3")
+    # Jyutping off: one text line per cue, as before.
+    assert [c[2] for c in validate_srt(to_srt(SPOKEN, Readability(Script.SIMPLIFIED)))][1] == [
+        "bob: OK 我哋 Zoom 见"]
+
+
+def test_json_keeps_the_original_the_converted_text_and_per_word_jyutping() -> None:
+    doc = json.loads(to_json(SPOKEN, SIMPLIFIED_JP))
+    first = doc["segments"][0]
+    assert first["text"] == "我哋今日開會，討論預算。"  # what was said, as stored
+    assert first["shown_text"] == to_simplified(first["text"]) == "我哋今日开会，讨论预算。"
+    assert first["jyutping"][:3] == [
+        {"word": "我哋", "jyutping": "ngo5 dei6"},
+        {"word": "今日", "jyutping": "gam1 jat6"},
+        {"word": "開會", "jyutping": "hoi1 wui2"},
+    ]
+    assert doc["segments"][1]["jyutping"][0] == {"word": "OK", "jyutping": None}
+    assert doc["readability"] == {"script": "simplified", "jyutping": "line"}
+    assert from_json(to_json(SPOKEN, SIMPLIFIED_JP)) == SPOKEN.sorted()  # original kept
+    assert "shown_text" not in to_json(SPOKEN)  # PLAIN: the file is as before
+
+
+def test_minutes_files_render_every_file_for_the_choice() -> None:
+    files = minutes_files(SPOKEN, SIMPLIFIED_JP)
+    assert list(files) == ["minutes.md", "minutes.srt", "minutes.vtt", "minutes.json"]
+    assert all("ngo5dei6" in body or "ngo5 dei6" in body for body in files.values())
+
+
+def test_talk_time_bars_are_block_characters_of_one_width_longest_first() -> None:
+    assert talk_bar(1.0) == "█" * BAR_WIDTH
+    assert talk_bar(0.0) == "░" * BAR_WIDTH
+    assert talk_bar(0.5) == "█" * 6 + "░" * 6
+    assert talk_bar(1 / 96) == "▏" + "░" * 11  # one eighth of one cell
+    assert all(len(talk_bar(i / 37)) == BAR_WIDTH for i in range(38))
+    assert talk_bar(float("nan")) == talk_bar(-1) == "░" * BAR_WIDTH
+
+
+def test_summary_bars_for_cjk_and_emoji_names_line_up_longest_first() -> None:
+    m = meeting(
+        Segment("🎤 Ka-ming 🇭🇰", "一", 0.0, 1.0),
+        Segment("陳大文", "二", 1.0, 7.0),
+        Segment("👩‍👩‍👧 family", "三", 7.0, 10.0),
+        Segment("陳大文", "四", 10.0, 12.0),
+        ended_after=754,
+    )
+    lines = summary_text(m).splitlines()
+    assert lines[:2] == ["**Minutes: 週會 weekly**", "12:34 · 3 participants · 4 lines"]
+    assert lines[2:] == [
+        "`████████░░░░` 67% 陳大文: 2 lines, 00:08 talking",
+        "`███░░░░░░░░░` 25% 👩‍👩‍👧 family: 1 line, 00:03 talking",
+        "`█░░░░░░░░░░░` 8% 🎤 Ka\\-ming 🇭🇰: 1 line, 00:01 talking",
+    ]
+    # Every bar is the same width and starts the line, whatever the name.
+    assert {line.index("` ") for line in lines[2:]} == {BAR_WIDTH + 1}
+
+
+def test_titles_read_channel_and_date_or_the_title_given() -> None:
+    at = datetime(2026, 12, 1, 13, 50, 42, tzinfo=UTC)
+    assert meeting_title("Meeting Room", at) == "Meeting Room · 2026-12-01 13:50 UTC"
+    assert meeting_title("meeting", at) == "meeting · 2026-12-01 13:50 UTC"  # not "meeting meeting"
+    assert meeting_title("x", at, "  Budget\n review ") == "Budget review"
+    assert meeting_title("x", at, "   ") == "x · 2026-12-01 13:50 UTC"
+    assert len(meeting_title("x" * 300, at)) <= 100 and len(meeting_title("", at, "y" * 300)) == 100
+    hk = datetime(2026, 12, 1, 21, 50, tzinfo=timezone(timedelta(hours=8)))
+    assert meeting_title("會議室", hk) == "會議室 · 2026-12-01 13:50 UTC"

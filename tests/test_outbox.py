@@ -28,6 +28,7 @@ from bot.sinks.outbox import (
     merge_head,
     merge_pending,
 )
+from bot.transcript.format import message_length
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -404,3 +405,11 @@ def test_merging_counts_astral_characters_twice_as_discord_may() -> None:
     items = [Item(ext_b, "k"), Item(ext_b, "k")]
     assert len(merge_pending(items, 20)) == 2  # 12 + 1 + 12 = 25 units > 20
     assert len(merge_pending(items, 25)) == 1
+
+
+def test_an_item_is_measured_once_and_merged_lengths_add_up() -> None:
+    a, b = Item("𠵱" * 3, "k"), Item("ab", "k")  # astral characters count twice
+    assert (a.length, b.length) == (6, 2)
+    (merged,) = merge_pending([a, b], limit=9)
+    assert merged.length == 9 == message_length(merged.text)
+    assert len(merge_pending([a, b], limit=8)) == 2

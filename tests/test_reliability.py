@@ -600,7 +600,7 @@ async def test_unconfirmed_audio_is_bounded_when_nothing_is_ever_committed() -> 
         chunk = b"\x01\x00" * 1600  # 100 ms
         for _ in range(6000):  # ten minutes
             session.send_audio(chunk)
-        buffered = sum(len(pcm) for _, pcm in session._buffer) // 2
+        buffered = session.unconfirmed_samples
         assert buffered <= 3 * 16000
         assert session.stats.dropped_seconds == pytest.approx(600 - 3, abs=0.2)
         await session.aclose()

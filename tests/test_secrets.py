@@ -80,6 +80,8 @@ def test_check_config_never_prints_the_storage_password(tmp_path: Path) -> None:
         ("stt:\n  sample_rate: MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs\n",
          "stt.sample_rate"),
         ("storage:\n  url: [postgresql://u:MTk4NjIyNDgzNDcxOTI1MjQ4@h/d]\n", "storage.url"),
+        ("discord:\n  MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs: 1\n",
+         "discord."),
     ],
 )
 def test_a_config_error_in_a_secret_bearing_section_never_echoes_the_value(
@@ -114,7 +116,8 @@ def test_plain_text_to_another_host_is_refused_unless_the_section_allows_it(
     section = key.split(".")[0]
     allowed = yaml_text.replace(f"{section}:\n", f"{section}:\n  allow_insecure: true\n")
     with caplog.at_level(logging.WARNING, logger="bot.config"):
-        load_config(write(tmp_path, allowed), environ={})
+        for _ in range(2):  # `cantobot` loads its config twice: one warning line, not two
+            load_config(write(tmp_path, allowed), environ={})
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "bot.config"]
     assert "unencrypted" in warning and key in warning
 

@@ -26,6 +26,7 @@ from bot.storage.db import (
     split_statements,
 )
 from bot.transcript.model import Segment, Word
+from bot.transcript.script import JyutpingMode, ReadabilityChoice, Script
 from tests.pg_support import fresh_database, with_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,3 +364,31 @@ async def test_an_unopenable_target_is_a_storage_error(backend: Backend, tmp_pat
 async def test_an_unknown_url_scheme_is_refused_before_anything_opens() -> None:
     with pytest.raises(StorageError, match="postgresql://"):
         await open_storage_at("mysql://db.example/cantobot")
+
+
+async def test_guild_settings_survive_a_restart_and_unset_fields_keep_their_value(
+    backend: Backend,
+) -> None:
+    storage = await backend.open()
+    try:
+        assert await storage.guild_settings(GUILD) is None
+        await storage.set_guild_settings(GUILD, ReadabilityChoice(script=Script.SIMPLIFIED))
+        await storage.set_guild_settings(GUILD, ReadabilityChoice(jyutping=JyutpingMode.LINE))
+        await storage.set_guild_settings(GUILD + 1, ReadabilityChoice(Script.HK, JyutpingMode.OFF))
+    finally:
+        await storage.close()
+    storage = await backend.open()  # a restart: a new connection, migrations already applied
+    try:
+        assert await storage.guild_settings(GUILD) == ReadabilityChoice(Script.SIMPLIFIED,
+                                                                        JyutpingMode.LINE)
+        assert await storage.guild_settings(GUILD + 1) == ReadabilityChoice(Script.HK,
+                                                                            JyutpingMode.OFF)
+        assert await storage.guild_settings(GUILD + 2) is None
+        await storage.set_guild_settings(GUILD, ReadabilityChoice(script=Script.AS_IS))
+        assert await storage.guild_settings(GUILD) == ReadabilityChoice(Script.AS_IS,
+                                                                        JyutpingMode.LINE)
+    finally:
+        await storage.close()
+    assert await backend.query("SELECT guild_id, script, jyutping FROM guild_settings"
+                               " ORDER BY guild_id") == [
+        (GUILD, "as-is", "line"), (GUILD + 1, "hk", "off")]

@@ -235,6 +235,10 @@ async def test_a_two_speaker_meeting_with_threads_and_captions_from_start_to_min
             assert "Speech-to-text: streaming" in text or "Speech-to-text: idle" in text, text
             code = h.meeting.status().privacy_code
             assert code and f"yes (DAVE), voice privacy code `{code}`" in text
+            # The receiver's counters: every datagram decoded or dropped by reason.
+            # (RTCP reports are counted apart from media; nothing else is dropped here.)
+            assert re.search(r"voice packets: [\d,]+ decoded; "
+                             r"(none dropped|[\d,]+ dropped \(rtcp [\d,]+\))", text), text
 
             stop = await h.invoke("transcribe stop")
             assert stop.ephemeral and "Stopped. 3 line(s)" in h.answer(stop)
@@ -502,3 +506,45 @@ def test_cantobot_run_without_a_token_says_in_one_line_how_to_get_one(tmp_path: 
     (line,) = done.stderr.strip().splitlines()
     assert "DISCORD_TOKEN" in line and "discord.com/developers" in line
     assert "cantobot simulate" in line
+
+
+# -- readability: the server's script and Jyutping (issue 14) ------------------------------------
+
+
+async def test_server_settings_are_for_managers_survive_a_restart_and_shape_reposted_minutes(
+    tmp_path: Path,
+) -> None:
+    async with harness(tmp_path) as h:
+        config = h.config()
+        storage = await Storage.open(config.storage.path)
+        try:
+            earlier = await seed_meeting(storage, h.discord.guild_id, 1, "我哋今日開會")
+        finally:
+            await storage.close()
+        async with h.running(config):
+            await h.wait_for(lambda: bool(h.bot), "the bot")
+            refused = await h.invoke("transcribe settings", {"script": "simplified"}, by="bob")
+            assert refused.ephemeral and "can change these settings" in h.answer(refused)
+            changed = await h.invoke("transcribe settings",
+                                     {"script": "simplified", "jyutping": "line"})
+            assert changed.ephemeral and "**Simplified, with Jyutping**" in h.answer(changed)
+
+        async with h.running(config):  # a restart: the choice comes back from storage
+            await h.wait_for(lambda: bool(h.bot), "the bot")
+            shown = await h.invoke("transcribe settings", by="bob")  # anyone may look
+            assert "**Simplified, with Jyutping**" in h.answer(shown)
+            await h.invoke("transcribe minutes", {"session": earlier})
+            await h.wait_for(lambda: len(minutes_uploads(h)) == 1, "the re-posted minutes")
+            files = check_minutes_files(minutes_uploads(h)[-1], {"alice"})
+            assert "我哋今日开会\\\n*ngo5dei6 gam1jat6 hoi1wui2*" in files["minutes.md"]
+            (segment,) = json.loads(files["minutes.json"])["segments"]
+            assert segment["text"] == "我哋今日開會"  # stored as said
+            assert segment["shown_text"] == "我哋今日开会"
+            assert segment["jyutping"][0] == {"word": "我哋", "jyutping": "ngo5 dei6"}
+
+            # A meeting's own options are accepted next to the server's; status says the choice.
+            await h.discord.member_join_voice(h.ids["alice"])
+            await h.start({"script": "hk", "jyutping": "off", "title": "Budget review"})
+            status = h.answer(await h.invoke("transcribe status"))
+            assert re.search(r"^Shown as: .+, (with|no) Jyutping$", status, re.M), status
+            await h.invoke("transcribe stop")

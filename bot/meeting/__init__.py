@@ -25,9 +25,10 @@ May import: the adapters (``bot.voice.client``, ``bot.stt.session``, ``bot.sinks
 
 from bot.errors import StreamClosed
 from bot.meeting.core import Meeting
-from bot.meeting.ledger import NOTICE_COOLDOWN, SINK_FLUSH_TIMEOUT, MinutesPost, minutes_files
+from bot.meeting.ledger import NOTICE_COOLDOWN, SINK_FLUSH_TIMEOUT, MinutesPost
 from bot.meeting.manager import OPT_OUT_REFRESH, MeetingManager
 from bot.meeting.state import MeetingError, MeetingState, MeetingStatus, SpeakerStatus
+from bot.transcript.minutes import minutes_files
 
 __all__ = [
     "NOTICE_COOLDOWN",

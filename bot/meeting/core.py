@@ -37,6 +37,7 @@ from bot.stt.session import (
     SttEvent,
 )
 from bot.transcript.model import Minutes
+from bot.transcript.script import PLAIN, Readability
 from bot.voice.client import VoiceListener
 from bot.voice.receiver import VoiceReceiver
 
@@ -60,8 +61,13 @@ class Meeting:
         on_ended: Callable[[Meeting], None] | None = None,
         slots: SessionSlots | None = None,
         confirm_opt_out: Callable[[int], Awaitable[bool]] | None = None,
+        readability: Readability = PLAIN,
+        title: str | None = None,
     ) -> None:
         self.config = config
+        #: How lines and minutes are shown (script, Jyutping); storage keeps what was said.
+        self.readability = readability
+        self.title = title
         self.storage = storage
         self.guild = guild
         self.text_channel = text_channel
@@ -79,13 +85,15 @@ class Meeting:
             bot_user_name=guild.me.display_name if guild.me else "cantobot",
             threads=threads, captions=captions,
             caption_interval=config.transcribe.caption_edit_interval,
+            readability=readability,
         )
-        self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks)
+        self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks,
+                             readability=readability)
         self.speakers = Speakers(
             config=config, guild=guild, tasks=self.tasks, on_event=self._on_stt_event,
             is_opted_out=is_opted_out, confirm_opt_out=confirm_opt_out,
             accepting=lambda: self._machine.accepting_speakers,
-            notice_once=self.ledger.notice_once, on_start_failed=self.ledger.upstream_trouble,
+            notice_once=self.ledger.notice_once,
             forget_voice=self._forget_voice, slots=slots, t0=self._t0,
         )
         self.intake = VoiceIntake(
@@ -125,10 +133,6 @@ class Meeting:
     def transcriber(self) -> Transcriber:
         return self.speakers.transcriber
 
-    @property
-    def sink(self) -> DiscordTranscriptSink:
-        return self.ledger.sink
-
     # -- wiring ----------------------------------------------------------------------------------
 
     def _on_audio(self, user_id: int, pcm: np.ndarray) -> None:
@@ -143,13 +147,12 @@ class Meeting:
             name, avatar = segment.speaker, None
             if segment.speaker_id is not None:
                 name, avatar = self.speakers.display(segment.speaker_id)
-            self.ledger.commit(segment, display_name=name, avatar_url=avatar)
+            self.ledger.commit(event.ref, segment, display_name=name, avatar_url=avatar)
         elif isinstance(event, SegmentTimestamped):
-            self.ledger.amend(event.segment)
+            self.ledger.amend(event.ref, event.segment)
         elif isinstance(event, PartialText):
             if self.captions and self.state is MeetingState.LIVE:
-                key = self.speakers.user_key(event.speaker)
-                self.ledger.sink.update_caption(key, event.text, display_name=event.speaker)
+                self.ledger.sink.update_caption(event.key, event.text, display_name=event.speaker)
         elif isinstance(event, StateChanged):
             self.ledger.upstream_state(event.state, event.error)
 
@@ -157,7 +160,8 @@ class Meeting:
 
     async def start(self) -> None:
         await self.ledger.open(text_channel=self.text_channel, voice_channel=self.voice_channel,
-                               started_at=self.started_at, threads=self.threads)
+                               started_at=self.started_at, threads=self.threads,
+                               title=self.title)
         try:
             await self.intake.join()
         except Exception as exc:
@@ -195,19 +199,7 @@ class Meeting:
                  self.meeting_id, len(minutes.segments), dict(self.receiver.stats))
         return minutes
 
-    async def post_minutes(self, minutes: Minutes) -> None:
-        await self.ledger.post_minutes(minutes)
-
-    def notice_once(self, kind: str, text: str) -> None:
-        self.ledger.notice_once(kind, text)
-
     # -- channel presence ------------------------------------------------------------------------
-
-    def humans_in_channel(self) -> int:
-        return self.intake.humans_in_channel()
-
-    def follow_move(self) -> None:
-        self.intake.follow_move()
 
     def check_empty(self) -> None:
         """Called on voice state changes: end by itself after a while with no humans."""
@@ -243,5 +235,6 @@ class Meeting:
             text_channel=self.text_channel.name, started_at=self.started_at,
             duration=time.monotonic() - self._t0, speakers=speakers, lines_posted=self.lines,
             upstream=self.ledger.upstream_text(), e2ee=e2ee, privacy_code=code, state=self.state,
+            voice=self.intake.listener.counters().summary(),
         )
 

@@ -2,7 +2,8 @@
 
 Owns the storage rows of the meeting (every committed line is written the moment it arrives, so
 a crash loses nothing, and amended in place when its timestamped twin comes), the
-:class:`~bot.sinks.discord_sink.DiscordTranscriptSink` (lines, captions, notices), the notices
+:class:`~bot.sinks.discord_sink.DiscordTranscriptSink` (lines, captions, notices; any
+:class:`TranscriptSink`), the notices
 about upstream trouble (said once per kind per :data:`NOTICE_COOLDOWN`, not once per speaker per
 second), the bot's nickname notice, and :class:`MinutesPost`: the one way minutes are put into
 words and files, used by a stop, by crash recovery and by ``/transcribe minutes``.
@@ -17,18 +18,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import discord
 
 from bot.errors import CantobotError, SttAuthError
 from bot.meeting.tasks import TaskOwner
-from bot.sinks.discord_sink import DiscordTranscriptSink
 from bot.storage import StorageBackend
-from bot.stt.session import SttState
+from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
+from bot.transcript.escape import inert, outside
 from bot.transcript.format import nickname_with_notice
 from bot.transcript.model import Minutes, Segment
+from bot.transcript.script import PLAIN, Readability
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,22 @@ MESSAGE_LIMIT = 2000
 STORE_TASK = "store-"
 
 
-def minutes_files(minutes: Minutes) -> dict[str, str]:
-    """The files attached to posted minutes, by file name."""
-    return {
-        "minutes.md": minutes_fmt.to_markdown(minutes),
-        "minutes.srt": minutes_fmt.to_srt(minutes),
-        "minutes.vtt": minutes_fmt.to_vtt(minutes),
-        "minutes.json": minutes_fmt.to_json(minutes),
-    }
+class TranscriptSink(Protocol):
+    """What the ledger needs of the Discord side (:class:`DiscordTranscriptSink`; tests give a
+    small fake)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self, flush_timeout: float = ...) -> None: ...
+
+    def post_notice(self, text: str) -> None: ...
+
+    def post_line(self, segment: Segment, *, display_name: str,
+                  avatar_url: str | None) -> None: ...
+
+    def update_caption(self, user_key: int | str, text: str, *, display_name: str) -> None: ...
+
+    async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,11 @@ class MinutesPost:
     files: dict[str, str]
 
     @classmethod
-    def of(cls, minutes: Minutes, preface: str = "") -> MinutesPost:
-        return cls(preface + minutes_fmt.summary_text(minutes), minutes_files(minutes))
+    def of(cls, minutes: Minutes, preface: str = "",
+           readability: Readability = PLAIN) -> MinutesPost:
+        # The summary quotes outside text (channel and display names): no link or ping survives.
+        return cls(inert(preface + minutes_fmt.summary_text(minutes)),
+                   minutes_fmt.minutes_files(minutes, readability))
 
     def discord_files(self) -> list[discord.File]:
         return [discord.File(io.BytesIO(body.encode("utf-8")), filename=name)
@@ -76,38 +89,44 @@ class MinutesPost:
 class Ledger:
     """Storage rows, Discord sink and notices of one meeting; see the module docstring."""
 
-    def __init__(self, *, storage: StorageBackend, sink: DiscordTranscriptSink,
-                 guild: discord.Guild, tasks: TaskOwner) -> None:
+    def __init__(self, *, storage: StorageBackend, sink: TranscriptSink,
+                 guild: discord.Guild, tasks: TaskOwner,
+                 readability: Readability = PLAIN) -> None:
         self.storage = storage
+        self.readability = readability
         self.sink = sink
         self.guild = guild
         self._tasks = tasks
         self.meeting_id = 0
+        self.number = 0
         self.lines = 0
         self.upstream = "idle"
         self.upstream_error: CantobotError | None = None
         self._notices: dict[str, float] = {}
         #: Storage writes of committed lines not yet amended by their timestamped twin.
-        self._line_writes: dict[tuple[str, str], list[asyncio.Task[int]]] = {}
+        self._line_writes: dict[LineRef, asyncio.Task[int]] = {}
         self._old_nick: str | None = None
 
     # -- opening and closing ---------------------------------------------------------------------
 
     async def open(self, *, text_channel: discord.TextChannel,
                    voice_channel: discord.VoiceChannel | discord.StageChannel,
-                   started_at: datetime, threads: bool) -> int:
+                   started_at: datetime, threads: bool, title: str | None = None) -> int:
         """Create the meeting's row, start the sink, say what is happening, mark the nickname."""
         self.meeting_id = await self.storage.start_meeting(
             guild_id=self.guild.id,
             text_channel_id=text_channel.id,
             voice_channel_id=voice_channel.id,
-            title=f"{voice_channel.name} meeting",
+            title=minutes_fmt.meeting_title(voice_channel.name, started_at, title),
             started_at=started_at,
         )
+        info = await self.storage.meeting_info(self.meeting_id)
+        # The guild's own number (#1, #2 ...), never the global row id.
+        self.number = info.number if info is not None else 0
         await self.sink.start()
         self.sink.post_notice(
-            f"\N{STUDIO MICROPHONE} **{voice_channel.name}** is now being transcribed "
-            f"(meeting #{self.meeting_id}). Lines are posted here"
+            f"\N{STUDIO MICROPHONE} **{outside(voice_channel.name)}** is now being transcribed "
+            f"(meeting #{self.number}). Lines are posted here"
             + (" and in one caption thread per speaker" if threads else "")
             + ". Don't want to be transcribed? Use `/transcribe optout`: your voice is then "
             "never decoded or sent anywhere."
@@ -135,7 +154,7 @@ class Ledger:
         return minutes
 
     async def post_minutes(self, minutes: Minutes) -> None:
-        post = MinutesPost.of(minutes)
+        post = MinutesPost.of(minutes, readability=self.readability)
         await self.sink.post_minutes(summary=post.text, files=post.files)
 
     async def _set_nickname(self, *, transcribing: bool) -> None:
@@ -153,30 +172,28 @@ class Ledger:
 
     # -- lines -----------------------------------------------------------------------------------
 
-    def commit(self, segment: Segment, *, display_name: str, avatar_url: str | None) -> None:
+    def commit(self, ref: LineRef, segment: Segment, *, display_name: str,
+               avatar_url: str | None) -> None:
         """A new line: stored now, posted in order."""
         self.lines += 1
-        write = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
-                                  f"{STORE_TASK}line-{self.lines}")
-        self._line_writes.setdefault((segment.speaker, segment.text), []).append(write)
+        self._line_writes[ref] = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
+                                                   f"{STORE_TASK}line-{self.lines}")
         self.sink.post_line(segment, display_name=display_name, avatar_url=avatar_url)
         log.info("guild %s: line %d from %s posted", self.guild.id, self.lines, segment.speaker)
 
-    def amend(self, segment: Segment) -> None:
-        """The timestamped twin of a line: its words and better times replace the row's."""
-        self._tasks.spawn(self._store_words(segment), f"{STORE_TASK}words-{self.lines}")
+    def amend(self, ref: LineRef, segment: Segment) -> None:
+        """The timestamped twin of line ``ref``: its words and better times replace the row's."""
+        self._tasks.spawn(self._store_words(ref, segment), f"{STORE_TASK}words-{self.lines}")
 
-    async def _store_words(self, segment: Segment) -> None:
+    async def _store_words(self, ref: LineRef, segment: Segment) -> None:
         # The session emits a sentence's timestamped twin only after the sentence itself, whose
         # write may still be in flight: wait for that write and amend the row it made.
-        key = (segment.speaker, segment.text)
-        writes = self._line_writes.get(key)
-        if not writes:
+        write = self._line_writes.pop(ref, None)
+        if write is None:  # not ours (cannot happen with one session per ref): keep the words
+            log.warning("guild %s: an amend of unknown line %s stored as a line", self.guild.id,
+                        ref)
             await self.storage.add_line(self.meeting_id, segment)
             return
-        write = writes.pop(0)
-        if not writes:
-            del self._line_writes[key]
         await self.storage.update_line_words(await write, segment)
 
     # -- notices ---------------------------------------------------------------------------------

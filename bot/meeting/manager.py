@@ -33,6 +33,7 @@ from bot.meeting.state import MeetingError
 from bot.pipeline import SessionSlots
 from bot.storage import StorageBackend
 from bot.transcript.model import Minutes
+from bot.transcript.script import PLAIN, Readability, resolve_readability
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,11 @@ class MeetingManager:
             channel = guild.get_channel(info.text_channel_id)
             if not isinstance(channel, discord.TextChannel):
                 continue
+            shown = resolve_readability(None, await self.storage.guild_settings(guild.id),
+                                        self.config.transcribe.readability)
             post = MinutesPost.of(minutes, preface=(
-                f"\N{WARNING SIGN} The bot restarted during meeting #{info.id}; "
-                "everything said before that was kept. Minutes so far:\n"))
+                f"\N{WARNING SIGN} The bot restarted during meeting #{info.number}; "
+                "everything said before that was kept. Minutes so far:\n"), readability=shown)
             try:
                 await post.send(channel.send)
             except discord.HTTPException as exc:
@@ -147,6 +150,8 @@ class MeetingManager:
         text_channel: discord.TextChannel,
         threads: bool,
         captions: bool,
+        readability: Readability = PLAIN,
+        title: str | None = None,
     ) -> Meeting:
         if guild.id in self._meetings:
             current = self._meetings[guild.id]
@@ -159,6 +164,7 @@ class MeetingManager:
             threads=threads, captions=captions, is_opted_out=self.is_opted_out,
             on_ended=self._forget,
             slots=self.slots, confirm_opt_out=self.confirm_opt_out,
+            readability=readability, title=title,
         )
         self._meetings[guild.id] = meeting
         try:

@@ -6,14 +6,13 @@ they go quiet), the opt-out checks (the cached list decides whether audio is dec
 storage, shared by every process, is asked again before anything of a new stream is sent), the
 process-wide capacity gate (:class:`~bot.pipeline.SessionSlots`) and the names shown for
 members. A stream closed before it could start raises :class:`StreamClosed`, which is not
-trouble to report. STT events go to the ``on_event`` callback it is given.
+trouble to report; the retries of a failed first start belong to the session. STT events
+go to the ``on_event`` callback it is given.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -21,10 +20,9 @@ import discord
 import numpy as np
 
 from bot.config import Config
-from bot.errors import CantobotError, StreamClosed
+from bot.errors import StreamClosed
 from bot.meeting.tasks import TaskOwner
 from bot.pipeline import EventCallback, SessionSlots, SpeakerStream, Transcriber
-from bot.stt.session import SttState
 
 __all__ = ["Speakers", "StreamClosed"]
 
@@ -45,7 +43,6 @@ class Speakers:
         confirm_opt_out: Callable[[int], Awaitable[bool]] | None,
         accepting: Callable[[], bool],
         notice_once: Callable[[str, str], None],
-        on_start_failed: Callable[[CantobotError], None],
         forget_voice: Callable[[int], None],
         slots: SessionSlots | None = None,
         t0: float | None = None,
@@ -57,14 +54,9 @@ class Speakers:
         self._confirm_opt_out = confirm_opt_out
         self._accepting = accepting
         self._notice_once = notice_once
-        self._on_start_failed = on_start_failed
         self._forget_voice = forget_voice
         self._t0 = time.monotonic() if t0 is None else t0
         self._names: dict[int, str] = {}
-        # Shared backoff of failed first starts (see _start_stream).
-        self._start_backoff = 0.0
-        self._start_not_before = 0.0
-        self._start_lock = asyncio.Lock()
         self.transcriber = Transcriber(config.stt, on_event, slots=slots,
                                        on_wait=self._on_capacity_wait)
 
@@ -84,13 +76,6 @@ class Speakers:
             return self._names.get(user_id, f"user-{user_id}"), None
         self._names[user_id] = member.display_name
         return member.display_name, member.display_avatar.url
-
-    def user_key(self, speaker: str) -> int | str:
-        """The member id of the stream with this display name, else the name itself."""
-        for stream in self.transcriber.streams():
-            if stream.speaker == speaker and stream.speaker_id is not None:
-                return stream.speaker_id
-        return speaker
 
     # -- audio -----------------------------------------------------------------------------------
 
@@ -131,57 +116,16 @@ class Speakers:
     # -- starting streams ------------------------------------------------------------------------
 
     async def _start_stream(self, stream: SpeakerStream) -> None:
-        """Start a speaker's session; a failed first start is retried, meeting-wide backoff.
-
-        The session retries by itself only after it once streamed; a first start that fails
-        (outage, no ``session-started``, ``session-error``, 401) is retried here while the
-        session keeps the speaker's audio. All streams share one capped, jittered backoff and,
-        while in trouble, try one at a time: a rejected key costs at most one connection per
-        backoff period, however many people talk.
-        """
+        """Check the opt-out with storage, then start the stream (the session retries a failed
+        first start, one backoff for the whole meeting; see :class:`~bot.stt.session.StartGate`)."""
         uid, confirm = stream.speaker_id, self._confirm_opt_out
         if uid is not None and confirm is not None and await confirm(uid):
             # Opted out through another process: nothing of this stream is sent anywhere.
             self._forget_voice(uid)
             await self.transcriber.discard(uid)
             return
-        while self._startable(stream):
-            wait = self._start_not_before - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            if self._start_backoff > 0:
-                async with self._start_lock:
-                    if self._start_not_before > time.monotonic() or not self._startable(stream):
-                        continue
-                    if await self._try_start(stream):
-                        return
-            elif await self._try_start(stream):
-                return
-
-    def _startable(self, stream: SpeakerStream) -> bool:
-        current = stream.speaker_id is None or self.transcriber.get(stream.speaker_id) is stream
-        return (self._accepting() and current
-                and stream.session.state in (SttState.IDLE, SttState.FAILED))
-
-    async def _try_start(self, stream: SpeakerStream) -> bool:
-        try:
-            await stream.start()
-        except StreamClosed:  # stopped while connecting: nothing left to start
-            return True
-        except CantobotError as exc:
-            self._on_start_failed(exc)
-            stt = self.config.stt
-            self._start_backoff = min(stt.reconnect_max_delay,
-                                      max(stt.reconnect_initial_delay, 2 * self._start_backoff))
-            jitter = 0.5 + random.random() / 2
-            self._start_not_before = time.monotonic() + self._start_backoff * jitter
-            log.info("guild %s: STT start for %s failed; next attempt in %.2f s", self.guild.id,
-                     stream.speaker, self._start_backoff * jitter)
-            return False
-        self._start_backoff = 0.0
-        self._start_not_before = 0.0
-        return True
+        if self._accepting():
+            await stream.keep_starting()
 
     def _on_capacity_wait(self, stream: SpeakerStream, position: int) -> None:
         limit = self.config.stt.max_sessions

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from bot.errors import CantobotError
+from bot.errors import RemoteError
+from bot.lifecycle import change
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,8 @@ class StateMachine:
         self.state = MeetingState.STARTING
 
     def to(self, new: MeetingState, why: str = "") -> None:
-        old = self.state
-        if new is old:
-            return
-        if new not in TRANSITIONS[old]:
-            raise AssertionError(f"illegal meeting state change {old.value} -> {new.value}")
-        self.state = new
-        log.info("%s: %s -> %s%s", self.label, old.value, new.value, f" ({why})" if why else "")
+        if change(TRANSITIONS, self.state, new, label=self.label, log=log, why=why):
+            self.state = new
 
     @property
     def accepting_speakers(self) -> bool:
@@ -57,8 +53,9 @@ class StateMachine:
         return self.state in (MeetingState.STARTING, MeetingState.LIVE)
 
 
-class MeetingError(CantobotError):
-    """A meeting could not start or stop; the message is shown to the user."""
+class MeetingError(RemoteError):
+    """A meeting could not start (Discord refused the voice join, or the guild already has
+    one); the message is shown to the user."""
 
     permanent = True
 
@@ -84,3 +81,5 @@ class MeetingStatus:
     e2ee: bool
     privacy_code: str | None
     state: MeetingState
+    #: One line: voice packets decoded, dropped by reason, repaired (``ReceiveCounters.summary``).
+    voice: str = ""

@@ -523,7 +523,8 @@ def demo_speakers(script: dict[str, list[tuple[float, str]]] = DEMO_SCRIPT) -> l
 async def run_demo(args: argparse.Namespace) -> int:
     async with FakeSttServer(api_key="demo-key") as stt:
         config = with_overrides(
-            load_config(None, environ={}), stt={"url": stt.url, "api_key": "demo-key"}
+            load_config(None, environ={}), stt={"url": stt.url, "api_key": "demo-key"},
+            transcribe={"script": args.script, "jyutping": args.jyutping},
         )
         printer = json_line if args.jsonl else human_line
 

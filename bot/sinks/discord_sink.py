@@ -42,20 +42,21 @@ from typing import Any, Literal
 
 import discord
 
-from bot.errors import CantobotError
+from bot.errors import LocalError
 from bot.sinks.outbox import Item, Outbox
 from bot.transcript.escape import inert
 from bot.transcript.format import (
     ELLIPSIS,
     MAX_MESSAGE_CHARS,
     escape,
-    format_line,
+    line_messages,
     message_length,
     split_message,
     thread_name,
     webhook_username,
 )
 from bot.transcript.model import Segment
+from bot.transcript.script import PLAIN, Readability, convert
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ NO_MENTIONS = discord.AllowedMentions.none()
 UserKey = int | str
 
 
-class SinkStateError(CantobotError):
+class SinkStateError(LocalError):
     """The sink was used before ``start()`` (our bug)."""
 
     permanent = True
@@ -187,7 +188,10 @@ class DiscordTranscriptSink:
         captions: bool,
         caption_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        readability: Readability = PLAIN,
     ) -> None:
+        #: Script and Jyutping of posted lines (and the script of live captions).
+        self._readability = readability
         self._channel = channel
         self._bot_user_name = bot_user_name
         self._threads = threads
@@ -310,8 +314,8 @@ class DiscordTranscriptSink:
             return
         self._lines_posted += 1
         author = self._author(display_name, avatar_url)
-        text = format_line(segment, with_speaker=author.username is None)
-        parts = split_message(text)
+        parts = line_messages(segment, with_speaker=author.username is None,
+                              readability=self._readability)
         label = f"line by {display_name}"
         for part in parts:
             self._outbox.put(
@@ -473,7 +477,7 @@ class DiscordTranscriptSink:
                     return
         thread = await self._ensure_thread(speaker)
         caption.queued = False  # partials from now on need another edit
-        text = _caption_text(caption.latest)
+        text = _caption_text(convert(caption.latest, self._readability.script))
         if caption.message is None:
             caption.message = await self._post(thread, thread, text, edit.author, _nonce())
         elif text != caption.shown:

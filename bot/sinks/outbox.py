@@ -43,7 +43,8 @@ from typing import Any
 import aiohttp
 import discord
 
-from bot.errors import CantobotError
+from bot.backoff import Backoff
+from bot.errors import LocalError
 from bot.transcript.format import message_length
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ BACKOFF_CAP_SECONDS = 30.0
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 
 
-class OutboxClosedError(CantobotError):
+class OutboxClosedError(LocalError):
     """An item was put into an outbox after ``aclose`` (our bug: the sink outlived its meeting)."""
 
     permanent = True
@@ -78,25 +79,33 @@ class Item:
     ``merge_key`` says which items may be joined into one message: items merge only with
     neighbours having an equal, non-``None`` key (e.g. "bot message" or "webhook as alice").
     ``payload`` is opaque to the outbox and passed through to ``send``; a merged item keeps
-    the payload of its first item. ``label`` names the item in log lines.
+    the payload of its first item. ``label`` names the item in log lines. ``length`` is the
+    text's length as Discord counts it (:func:`~bot.transcript.format.message_length`),
+    measured once when the item is made and added up when items merge, never measured again.
     """
 
     text: str = ""
     merge_key: Hashable | None = None
     payload: Any = None
     label: str = "message"
+    length: int = -1
+
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            object.__setattr__(self, "length", message_length(self.text))
 
 
 def _fits(a: Item, b: Item, limit: int) -> bool:
     return (
         a.merge_key is not None
         and a.merge_key == b.merge_key
-        and message_length(a.text) + len(MERGE_SEPARATOR) + message_length(b.text) <= limit
+        and a.length + len(MERGE_SEPARATOR) + b.length <= limit
     )
 
 
 def _join(a: Item, b: Item) -> Item:
-    return replace(a, text=a.text + MERGE_SEPARATOR + b.text)
+    return replace(a, text=a.text + MERGE_SEPARATOR + b.text,
+                   length=a.length + len(MERGE_SEPARATOR) + b.length)
 
 
 def merge_head(items: Sequence[Item], limit: int = DISCORD_MESSAGE_LIMIT) -> tuple[Item, int]:
@@ -184,8 +193,7 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
     "Equal jitter": half the capped exponential is fixed, half random, so retries from many
     destinations spread out but never retry immediately.
     """
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** max(0, attempt - 1))
-    return ceiling / 2 + rng.random() * ceiling / 2
+    return Backoff(BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, rng=rng).delay(attempt - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +391,7 @@ class Outbox:
 
     async def _deliver(self, item: Item, batch: list[_Entry]) -> bool:
         """Send ``item`` until it succeeds or fails permanently; True if delivered."""
-        attempt = 0
+        backoff = Backoff(BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, rng=self._rng)
         count = sum(e.count for e in batch)
         while True:
             try:
@@ -404,24 +412,24 @@ class Outbox:
                         exc_info=not isinstance(exc, discord.HTTPException),
                     )
                     return False
-                attempt += 1
                 self._retried += 1
                 if failure.kind is FailureKind.RATE_LIMITED:
                     self._rate_limited += 1
+                    backoff.failures += 1  # counts towards the backoff; the wait is Discord's
                     delay = (
                         failure.retry_after
                         if failure.retry_after is not None
                         else DEFAULT_RETRY_AFTER_SECONDS
                     )
                 else:
-                    delay = backoff_delay(attempt, self._rng)
+                    delay = backoff.next()
                 log.warning(
                     "outbox %s: %s failed (%s, %s); retry %d in %.2f s, %d item(s) waiting",
                     self.name,
                     item.label,
                     failure.kind.value,
                     failure.reason,
-                    attempt,
+                    backoff.failures,
                     delay,
                     len(self._pending),
                 )

@@ -18,6 +18,7 @@ from bot.config import StorageConfig
 from bot.storage.common import MeetingInfo, Migration, StorageError
 from bot.storage.db import Storage
 from bot.transcript.model import Minutes, Segment
+from bot.transcript.script import ReadabilityChoice
 
 __all__ = ["StorageBackend", "describe_target", "open_storage", "open_storage_at"]
 
@@ -67,6 +68,10 @@ class StorageBackend(Protocol):
     async def is_opted_out(self, user_id: int) -> bool: ...
 
     async def opted_out_users(self) -> set[int]: ...
+
+    async def guild_settings(self, guild_id: int) -> ReadabilityChoice | None: ...
+
+    async def set_guild_settings(self, guild_id: int, choice: ReadabilityChoice) -> None: ...
 
     async def purge_older_than(self, days: int, now: datetime) -> int: ...
 

@@ -26,6 +26,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from bot.errors import CantobotError
 from bot.transcript.model import Minutes, Segment, Word
+from bot.transcript.script import JyutpingMode, ReadabilityChoice, Script
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +414,33 @@ def _purge(cutoff: str) -> Op[int]:
     return deleted
 
 
+def _guild_settings(guild_id: int) -> Op[ReadabilityChoice | None]:
+    found = yield row("SELECT script, jyutping FROM guild_settings WHERE guild_id = ?", guild_id)
+    if found is None:
+        return None
+    script, jyutping = found
+    return ReadabilityChoice(
+        Script(script) if script is not None else None,
+        JyutpingMode(jyutping) if jyutping is not None else None,
+    )
+
+
+def _set_guild_settings(guild_id: int, script: str | None, jyutping: str | None,
+                        at: str) -> Op[None]:
+    # A field not given keeps its stored value (COALESCE with the row already there).
+    yield statement(
+        "INSERT INTO guild_settings (guild_id, script, jyutping, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (guild_id) DO UPDATE SET"
+        " script = COALESCE(excluded.script, guild_settings.script),"
+        " jyutping = COALESCE(excluded.jyutping, guild_settings.jyutping),"
+        " updated_at = excluded.updated_at",
+        guild_id,
+        script,
+        jyutping,
+        at,
+    )
+
+
 def _schema_version() -> Op[int]:
     (version,) = yield row(_SCHEMA_VERSION)
     return int(version)
@@ -536,6 +564,23 @@ class SqlStorage(ABC):
 
     async def opted_out_users(self) -> set[int]:
         return await self._execute(Tx.NONE, _opted_out_users)
+
+    # -- guild settings --------------------------------------------------------------------
+
+    async def guild_settings(self, guild_id: int) -> ReadabilityChoice | None:
+        """What ``/transcribe settings`` stored for the guild (``None``: nothing set)."""
+        return await self._execute(Tx.NONE, _guild_settings, guild_id)
+
+    async def set_guild_settings(self, guild_id: int, choice: ReadabilityChoice) -> None:
+        """Store the guild's defaults; a field left ``None`` keeps what was stored."""
+        await self._execute(
+            Tx.WRITE,
+            _set_guild_settings,
+            guild_id,
+            choice.script.value if choice.script is not None else None,
+            choice.jyutping.value if choice.jyutping is not None else None,
+            ts(self._clock()),
+        )
 
     # -- retention -----------------------------------------------------------------------
 

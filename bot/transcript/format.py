@@ -17,6 +17,7 @@ import re
 import unicodedata
 
 from bot.transcript.model import Segment, TranscriptError
+from bot.transcript.script import PLAIN, Readability, read_line
 
 #: Discord's documented maximum length of a message's ``content``.
 MAX_MESSAGE_CHARS = 2000
@@ -78,12 +79,67 @@ def format_line(segment: Segment, *, with_speaker: bool) -> str:
     ``with_speaker=False`` is webhook mode (the webhook already shows the speaker's name and
     avatar); ``True`` is the fallback when the bot posts under its own name.
     """
+    return f"{_line_head(segment, with_speaker=with_speaker)} {escape(_one_line(segment.text))}"
+
+
+def _line_head(segment: Segment, *, with_speaker: bool) -> str:
     stamp = f"`[{format_timestamp(segment.start)}]`"
-    text = escape(_one_line(segment.text))
     if with_speaker:
         name = escape(_one_line(segment.speaker) or FALLBACK_SPEAKER)
-        return f"**{name}** {stamp} {text}"
-    return f"{stamp} {text}"
+        return f"**{name}** {stamp}"
+    return stamp
+
+
+#: Discord's small-text ("subtext") prefix: the Jyutping line reads as a gloss under the line.
+JYUTPING_PREFIX = "-# "
+
+
+def line_messages(
+    segment: Segment,
+    *,
+    with_speaker: bool,
+    readability: Readability = PLAIN,
+    limit: int = MAX_MESSAGE_CHARS,
+) -> list[str]:
+    """The messages that post one committed line, each within ``limit`` (UTF-16 units).
+
+    With :data:`~bot.transcript.script.PLAIN` this is ``split_message(format_line(...))``.
+    Otherwise the text is shown in the chosen script and, with Jyutping on, each message
+    carries a ``-# ...`` line with the Jyutping of exactly the text in that message: a long
+    line is split first (at spaces or sentence ends) and each part is read on its own, so
+    every part keeps its own Jyutping. Only the first message has the timestamp (and name).
+    """
+    if readability.plain:
+        return split_message(format_line(segment, with_speaker=with_speaker), limit)
+    head = _line_head(segment, with_speaker=with_speaker)
+
+    def compose(chunk: str, first: bool) -> str:
+        reading = read_line(chunk, readability)
+        body = escape(reading.text)
+        msg = f"{head} {body}" if first else body
+        if reading.jyutping:
+            msg += "\n" + JYUTPING_PREFIX + escape(reading.jyutping)
+        return msg
+
+    def place(text: str, budget: int, first: bool) -> list[str]:
+        out: list[str] = []
+        for i, chunk in enumerate(split_message(text, budget)):
+            lead = first and i == 0
+            msg = compose(chunk, lead)
+            size = message_length(msg)
+            if size <= limit:
+                out.append(msg)
+                continue
+            units = message_length(chunk)
+            if units <= 2:  # cannot happen with real names; never post over the limit
+                out.extend(split_message(msg, limit))
+                continue
+            # Jyutping is several letters per character: shrink the part in proportion.
+            smaller = max(2, min(units - 1, units * limit * 9 // (size * 10)))
+            out.extend(place(chunk, smaller, lead))
+        return out
+
+    return place(_one_line(segment.text), max(2, limit - message_length(head) - 1), True)
 
 
 def message_length(text: str) -> int:

@@ -1,0 +1,91 @@
+"""What an STT session tells its owner: states and events, as plain values (pure).
+
+Identity, not text: every new committed line carries a :class:`LineRef` (the speaker's key and
+a sequence number of that session's lines). When the timestamped form of the same sentence
+comes it arrives as :class:`SegmentTimestamped` with the *same* ref: an amend of that line. An
+owner keys its rows by ref (the meeting's storage writes, a replay's list of lines) and never
+has to find a line again by its text or by a display name. Partial captions carry the
+speaker's key too.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from bot.errors import CantobotError
+from bot.transcript.model import Segment
+
+#: What identifies a speaker to the owner: the Discord user id, else the speaker's name.
+SpeakerKey = int | str
+
+
+class SttState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    STARTING = "starting"
+    STREAMING = "streaming"
+    RECONNECTING = "reconnecting"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+_S = SttState
+#: Legal transitions (anything else is a bug in the session).
+TRANSITIONS: Final[dict[SttState, frozenset[SttState]]] = {
+    _S.IDLE: frozenset({_S.CONNECTING, _S.CLOSED}),
+    _S.CONNECTING: frozenset({_S.STARTING, _S.FAILED, _S.CLOSED}),
+    _S.STARTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
+    _S.STREAMING: frozenset({_S.RECONNECTING, _S.STOPPING, _S.CLOSED}),
+    _S.RECONNECTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
+    # A drop while stopping reconnects (within stop_timeout) so the last sentences are not lost.
+    _S.STOPPING: frozenset({_S.RECONNECTING, _S.CLOSED}),
+    _S.FAILED: frozenset({_S.CONNECTING, _S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LineRef:
+    """One committed line: whose (``speaker``, a :data:`SpeakerKey`) and which (``seq``, from
+    a counter the owner may share between sessions so that refs never repeat)."""
+
+    speaker: SpeakerKey
+    seq: int
+
+
+@dataclass(frozen=True)
+class SegmentCommitted:
+    """A new committed line."""
+
+    segment: Segment
+    ref: LineRef
+
+
+@dataclass(frozen=True)
+class SegmentTimestamped:
+    """The line ``ref``, now with words and better times (an amend, not a new line)."""
+
+    segment: Segment
+    ref: LineRef
+
+
+@dataclass(frozen=True)
+class PartialText:
+    """The words heard so far of a sentence not yet committed (a live caption)."""
+
+    speaker: str
+    text: str
+    key: SpeakerKey
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    speaker: str
+    state: SttState
+    error: CantobotError | None = None
+
+
+SttEvent = SegmentCommitted | SegmentTimestamped | PartialText | StateChanged
