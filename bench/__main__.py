@@ -12,9 +12,9 @@ on (what Discord negotiates today). R: the product's receive path over the floor
 packets (median of per-repeat ratios). L: p99 of what is added on top of filling one chunk:
 row 2's send lag plus one packet's receive time.
 
-``--quick`` (under 45 s): 10 s of speech, 15 repeats, two packet sets, row 2 at 250 sessions
-for 3 s per send path and row 2e at 250 speakers for 1.6 s per variant (variants interleaved),
-peers only if their venvs already exist; no rows 3 and memory.
+``--quick`` (under 45 s): 10 s of speech, 15 repeats (peers 9), two packet sets, row 2 at 250
+sessions for 2.4 s per send path and row 2e at 250 speakers for 1.2 s per variant (variants
+interleaved), peers only if their venvs already exist; no rows 3 and memory.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if "2" in rows:
         from bench.upstream import row2
         counts = (SIZING,) if quick else (50, SIZING, 500)
-        upstream = asyncio.run(row2(counts, 3.0 if quick else 12.0,
+        upstream = asyncio.run(row2(counts, 2.4 if quick else 12.0,
                                     repeats=2 if quick else 4))
         pinned = bool(upstream) and upstream[0].pinned
         print("## 2. Upstream: N SttSessions, 100 ms chunks, loopback Socket.IO server "
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e: list[Any] = []
     if "2e" in rows:
         from bench.e2e import row2e
-        e2e = asyncio.run(row2e(rec, (SIZING,), 1.6 if quick else 8.0,
+        e2e = asyncio.run(row2e(rec, (SIZING,), 1.2 if quick else 8.0,
                                 repeats=2 if quick else 4))
         print(f"## 2e. End to end in one process: {SIZING} speakers' packets -> VoiceReceiver "
               "-> Chunker -> SttSession -> loopback server (pinned as in row 2; AES-GCM, "
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peers import run_peers
         peer_set = next((s for s in sets if s.mode == MODE_XCHACHA20 and not s.dave), None)
         if peer_set is not None:
-            peers = run_peers(peer_set, repeats, install=not (quick or args.no_install))
+            peers = run_peers(peer_set, 9 if quick else repeats,
+                              install=not (quick or args.no_install))
         print("## 4. The floor and the peers, same packets\n")
         rows4 = []
         for s in sets:
