@@ -242,8 +242,8 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
 def _close(receiver: VoiceReceiver | LeanReceiver | None, problems: dict[str, int]) -> None:
     """End a phase's receiver, adding up what it counted as wrong (nothing, on these packets)."""
     if isinstance(receiver, VoiceReceiver):
-        for k, n in receiver.stats.items():
-            if k not in ("received", "pending_expired") and n:
+        for k, n in receiver.counters().as_dict().items():
+            if k not in ("received", "decoded", "waiting") and n:
                 problems[k] = problems.get(k, 0) + n
     elif receiver is not None:
         if receiver.out_of_order:
