@@ -61,6 +61,7 @@ __all__ = [
     "WordPayload",
     "WordTiming",
     "audio_chunk",
+    "audio_chunk_event_json",
     "decode_audio_chunk",
     "parse_session_closed",
     "parse_session_error",
@@ -204,6 +205,21 @@ def audio_chunk(pcm: bytes, rate: int) -> AudioChunkPayload:
     if len(pcm) % 2:
         raise ValueError(f"16-bit PCM must have an even byte count, got {len(pcm)}")
     return {"audio_base_64": base64.b64encode(pcm).decode("ascii"), "sample_rate": rate}
+
+
+def audio_chunk_event_json(pcm: bytes, rate: int) -> str:
+    """``json.dumps([AUDIO_CHUNK, audio_chunk(pcm, rate)])`` without the JSON encoder.
+
+    The Socket.IO event as JSON text (prefix ``"42"`` for an Engine.IO message of the default
+    namespace): a send path writing frames itself skips python-socketio's ``json.dumps`` of a
+    ~4 KB string per chunk. Plain concatenation is exact because base64's alphabet and the
+    event name need no JSON escaping.
+    """
+    _check_rate(rate)
+    if len(pcm) % 2:
+        raise ValueError(f"16-bit PCM must have an even byte count, got {len(pcm)}")
+    return ('["' + AUDIO_CHUNK + '",{"audio_base_64":"' + base64.b64encode(pcm).decode("ascii")
+            + '","sample_rate":' + str(rate) + "}]")
 
 
 def decode_audio_chunk(payload: object) -> tuple[bytes, int]:
