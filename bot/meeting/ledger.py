@@ -28,7 +28,7 @@ from bot.storage import StorageBackend
 from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
 from bot.transcript.escape import inert, outside
-from bot.transcript.format import nickname_with_notice
+from bot.transcript.format import cut_message, nickname_with_notice
 from bot.transcript.model import Minutes, Segment
 from bot.transcript.script import PLAIN, Readability
 
@@ -81,8 +81,9 @@ class MinutesPost:
                 for name, body in self.files.items()]
 
     async def send(self, send: Callable[..., Awaitable[Any]]) -> None:
-        """Post as one message through ``send`` (``channel.send``, ``followup.send``)."""
-        await send(self.text[:MESSAGE_LIMIT], files=self.discord_files(),
+        """Post as one message through ``send`` (``channel.send``, ``followup.send``), the
+        text cut to what Discord takes (UTF-16 units, :func:`cut_message`)."""
+        await send(cut_message(self.text, MESSAGE_LIMIT), files=self.discord_files(),
                    allowed_mentions=discord.AllowedMentions.none())
 
 
