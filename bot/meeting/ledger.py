@@ -16,7 +16,7 @@ import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -107,6 +107,9 @@ class Ledger:
         #: Storage writes of committed lines not yet amended by their timestamped twin.
         self._line_writes: dict[LineRef, asyncio.Task[int]] = {}
         self._old_nick: str | None = None
+        #: Set at shutdown (``loop.time()`` value): :meth:`close` gives Discord until then and
+        #: leaves what it could not post (the minutes) for the next start.
+        self.deadline: float | None = None
 
     # -- opening and closing ---------------------------------------------------------------------
 
@@ -147,12 +150,45 @@ class Ledger:
 
     async def close(self) -> Minutes:
         """End the row, post the minutes, give the nickname back, flush Discord."""
+        if self.deadline is not None:
+            return await self._close_by(self.deadline)
         await self.storage.end_meeting(self.meeting_id, datetime.now(UTC))
         minutes = await self.storage.minutes(self.meeting_id)
         await self.post_minutes(minutes)
         await self._set_nickname(transcribing=False)
         await self.sink.aclose(SINK_FLUSH_TIMEOUT)
         return minutes
+
+    async def _close_by(self, deadline: float) -> Minutes:
+        """Shutdown's close: Discord gets until ``deadline``. The row is ended only once the
+        minutes are posted; otherwise it stays open and the next start's crash recovery
+        (:meth:`~bot.meeting.manager.MeetingManager.recover_unfinished`) posts them. Every
+        line is already stored, so nothing said is lost either way."""
+        ended_at = datetime.now(UTC)
+        minutes = replace(await self.storage.minutes(self.meeting_id), ended_at=ended_at)
+        if await self._before(deadline, self.post_minutes(minutes), "posting the minutes"):
+            await self.storage.end_meeting(self.meeting_id, ended_at)
+        else:
+            log.warning("guild %s: meeting #%d left open: Discord did not take its minutes in "
+                        "time; the next start posts them", self.guild.id, self.number)
+        await self._before(deadline, self._set_nickname(transcribing=False),
+                           "restoring the nickname")
+        await self.sink.aclose(max(0.0, deadline - asyncio.get_running_loop().time()))
+        return minutes
+
+    async def _before(self, deadline: float, step: Awaitable[None], what: str) -> bool:
+        """Run ``step`` until ``deadline``; False (logged) if it ran out of time or failed."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await step
+        except TimeoutError:
+            log.warning("guild %s: shutting down: gave up %s (Discord unreachable?)",
+                        self.guild.id, what)
+            return False
+        except Exception as exc:  # e.g. discord.py giving up on a refused connection
+            log.warning("guild %s: shutting down: %s failed: %s", self.guild.id, what, exc)
+            return False
+        return True
 
     async def post_minutes(self, minutes: Minutes) -> None:
         post = MinutesPost.of(minutes, readability=self.readability)
