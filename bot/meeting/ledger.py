@@ -12,9 +12,11 @@ words and files, used by a stop, by crash recovery and by ``/transcribe minutes`
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -42,6 +44,12 @@ NOTICE_COOLDOWN = 300.0
 MESSAGE_LIMIT = 2000
 #: Task name prefix of storage writes (a stop awaits them all).
 STORE_TASK = "store-"
+#: Storage writes running at once. A flood of commits queues the rest in order (every line is
+#: still stored) instead of starting one task per line.
+STORE_WRITERS = 4
+#: Committed lines remembered for their timestamped twin, which comes right after its line; a
+#: flood of commits without twins must not grow this map for ever.
+LINE_REFS_KEPT = 1024
 
 
 class TranscriptSink(Protocol):
@@ -104,8 +112,13 @@ class Ledger:
         self.upstream = "idle"
         self.upstream_error: CantobotError | None = None
         self._notices: dict[str, float] = {}
-        #: Storage writes of committed lines not yet amended by their timestamped twin.
-        self._line_writes: dict[LineRef, asyncio.Task[int]] = {}
+        #: Row ids (once written) of committed lines not yet amended by their timestamped twin.
+        self._line_writes: dict[LineRef, asyncio.Future[int]] = {}
+        #: Storage writes waiting for one of at most STORE_WRITERS writer tasks.
+        self._store_queue: deque[Callable[[], Awaitable[None]]] = deque()
+        self._writers = 0
+        #: Most writer tasks ever running at once (the bound at work; read by tests).
+        self.peak_writers = 0
         self._old_nick: str | None = None
         #: Set at shutdown (``loop.time()`` value): :meth:`close` gives Discord until then and
         #: leaves what it could not post (the minutes) for the next start.
@@ -213,14 +226,43 @@ class Ledger:
                avatar_url: str | None) -> None:
         """A new line: stored now, posted in order."""
         self.lines += 1
-        self._line_writes[ref] = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
-                                                   f"{STORE_TASK}line-{self.lines}")
+        row: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._line_writes[ref] = row
+        if len(self._line_writes) > LINE_REFS_KEPT:
+            del self._line_writes[next(iter(self._line_writes))]
+        self._store(functools.partial(self._store_line, segment, row))
         self.sink.post_line(segment, display_name=display_name, avatar_url=avatar_url)
         log.info("guild %s: line %d from %s posted", self.guild.id, self.lines, segment.speaker)
 
     def amend(self, ref: LineRef, segment: Segment) -> None:
         """The timestamped twin of line ``ref``: its words and better times replace the row's."""
-        self._tasks.spawn(self._store_words(ref, segment), f"{STORE_TASK}words-{self.lines}")
+        self._store(functools.partial(self._store_words, ref, segment))
+
+    def _store(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Queue a storage write; at most :data:`STORE_WRITERS` tasks run the queue."""
+        self._store_queue.append(write)
+        if self._writers < STORE_WRITERS:
+            self._writers += 1
+            self.peak_writers = max(self.peak_writers, self._writers)
+            self._tasks.spawn(self._writer(), f"{STORE_TASK}writer-{self.lines}")
+
+    async def _writer(self) -> None:
+        try:
+            while self._store_queue:
+                write = self._store_queue.popleft()
+                try:
+                    await write()
+                except Exception:
+                    log.exception("guild %s: a storage write failed", self.guild.id)
+        finally:
+            self._writers -= 1
+
+    async def _store_line(self, segment: Segment, row: asyncio.Future[int]) -> None:
+        try:
+            row.set_result(await self.storage.add_line(self.meeting_id, segment))
+        except BaseException:
+            row.cancel()  # its twin's words are then not stored (logged there)
+            raise
 
     async def _store_words(self, ref: LineRef, segment: Segment) -> None:
         # The session emits a sentence's timestamped twin only after the sentence itself, whose
@@ -231,7 +273,12 @@ class Ledger:
                         ref)
             await self.storage.add_line(self.meeting_id, segment)
             return
-        await self.storage.update_line_words(await write, segment)
+        await asyncio.wait([write])
+        if write.cancelled():
+            log.warning("guild %s: words of line %s not stored: storing the line failed",
+                        self.guild.id, ref)
+            return
+        await self.storage.update_line_words(write.result(), segment)
 
     # -- notices ---------------------------------------------------------------------------------
 

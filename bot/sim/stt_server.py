@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -95,6 +96,10 @@ class FakeSttServer:
         self.send_plain = True  # committed_transcript
         self.send_timestamps = True  # committed_transcript_with_timestamps
         self.timestamps_first = False  # the twin may arrive before the plain form
+        # Flood fault (fires once): the next utterance's commit is followed, back to back, by
+        # this many more plain commits ("flood 00000", ...), as a runaway upstream might send.
+        self.flood_commits = 0
+        self.flood_seconds: float | None = None  # how long the last flood took to send
         self._runner: web.AppRunner | None = None
         self._sio: socketio.AsyncServer | None = None
         self._live: dict[str, _Live] = {}
@@ -343,6 +348,15 @@ class FakeSttServer:
         for enabled, message in order:
             if enabled:
                 await sio.emit(p.TRANSCRIPT_MESSAGE, message, to=sid)
+        if self.flood_commits:
+            count, self.flood_commits = self.flood_commits, 0
+            began = time.monotonic()
+            for i in range(count):
+                text = f"flood {i:05d}"
+                record.committed.append(text)
+                await sio.emit(p.TRANSCRIPT_MESSAGE,
+                               {"message_type": "committed_transcript", "text": text}, to=sid)
+            self.flood_seconds = time.monotonic() - began
 
 
 async def serve_forever(host: str, port: int, api_key: str) -> None:
