@@ -8,18 +8,17 @@ messages (none dropped) and the channel is told once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 from bot.meeting.ledger import STORE_WRITERS
 from bot.sinks.discord_sink import BACKLOG_NOTICE
-from bot.sinks.outbox import DEFAULT_MAX_ENTRIES
+from bot.sinks.outbox import DEFAULT_MAX_ENTRIES, Item, Outbox
 from bot.storage.db import Storage
 from tests.test_reliability import LINE_PREFIX, notices, rig, track, until
 
 FLOOD = 10_000
-#: 429s in a row at the start of the flood (one second each).
-RATE_LIMITED = 8
 
 
 async def test_a_flood_of_commits_is_stored_merged_into_few_messages_and_said_once(
@@ -29,7 +28,7 @@ async def test_a_flood_of_commits_is_stored_merged_into_few_messages_and_said_on
         r.stt.flood_commits = FLOOD
         # Discord rate limits a webhook past a few posts (5 per 5 s): while the flood arrives
         # it answers 429 with retry_after, as it would, and the lines back up in the bot.
-        r.discord.fail_next(RATE_LIMITED, status=429, path_prefix="/webhooks/", retry_after=1.0)
+        r.discord.fail_next(10**6, status=429, path_prefix="/webhooks/", retry_after=0.2)
         flood = [f"flood {i:05d}" for i in range(FLOOD)]
         began = time.monotonic()
         await r.speak("alice", track("開會"))
@@ -38,6 +37,7 @@ async def test_a_flood_of_commits_is_stored_merged_into_few_messages_and_said_on
         assert r.stt.flood_seconds is not None
         ledger = r.meeting.ledger
         await until(lambda: ledger.lines == FLOOD + 1, limit=60)
+        r.discord.clear_faults()  # the flood is in: Discord takes posts again
         await ledger.flush()
 
         def posted() -> list[str]:
@@ -66,3 +66,31 @@ async def test_a_flood_of_commits_is_stored_merged_into_few_messages_and_said_on
     print(f"{FLOOD} commits sent by the fake in {r.stt.flood_seconds:.2f} s, all committed "
           f"{sent_in:.2f} s after the speech began; {len(messages)} messages; peak "
           f"{stats.peak_waiting} waiting; {ledger.peak_writers} writers at once")
+
+
+async def test_past_max_entries_lines_are_not_queued_so_memory_stays_bounded() -> None:
+    gate = asyncio.Event()
+    sent: list[str] = []
+
+    async def send(item: Item) -> None:
+        await gate.wait()  # Discord takes nothing for now
+        sent.append(item.text)
+
+    backlog: list[int] = []
+    box = Outbox(send, name="t", max_pending=2, max_entries=4, merge_limit=20,
+                 on_backlog=lambda: backlog.append(1))
+    box.start()
+    box.put(Item("head", "k"))
+    await asyncio.sleep(0)  # "head" is in flight
+    texts = [f"line {i:03d}" for i in range(100)]  # 8 characters: two fit in one message
+    for text in texts:
+        box.put(Item(text, "k"))
+    assert box.stats.peak_entries == 4  # never more messages waiting than max_entries
+    assert backlog == [1]  # the sink is told once
+    assert box.stats.dropped_backlog == 100 - box.pending + 1
+    gate.set()
+    await box.flush()
+    delivered = "\n".join(sent[1:]).split("\n")
+    assert delivered == texts[: len(delivered)]  # the first lines, in order, merged
+    assert all(len(s) <= 20 for s in sent)
+    await box.aclose()

@@ -267,6 +267,10 @@ class LocalDiscord:
             n, status=status, path_prefix=path_prefix, retry_after=retry_after, is_global=is_global
         )
 
+    def clear_faults(self) -> None:
+        """Forget the REST failures injected by :meth:`fail_next` and not yet used."""
+        self.rest.clear_faults()
+
     async def set_bot_permissions(self, permissions: int) -> None:
         """Give the bot's role exactly ``permissions`` (bits from ``state.PERM_*``) and tell the
         bot (GUILD_ROLE_UPDATE). @everyone's permissions still apply on top, as on Discord."""
