@@ -94,3 +94,16 @@ async def test_past_max_entries_lines_are_not_queued_so_memory_stays_bounded() -
     assert delivered == texts[: len(delivered)]  # the first lines, in order, merged
     assert all(len(s) <= 20 for s in sent)
     await box.aclose()
+
+
+async def test_a_flood_of_partials_is_coalesced_into_a_few_caption_edits(tmp_path: Path) -> None:
+    async with rig(tmp_path, names=("alice",), transcribe={"captions": True}) as r:
+        r.stt.flood_partials = FLOOD
+        await r.speak("alice", track("開會"))
+        await until(lambda: sum(len(rec.partials) for rec in r.stt.records.values()) > FLOOD)
+        await r.wait_lines({"alice": ["開會"]})
+        in_thread = [m for m in r.discord.messages if m.thread is not None]
+        # The caption shows the latest partial at most once per caption_edit_interval: a
+        # handful of posts and edits, not one per partial.
+        assert 1 <= len(in_thread) <= 20, len(in_thread)
+        assert r.meeting.ledger.sink.stats.peak_waiting <= 2  # type: ignore[attr-defined]

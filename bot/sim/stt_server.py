@@ -100,6 +100,8 @@ class FakeSttServer:
         # this many more plain commits ("flood 00000", ...), as a runaway upstream might send.
         self.flood_commits = 0
         self.flood_seconds: float | None = None  # how long the last flood took to send
+        # ... and the next partial is followed by this many more (fires once).
+        self.flood_partials = 0
         self._runner: web.AppRunner | None = None
         self._sio: socketio.AsyncServer | None = None
         self._live: dict[str, _Live] = {}
@@ -315,12 +317,14 @@ class FakeSttServer:
     ) -> None:
         record = self.records[sid]
         if isinstance(event, Partial):
-            record.partials.append(event.text)
-            await sio.emit(
-                p.TRANSCRIPT_MESSAGE,
-                {"message_type": "partial_transcript", "text": event.text},
-                to=sid,
-            )
+            count, self.flood_partials = self.flood_partials, 0
+            for text in [event.text, *(f"{event.text} {i:05d}" for i in range(count))]:
+                record.partials.append(text)
+                await sio.emit(
+                    p.TRANSCRIPT_MESSAGE,
+                    {"message_type": "partial_transcript", "text": text},
+                    to=sid,
+                )
             return
         record.committed.append(event.text)
         plain = {"message_type": "committed_transcript", "text": event.text}
