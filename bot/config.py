@@ -133,6 +133,9 @@ class TranscribeConfig:
     script: str = "as-is"
     #: A Jyutping line under each posted sentence: off | line.
     jyutping: str = "off"
+    #: Seconds a SIGTERM/SIGINT may take: STT flushed and lines stored first, then whatever
+    #: Discord takes in time; minutes it could not take are posted by the next start.
+    shutdown_timeout: float = field(default=10.0, metadata=_range(1, 600))
 
     @property
     def readability(self) -> Readability:

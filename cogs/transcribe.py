@@ -19,7 +19,7 @@ from bot.errors import CantobotError
 from bot.meeting import MeetingManager, MinutesPost
 from bot.storage.common import MeetingInfo, MeetingNotFound
 from bot.transcript.escape import ERROR_BUDGET, outside
-from bot.transcript.format import format_timestamp
+from bot.transcript.format import cut_message, format_timestamp
 from bot.transcript.script import (
     Readability,
     ReadabilityChoice,
@@ -103,6 +103,7 @@ class Transcribe(commands.Cog):
         return self.bot.meetings
 
     async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
+        text = cut_message(text)  # Discord counts UTF-16 units; names can be long
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True)
         else:
@@ -202,7 +203,7 @@ class Transcribe(commands.Cog):
             reply += ("\nI am missing **Manage Webhooks** in #" + outside(target.name)
                       + ", so lines are posted by me with the speaker's name in bold; grant it "
                       "to show each line as its speaker.")
-        await interaction.followup.send(reply, ephemeral=True)
+        await interaction.followup.send(cut_message(reply), ephemeral=True)
 
     @group.command(name="stop", description="Stop transcribing and post the minutes")
     async def stop(self, interaction: discord.Interaction) -> None:
@@ -246,7 +247,7 @@ class Transcribe(commands.Cog):
                 f"Speech-to-text: {outside(st.upstream, ERROR_BUDGET)}\n"
                 f"End-to-end encrypted: {e2ee}\n"
                 f"{st.voice or 'voice packets: none yet'}\nSpeakers:\n{speakers}")
-        await interaction.response.send_message(text, ephemeral=True)
+        await interaction.response.send_message(cut_message(text), ephemeral=True)
 
     @group.command(name="minutes", description="Post the minutes of this or an earlier meeting")
     @app_commands.describe(session="Meeting number (default: the latest you can read)")
@@ -380,7 +381,7 @@ class Transcribe(commands.Cog):
                   else "an unexpected error (details are in the bot's log)")
         text = f"Sorry, `/{command}` failed: {reason}. Please try again."
         try:
-            await self._refuse(interaction, text[:2000])
+            await self._refuse(interaction, text)
         except discord.HTTPException as exc:
             log.warning("could not tell %s that /%s failed: %s", interaction.user, command, exc)
 

@@ -45,6 +45,9 @@ from bot.voice.receiver import VoiceReceiver
 
 log = logging.getLogger(__name__)
 
+#: Seconds a shutdown waits for discord.py to leave voice (it waits for the gateway).
+LEAVE_AT_SHUTDOWN = 1.0
+
 
 class Meeting:
     """One guild's live transcription."""
@@ -207,7 +210,7 @@ class Meeting:
         try:
             await self.intake.drain()  # drain: nothing more is heard
             await self.speakers.finish_all()  # flush: the last commits ...
-            await self.intake.leave()
+            await self._leave()
             await self.ledger.flush()  # ... and their storage writes
             minutes = await self.ledger.close()  # close: end, post the minutes, leave
         finally:
@@ -220,6 +223,21 @@ class Meeting:
         log.info("guild %s: meeting %d ended: %d lines; voice packets: %s", self.guild.id,
                  self.meeting_id, len(minutes.segments), dict(self.receiver.stats))
         return minutes
+
+    async def _leave(self) -> None:
+        """Leave voice; at shutdown for at most :data:`LEAVE_AT_SHUTDOWN` seconds (discord.py
+        waits for a gateway that may be unreachable), so the minutes keep their time."""
+        deadline = self.ledger.deadline
+        if deadline is None:
+            await self.intake.leave()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + LEAVE_AT_SHUTDOWN)):
+                await self.intake.leave()
+        except TimeoutError:
+            log.warning("guild %s: shutting down: leaving voice timed out (Discord "
+                        "unreachable?)", self.guild.id)
 
     # -- channel presence ------------------------------------------------------------------------
 

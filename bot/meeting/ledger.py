@@ -12,11 +12,13 @@ words and files, used by a stop, by crash recovery and by ``/transcribe minutes`
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -29,7 +31,7 @@ from bot.storage import StorageBackend
 from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
 from bot.transcript.escape import inert
-from bot.transcript.format import nickname_with_notice
+from bot.transcript.format import cut_message, nickname_with_notice
 from bot.transcript.model import Minutes, Segment
 from bot.transcript.script import PLAIN, Readability
 
@@ -43,6 +45,12 @@ NOTICE_COOLDOWN = 300.0
 MESSAGE_LIMIT = 2000
 #: Task name prefix of storage writes (a stop awaits them all).
 STORE_TASK = "store-"
+#: Storage writes running at once. A flood of commits queues the rest in order (every line is
+#: still stored) instead of starting one task per line.
+STORE_WRITERS = 4
+#: Committed lines remembered for their timestamped twin, which comes right after its line; a
+#: flood of commits without twins must not grow this map for ever.
+LINE_REFS_KEPT = 1024
 
 
 class TranscriptSink(Protocol):
@@ -86,8 +94,9 @@ class MinutesPost:
                 for name, body in self.files.items()]
 
     async def send(self, send: Callable[..., Awaitable[Any]]) -> None:
-        """Post as one message through ``send`` (``channel.send``, ``followup.send``)."""
-        await send(self.text[:MESSAGE_LIMIT], files=self.discord_files(),
+        """Post as one message through ``send`` (``channel.send``, ``followup.send``), the
+        text cut to what Discord takes (UTF-16 units, :func:`cut_message`)."""
+        await send(cut_message(self.text, MESSAGE_LIMIT), files=self.discord_files(),
                    allowed_mentions=discord.AllowedMentions.none())
 
 
@@ -108,9 +117,17 @@ class Ledger:
         self.upstream = "idle"
         self.upstream_error: CantobotError | None = None
         self._notices: dict[str, float] = {}
-        #: Storage writes of committed lines not yet amended by their timestamped twin.
-        self._line_writes: dict[LineRef, asyncio.Task[int]] = {}
+        #: Row ids (once written) of committed lines not yet amended by their timestamped twin.
+        self._line_writes: dict[LineRef, asyncio.Future[int]] = {}
+        #: Storage writes waiting for one of at most STORE_WRITERS writer tasks.
+        self._store_queue: deque[Callable[[], Awaitable[None]]] = deque()
+        self._writers = 0
+        #: Most writer tasks ever running at once (the bound at work; read by tests).
+        self.peak_writers = 0
         self._old_nick: str | None = None
+        #: Set at shutdown (``loop.time()`` value): :meth:`close` gives Discord until then and
+        #: leaves what it could not post (the minutes) for the next start.
+        self.deadline: float | None = None
 
     # -- opening and closing ---------------------------------------------------------------------
 
@@ -145,12 +162,45 @@ class Ledger:
 
     async def close(self) -> Minutes:
         """End the row, post the minutes, give the nickname back, flush Discord."""
+        if self.deadline is not None:
+            return await self._close_by(self.deadline)
         await self.storage.end_meeting(self.meeting_id, datetime.now(UTC))
         minutes = await self.storage.minutes(self.meeting_id)
         await self.post_minutes(minutes)
         await self._set_nickname(transcribing=False)
         await self.sink.aclose(SINK_FLUSH_TIMEOUT)
         return minutes
+
+    async def _close_by(self, deadline: float) -> Minutes:
+        """Shutdown's close: Discord gets until ``deadline``. The row is ended only once the
+        minutes are posted; otherwise it stays open and the next start's crash recovery
+        (:meth:`~bot.meeting.manager.MeetingManager.recover_unfinished`) posts them. Every
+        line is already stored, so nothing said is lost either way."""
+        ended_at = datetime.now(UTC)
+        minutes = replace(await self.storage.minutes(self.meeting_id), ended_at=ended_at)
+        if await self._before(deadline, self.post_minutes(minutes), "posting the minutes"):
+            await self.storage.end_meeting(self.meeting_id, ended_at)
+        else:
+            log.warning("guild %s: meeting #%d left open: Discord did not take its minutes in "
+                        "time; the next start posts them", self.guild.id, self.number)
+        await self._before(deadline, self._set_nickname(transcribing=False),
+                           "restoring the nickname")
+        await self.sink.aclose(max(0.0, deadline - asyncio.get_running_loop().time()))
+        return minutes
+
+    async def _before(self, deadline: float, step: Awaitable[None], what: str) -> bool:
+        """Run ``step`` until ``deadline``; False (logged) if it ran out of time or failed."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await step
+        except TimeoutError:
+            log.warning("guild %s: shutting down: gave up %s (Discord unreachable?)",
+                        self.guild.id, what)
+            return False
+        except Exception as exc:  # e.g. discord.py giving up on a refused connection
+            log.warning("guild %s: shutting down: %s failed: %s", self.guild.id, what, exc)
+            return False
+        return True
 
     async def post_minutes(self, minutes: Minutes) -> None:
         post = MinutesPost.of(minutes, readability=self.readability)
@@ -175,14 +225,43 @@ class Ledger:
                avatar_url: str | None) -> None:
         """A new line: stored now, posted in order."""
         self.lines += 1
-        self._line_writes[ref] = self._tasks.spawn(self.storage.add_line(self.meeting_id, segment),
-                                                   f"{STORE_TASK}line-{self.lines}")
+        row: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._line_writes[ref] = row
+        if len(self._line_writes) > LINE_REFS_KEPT:
+            del self._line_writes[next(iter(self._line_writes))]
+        self._store(functools.partial(self._store_line, segment, row))
         self.sink.post_line(segment, display_name=display_name, avatar_url=avatar_url)
         log.info("guild %s: line %d from %s posted", self.guild.id, self.lines, segment.speaker)
 
     def amend(self, ref: LineRef, segment: Segment) -> None:
         """The timestamped twin of line ``ref``: its words and better times replace the row's."""
-        self._tasks.spawn(self._store_words(ref, segment), f"{STORE_TASK}words-{self.lines}")
+        self._store(functools.partial(self._store_words, ref, segment))
+
+    def _store(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Queue a storage write; at most :data:`STORE_WRITERS` tasks run the queue."""
+        self._store_queue.append(write)
+        if self._writers < STORE_WRITERS:
+            self._writers += 1
+            self.peak_writers = max(self.peak_writers, self._writers)
+            self._tasks.spawn(self._writer(), f"{STORE_TASK}writer-{self.lines}")
+
+    async def _writer(self) -> None:
+        try:
+            while self._store_queue:
+                write = self._store_queue.popleft()
+                try:
+                    await write()
+                except Exception:
+                    log.exception("guild %s: a storage write failed", self.guild.id)
+        finally:
+            self._writers -= 1
+
+    async def _store_line(self, segment: Segment, row: asyncio.Future[int]) -> None:
+        try:
+            row.set_result(await self.storage.add_line(self.meeting_id, segment))
+        except BaseException:
+            row.cancel()  # its twin's words are then not stored (logged there)
+            raise
 
     async def _store_words(self, ref: LineRef, segment: Segment) -> None:
         # The session emits a sentence's timestamped twin only after the sentence itself, whose
@@ -193,7 +272,12 @@ class Ledger:
                         ref)
             await self.storage.add_line(self.meeting_id, segment)
             return
-        await self.storage.update_line_words(await write, segment)
+        await asyncio.wait([write])
+        if write.cancelled():
+            log.warning("guild %s: words of line %s not stored: storing the line failed",
+                        self.guild.id, ref)
+            return
+        await self.storage.update_line_words(write.result(), segment)
 
     # -- notices ---------------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between re-reads of the opt-out list from storage (another process may change it).
 OPT_OUT_REFRESH = 5.0
+#: Seconds of ``shutdown_timeout`` kept back from Discord for a meeting's own clean-up
+#: (leaving voice, stopping tasks) after its minutes were tried.
+SHUTDOWN_RESERVE = 1.0
 
 
 class MeetingManager:
@@ -193,18 +196,42 @@ class MeetingManager:
             return None
         return await meeting.stop(reason)
 
-    async def shutdown(self) -> None:
-        """Flush every meeting concurrently (SIGTERM): stop-session, last commits, minutes."""
+    async def shutdown(self, within: float | None = None) -> None:
+        """Flush every meeting concurrently (SIGTERM), within ``within`` seconds (default
+        ``transcribe.shutdown_timeout``): stop-session and the last commits stored first, then
+        the minutes and queued posts get what is left of the time. Whatever Discord cannot take
+        by then is left for the next start: the meeting stays open in storage and
+        :meth:`recover_unfinished` posts its minutes."""
+        timeout = self.config.transcribe.shutdown_timeout if within is None else within
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
         meetings = list(self._meetings.values())
-        if meetings:
-            log.info("shutting down: flushing %d meeting(s)", len(meetings))
-        await asyncio.gather(*(m.stop("bot shutting down") for m in meetings),
-                             return_exceptions=True)
+        if not meetings:
+            return
+        log.info("shutting down: flushing %d meeting(s) (at most %.1f s)", len(meetings),
+                 timeout)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        for meeting in meetings:
+            # Discord's part ends a little early, so a meeting's own clean-up fits in the bound.
+            meeting.ledger.deadline = end - min(SHUTDOWN_RESERVE, timeout / 4)
+        stops = [loop.create_task(m.stop("bot shutting down"), name=f"shutdown-{m.guild.id}")
+                 for m in meetings]
+        _, late = await asyncio.wait(stops, timeout=max(0.0, end - loop.time()))
+        for task in late:
+            task.cancel()
+        if late:
+            log.error("shutting down: %d meeting(s) did not finish within %.1f s; they stay "
+                      "open in storage and the next start posts their minutes", len(late),
+                      timeout)
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        for meeting, result in zip(meetings, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("guild %s: stopping the meeting at shutdown failed", meeting.guild.id,
+                          exc_info=result)
 
     def meetings(self) -> list[Meeting]:
         return list(self._meetings.values())

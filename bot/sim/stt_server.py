@@ -108,6 +108,12 @@ class FakeSttServer:
         # Decode tone codes only in the first this-many seconds of each session's audio (None:
         # all of it); later audio is counted, not decoded, so hours of it pass quickly.
         self.decode_seconds: float | None = None
+        # Flood fault (fires once): the next utterance's commit is followed, back to back, by
+        # this many more plain commits ("flood 00000", ...), as a runaway upstream might send.
+        self.flood_commits = 0
+        self.flood_seconds: float | None = None  # how long the last flood took to send
+        # ... and the next partial is followed by this many more (fires once).
+        self.flood_partials = 0
         self._runner: web.AppRunner | None = None
         self._sio: socketio.AsyncServer | None = None
         self._live: dict[str, _Live] = {}
@@ -358,12 +364,14 @@ class FakeSttServer:
             self._held.append((sid, event))
             return
         if isinstance(event, Partial):
-            record.partials.append(event.text)
-            await sio.emit(
-                p.TRANSCRIPT_MESSAGE,
-                {"message_type": "partial_transcript", "text": event.text},
-                to=sid,
-            )
+            count, self.flood_partials = self.flood_partials, 0
+            for text in [event.text, *(f"{event.text} {i:05d}" for i in range(count))]:
+                record.partials.append(text)
+                await sio.emit(
+                    p.TRANSCRIPT_MESSAGE,
+                    {"message_type": "partial_transcript", "text": text},
+                    to=sid,
+                )
             return
         record.committed.append(event.text)
         plain = {"message_type": "committed_transcript", "text": event.text}
@@ -391,6 +399,15 @@ class FakeSttServer:
         for enabled, message in order:
             if enabled:
                 await sio.emit(p.TRANSCRIPT_MESSAGE, message, to=sid)
+        if self.flood_commits:
+            count, self.flood_commits = self.flood_commits, 0
+            began = time.monotonic()
+            for i in range(count):
+                text = f"flood {i:05d}"
+                record.committed.append(text)
+                await sio.emit(p.TRANSCRIPT_MESSAGE,
+                               {"message_type": "committed_transcript", "text": text}, to=sid)
+            self.flood_seconds = time.monotonic() - began
 
 
 async def serve_forever(host: str, port: int, api_key: str) -> None:

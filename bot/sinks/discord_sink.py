@@ -69,6 +69,11 @@ THREAD_AUTO_ARCHIVE_MINUTES: Literal[60, 1440, 4320, 10080] = 1440
 CAPTION_MARK = " " + ELLIPSIS
 #: Never ping anyone: users, roles, @everyone/@here, replies.
 NO_MENTIONS = discord.AllowedMentions.none()
+#: Said once per meeting when lines back up (a flood from speech-to-text, or Discord slow).
+BACKLOG_NOTICE = (
+    "\N{WARNING SIGN} Lines are coming faster than Discord takes them: they are merged into "
+    "fewer messages from now on. Every line is kept in the minutes."
+)
 
 UserKey = int | str
 
@@ -93,6 +98,8 @@ class SinkStats:
     rate_limited: int  # 429s that reached the outboxes (discord.py retries most by itself)
     retries: int
     permanent_failures: int  # items dropped after a permanent failure
+    dropped_backlog: int = 0  # lines not queued for Discord past the bound (still stored)
+    peak_waiting: int = 0  # most messages waiting at once in any one destination
 
 
 # -- outbox payloads: what a queued item asks the destination's send() to do -------------------
@@ -215,7 +222,9 @@ class DiscordTranscriptSink:
         self._speakers: dict[UserKey, _Speaker] = {}
         self._threads_disabled = False
         self._lines_posted = 0
-        self._outbox = Outbox(self._send_channel, name=f"#{channel.name}", clock=clock)
+        self._backlog_noticed = False
+        self._outbox = Outbox(self._send_channel, name=f"#{channel.name}", clock=clock,
+                              on_backlog=self._on_backlog)
         self._close_lock = asyncio.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -286,6 +295,8 @@ class DiscordTranscriptSink:
             rate_limited=sum(s.rate_limited for s in each),
             retries=sum(s.retried for s in each),
             permanent_failures=sum(s.dropped_permanent for s in each),
+            dropped_backlog=sum(s.dropped_backlog for s in each),
+            peak_waiting=max(s.peak_entries for s in each),
         )
 
     def _accepting(self, what: str) -> bool:
@@ -415,6 +426,13 @@ class DiscordTranscriptSink:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _on_backlog(self) -> None:
+        """An outbox started merging lines under a backlog: say so once in the channel."""
+        if self._backlog_noticed:
+            return
+        self._backlog_noticed = True
+        self.post_notice(BACKLOG_NOTICE)
+
     def _author(self, display_name: str, avatar_url: str | None) -> _Author:
         if self._webhook is None:
             return _BOT
@@ -437,7 +455,8 @@ class DiscordTranscriptSink:
                 await self._send_thread(speaker, item)
 
             speaker.outbox = Outbox(
-                send, name=f"#{self._channel.name}/{speaker.display_name}", clock=self._clock
+                send, name=f"#{self._channel.name}/{speaker.display_name}", clock=self._clock,
+                on_backlog=self._on_backlog,
             )
             speaker.outbox.start()
         return speaker.outbox

@@ -23,8 +23,12 @@ Delivery rules:
   ``merge_limit`` characters, counted as Discord may count them (UTF-16 units, see
   :func:`bot.transcript.format.message_length`), so a burst costs fewer requests. Once an
   item has been tried its batch is fixed, so a retry resends exactly the same message.
-* Bound: past ``max_pending`` waiting items, a new mergeable line is merged into the last waiting
-  item instead of being queued (logged once); nothing is dropped for being late.
+* Bound: past ``max_pending`` waiting items (a flood from upstream, or a long outage), a new
+  mergeable line is merged into the last waiting message instead of being queued, so the queue
+  grows by one message per ``merge_limit`` characters, not per line; this is logged once and
+  ``on_backlog`` is called once (the sink says so in the channel). Memory is bounded: past
+  ``max_entries`` waiting messages (each at most ``merge_limit`` characters) a line is not queued
+  for Discord at all (it is in storage and the minutes), counted and logged once.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ log = logging.getLogger(__name__)
 #: Discord's documented limit on message content (characters); merged messages stay within it.
 DISCORD_MESSAGE_LIMIT = 2000
 #: Waiting items per destination before new lines are merged into the last one. An hour of
-#: a busy meeting is well under a thousand lines; 5000 only trips during a long outage.
-DEFAULT_MAX_PENDING = 5000
+#: a busy meeting is well under a thousand lines: this trips in a flood or a long outage.
+DEFAULT_MAX_PENDING = 1000
+#: Waiting messages per destination past which lines are no longer queued for Discord (about
+#: 2 MB of text at 2000 characters a message; only a runaway upstream gets here).
+DEFAULT_MAX_ENTRIES = 2000
 #: Separator between merged lines: each line stays on its own row in Discord.
 MERGE_SEPARATOR = "\n"
 #: Backoff for 5xx / connection errors: first retry after ~1 s, doubling, capped at 30 s
@@ -204,6 +211,8 @@ class OutboxStats:
     rate_limited: int  # 429s / RateLimited seen by the outbox
     dropped_permanent: int  # items dropped for a permanent failure
     pending: int  # items waiting or in flight
+    dropped_backlog: int = 0  # lines not queued past max_entries (they are in storage)
+    peak_entries: int = 0  # most messages ever waiting at once (the memory bound at work)
 
 
 @dataclass
@@ -223,6 +232,8 @@ class Outbox:
         *,
         name: str,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        on_backlog: Callable[[], None] | None = None,
         merge_limit: int = DISCORD_MESSAGE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -233,6 +244,11 @@ class Outbox:
         self.name = name
         self._send = send
         self._max_pending = max_pending
+        self._max_entries = max(max_entries, max_pending + 1)
+        self._on_backlog = on_backlog
+        self._waiting = 0  # original items in self._pending (kept, not summed per put)
+        self._dropped_backlog = 0
+        self._peak_entries = 0
         self._merge_limit = merge_limit
         self._clock = clock
         self._sleep = sleep
@@ -263,12 +279,14 @@ class Outbox:
             rate_limited=self._rate_limited,
             dropped_permanent=self._dropped,
             pending=self.pending,
+            dropped_backlog=self._dropped_backlog,
+            peak_entries=self._peak_entries,
         )
 
     @property
     def pending(self) -> int:
         """Original items not yet delivered or dropped (waiting plus in flight)."""
-        return sum(e.count for e in self._pending) + sum(e.count for e in self._inflight)
+        return self._waiting + sum(e.count for e in self._inflight)
 
     def start(self) -> None:
         """Start the worker task (idempotent)."""
@@ -326,6 +344,7 @@ class Outbox:
             _resolve(entry, False)
         self._inflight.clear()
         self._pending.clear()
+        self._waiting = 0
         self._idle.set()
         if left:
             log.warning(
@@ -343,36 +362,65 @@ class Outbox:
     def _enqueue(self, item: Item, waiter: asyncio.Future[bool] | None) -> None:
         if self._closed:
             raise OutboxClosedError(f"outbox {self.name} is closed; {item.label} not queued")
-        waiting = sum(e.count for e in self._pending)
+        waiting = self._waiting
         if waiting >= self._max_pending and self._pending and item.merge_key is not None:
-            last = self._pending[-1]
-            if _fits(last.item, item, self._merge_limit):
-                if not self._overflow_logged:
-                    self._overflow_logged = True
-                    log.warning(
-                        "outbox %s has %d items waiting (Discord slow or rate limiting); "
-                        "merging new lines into the last waiting message",
-                        self.name,
-                        waiting,
-                    )
-                last.item = _join(last.item, item)
-                last.count += 1
-                if waiter is not None:
-                    last.waiters.append(waiter)
-                return
-            # Does not fit in the last message: queue it anyway. Growth is then one entry per
-            # ~2000 characters of text, i.e. bounded by the transcript itself, and nothing is lost.
+            first_time = not self._overflow_logged
+            if first_time:
+                self._overflow_logged = True
+                log.warning(
+                    "outbox %s has %d items waiting (a flood, or Discord slow or rate "
+                    "limiting); merging new lines into the last waiting message",
+                    self.name,
+                    waiting,
+                )
+            try:
+                if self._merge_into_last(item, waiter):
+                    return
+                # It does not fit: a new message, so growth is one entry per merge_limit
+                # characters; past max_entries not even that (memory stays bounded).
+                if len(self._pending) >= self._max_entries:
+                    self._drop_for_backlog(item, waiter)
+                    return
+            finally:
+                if first_time and self._on_backlog is not None:
+                    self._on_backlog()
         entry = _Entry(item, self._clock())
         if waiter is not None:
             entry.waiters.append(waiter)
         self._pending.append(entry)
+        self._waiting += 1
+        self._peak_entries = max(self._peak_entries, len(self._pending))
         self._idle.clear()
         self._wakeup.set()
+
+    def _merge_into_last(self, item: Item, waiter: asyncio.Future[bool] | None) -> bool:
+        last = self._pending[-1]
+        if not _fits(last.item, item, self._merge_limit):
+            return False
+        last.item = _join(last.item, item)
+        last.count += 1
+        self._waiting += 1
+        if waiter is not None:
+            last.waiters.append(waiter)
+        return True
+
+    def _drop_for_backlog(self, item: Item, waiter: asyncio.Future[bool] | None) -> None:
+        self._dropped_backlog += 1
+        if self._dropped_backlog == 1:
+            log.error(
+                "outbox %s has %d messages waiting; further lines are not queued for Discord "
+                "(they are kept in storage and the minutes)",
+                self.name,
+                len(self._pending),
+            )
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     def _take_batch(self) -> tuple[Item, list[_Entry]]:
         items = [e.item for e in self._pending]
         merged, used = merge_head(items, self._merge_limit)
         batch = [self._pending.popleft() for _ in range(used)]
+        self._waiting -= sum(e.count for e in batch)
         return merged, batch
 
     async def _run(self) -> None:

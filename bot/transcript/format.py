@@ -151,6 +151,23 @@ def message_length(text: str) -> int:
     return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
 
 
+def cut_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as one message within ``limit`` (:func:`message_length`, UTF-16 units).
+
+    The one way a single message is shortened: what does not fit is replaced by an ellipsis.
+    The cut never falls inside an astral character (a surrogate pair once encoded) nor, where
+    it can be seen, inside an emoji sequence or before a combining mark.
+    """
+    if limit < 2:
+        raise TranscriptError(f"cut limit must be at least 2, got {limit}")
+    if message_length(text) <= limit:
+        return text
+    at = _fit(text, limit - len(ELLIPSIS))
+    if at > 0:
+        at = _grapheme_safe(text, at)
+    return text[:at] + ELLIPSIS
+
+
 def split_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> list[str]:
     """Split ``text`` into non-empty parts each within ``limit`` (see :func:`message_length`).
 

@@ -28,7 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot.transcript.format import MAX_MESSAGE_CHARS, escape, format_timestamp
+from bot.transcript.format import (
+    MAX_MESSAGE_CHARS,
+    cut_message,
+    escape,
+    format_timestamp,
+    message_length,
+)
 from bot.transcript.model import Minutes, Segment, TranscriptError, Word
 from bot.transcript.script import PLAIN, Readability, Reading, read_line
 
@@ -329,7 +335,7 @@ def summary_text(m: Minutes) -> str:
     if count > SUMMARY_MAX_SPEAKERS:
         body.append(f"… and {count - SUMMARY_MAX_SPEAKERS} more")
     text = "\n".join(head + body)
-    while len(text) > MAX_MESSAGE_CHARS and body:  # pathological names: drop whole lines
+    while message_length(text) > MAX_MESSAGE_CHARS and body:  # pathological names
         body.pop()
         text = "\n".join([*head, *body, "…"])
-    return text[:MAX_MESSAGE_CHARS]
+    return cut_message(text, MAX_MESSAGE_CHARS)

@@ -205,6 +205,10 @@ class RestApi:
             raise ValueError("fail_next injects 429 or 5xx only")
         self._faults.append(Fault(n, status, path_prefix, retry_after, is_global))
 
+    def clear_faults(self) -> None:
+        """Forget the failures :meth:`fail_next` injected and not yet used."""
+        self._faults.clear()
+
     def register_interaction(self, record: InteractionRecord) -> None:
         self.interactions[record.token] = record
 

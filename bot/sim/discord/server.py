@@ -103,6 +103,8 @@ class LocalDiscord:
         self._certs: CertificatePaths | None = None
         self._rest_port = self._gateway_port = self._voice_port = 0
         self._started = False
+        self._ssl_ctx: Any = None
+        self._offline: list[web.AppRunner] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> LocalDiscord:
@@ -112,7 +114,7 @@ class LocalDiscord:
         try:
             self._tmpdir = Path(tempfile.mkdtemp(prefix="local-discord-"))
             self._certs = generate_certificates(self._tmpdir)
-            ssl_ctx = server_ssl_context(self._certs)
+            ssl_ctx = self._ssl_ctx = server_ssl_context(self._certs)
             self._rest_port = await self._serve(self.rest.app(), ssl_ctx)
             self._gateway_port = await self._serve(self.gateway.app(), ssl_ctx)
             self._voice_port = await self._serve(self.voice.app(), ssl_ctx)
@@ -148,11 +150,35 @@ class LocalDiscord:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
-    async def _serve(self, app: web.Application, ssl_ctx: Any) -> int:
+    async def go_offline(self) -> None:
+        """Discord becomes unreachable (an outage, a lost route): REST and the gateway stop
+        listening and the open gateway sessions are closed, so every request is refused. The
+        guild, its channels and messages are kept for :meth:`come_back`. Voice is left alone."""
+        if self._offline:
+            return
+        await self.gateway.close()
+        self._offline, self._runners = self._runners[:2], self._runners[2:]
+        for runner in self._offline:
+            await runner.cleanup()
+
+    async def come_back(self) -> None:
+        """Listen again for REST and the gateway, on the same ports, after :meth:`go_offline`."""
+        if not self._offline:
+            return
+        self._offline = []
+        runners = self._runners
+        self._runners = []
+        for app, port in ((self.rest.app(), self._rest_port),
+                          (self.gateway.app(), self._gateway_port)):
+            await self._serve(app, self._ssl_ctx, port)
+        self._runners.extend(runners)
+
+    async def _serve(self, app: web.Application, ssl_ctx: Any, port: int = 0) -> int:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_ctx)
+        # SO_REUSEADDR (asyncio's default on POSIX): come_back() rebinds over TIME_WAIT.
+        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_ctx)
         await site.start()
         return int(runner.addresses[-1][1])
 
@@ -242,6 +268,10 @@ class LocalDiscord:
         self.rest.fail_next(
             n, status=status, path_prefix=path_prefix, retry_after=retry_after, is_global=is_global
         )
+
+    def clear_faults(self) -> None:
+        """Forget the REST failures injected by :meth:`fail_next` and not yet used."""
+        self.rest.clear_faults()
 
     async def set_bot_permissions(self, permissions: int) -> None:
         """Give the bot's role exactly ``permissions`` (bits from ``state.PERM_*``) and tell the
