@@ -72,5 +72,8 @@ async def test_a_hostile_speech_service_and_channel_name_cannot_post_links_or_pi
                 assert_inert(message.content)
         warning = next(m.content for m in h.posted() if "\N{WARNING SIGN}" in m.content)
         assert "Verify your account" in warning and ZWSP in warning
+        # The server's 600-odd characters are cut to their budget before they reach Discord.
+        assert "x" * 50 in warning and "x" * (ERROR_BUDGET + 1) not in warning
+        assert len(warning) < ERROR_BUDGET + 200, len(warning)
         assert_inert(h.answer(status))
         assert "Room @" + ZWSP + "everyone \\[x\\]" in h.answer(status)

@@ -20,6 +20,7 @@ import numpy as np
 from bot.config import Config
 from bot.meeting.consent import Encryption
 from bot.meeting.tasks import TaskOwner
+from bot.transcript.escape import ERROR_BUDGET, outside
 from bot.voice.client import VoiceListener
 from bot.voice.receiver import VoiceReceiver
 
@@ -106,7 +107,7 @@ class VoiceIntake:
             await self.channel.connect(cls=self.listener.factory(), timeout=JOIN_TIMEOUT)
         except Exception as exc:
             self._notice_once("voice-lost", f"\N{WARNING SIGN} Lost the voice connection and "
-                                            f"could not rejoin: {exc}")
+                                            f"could not rejoin: {outside(str(exc), ERROR_BUDGET)}")
 
     def _heard_channel(self) -> VoiceChannel | None:
         """The channel the bot's voice connection is in now, as discord.py knows it."""

@@ -30,7 +30,7 @@ from bot.meeting.tasks import TaskOwner
 from bot.storage import StorageBackend
 from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
-from bot.transcript.escape import inert
+from bot.transcript.escape import ERROR_BUDGET, inert, outside
 from bot.transcript.format import cut_message, nickname_with_notice
 from bot.transcript.model import Minutes, Segment
 from bot.transcript.script import PLAIN, Readability
@@ -322,7 +322,8 @@ class Ledger:
     def upstream_trouble(self, error: CantobotError) -> None:
         self.upstream_error = error
         kind = "stt-auth" if isinstance(error, SttAuthError) else f"stt-{type(error).__name__}"
-        text = (f"\N{WARNING SIGN} {error.user_message}"
+        # The STT server's words are outside text: one line, cut, no link or ping survives.
+        text = (f"\N{WARNING SIGN} {outside(error.user_message, ERROR_BUDGET)}"
                 + ("" if error.permanent else " — retrying; nothing said is lost."))
         self.notice_once(kind, text)
 
