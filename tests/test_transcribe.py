@@ -364,6 +364,12 @@ async def test_an_opted_out_member_never_reaches_the_stt_server_even_after_a_res
             await h.start()
             await h.speak({"alice": [(0.2, "早晨")], "bob": [(0.2, "秘密")]})
             await h.wait_for(lambda: h.meeting.status().lines_posted >= 1, "alice's line")
+            # Never decoded (nor decrypted): the meeting has the receiver drop his packets by
+            # SSRC before anything else; dropping his audio later would give the same lines.
+            receiver = h.meeting.intake.receiver
+            assert receiver.counters().ignored > 0
+            assert receiver.decoded_by_member[h.ids["bob"]] == 0
+            assert receiver.decoded_by_member[h.ids["alice"]] > 0
             await h.invoke("transcribe stop")
 
             # One STT session, alice's; not one byte of bob's audio, not one session for him.
