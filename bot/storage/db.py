@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds a writer waits for another connection's lock before failing (SQLite busy_timeout).
+#: Milliseconds a writer waits for another connection's lock before failing (SQLite
+#: ``PRAGMA busy_timeout`` takes milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
 
