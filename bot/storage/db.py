@@ -40,6 +40,7 @@ from bot.storage.common import (
     SqlStorage,
     StorageClosed,
     StorageError,
+    StorageMisuse,
     Tx,
     Want,
     load_migrations,
@@ -56,6 +57,7 @@ __all__ = [
     "Storage",
     "StorageClosed",
     "StorageError",
+    "StorageMisuse",
     "load_migrations",
     "split_statements",
 ]
@@ -79,7 +81,7 @@ def split_statements(sql: str) -> list[str]:
             buf = ""
     rest = "\n".join(ln for ln in buf.splitlines() if not ln.strip().startswith("--"))
     if rest.strip():
-        raise StorageError(f"migration has an unterminated statement: {rest.strip()[:60]!r}")
+        raise StorageMisuse(f"migration has an unterminated statement: {rest.strip()[:60]!r}")
     return statements
 
 
