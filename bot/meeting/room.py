@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import discord
@@ -51,85 +52,72 @@ class Notices(Protocol):
                            notices: ConsentNotices) -> str | None: ...
 
 
+@dataclass(kw_only=True, eq=False)
 class Room:
     """Consent notice per room, the move rules and the empty-channel timer of one meeting."""
 
-    def __init__(
-        self,
-        *,
-        guild_id: int,
-        intake: Intake,
-        notices: Notices,
-        tasks: TaskOwner,
-        text_channel_name: str,
-        threads: bool,
-        stt_url: str,
-        follow_moves: bool,
-        empty_timeout: float,
-        is_live: Callable[[], bool],
-        stop: Callable[[str], Coroutine[Any, Any, object]],
-    ) -> None:
-        self._guild_id = guild_id
-        self._intake = intake
-        self._notices = notices
-        self._tasks = tasks
-        self._text_channel_name = text_channel_name
-        self._threads = threads
-        self._stt_url = stt_url
-        self._follow_moves = follow_moves
-        self._empty_timeout = empty_timeout
-        self._is_live = is_live
-        self._stop = stop
-        self._empty_timer: asyncio.TimerHandle | None = None
+    guild_id: int
+    intake: Intake
+    notices: Notices
+    tasks: TaskOwner
+    text_channel_name: str
+    threads: bool
+    stt_url: str
+    follow_moves: bool
+    empty_timeout: float
+    #: Whether the meeting is live (moves and empty rooms matter only then).
+    is_live: Callable[[], bool]
+    stop: Callable[[str], Coroutine[Any, Any, object]]
+    _empty_timer: asyncio.TimerHandle | None = field(default=None, init=False)
 
     async def tell(self, channel: VoiceChannel, *, moved: bool) -> str | None:
         """Post the consent notice in the transcript channel and in the voice channel's chat;
         once Discord accepted both, that room's audio may go on. The reason when not."""
-        encryption = await self._intake.settle(moved=moved)
+        encryption = await self.intake.settle(moved=moved)
         notices = consent_notices(
-            voice_name=channel.name, text_channel_name=self._text_channel_name,
-            number=self._notices.number, threads=self._threads, stt_url=self._stt_url,
+            voice_name=channel.name, text_channel_name=self.text_channel_name,
+            number=self.notices.number, threads=self.threads, stt_url=self.stt_url,
             encryption=encryption, moved=moved)
-        failure = await self._notices.post_consent(channel, notices)
-        if failure is None and self._intake.channel.id == channel.id:
-            self._intake.admit(channel.id)
+        failure = await self.notices.post_consent(channel, notices)
+        if failure is None and self.intake.channel.id == channel.id:
+            self.intake.admit(channel.id)
             log.info("guild %s: consent notice accepted in %s; its audio is heard",
-                     self._guild_id, channel.id)
+                     self.guild_id, channel.id)
         return failure
 
     def follow_move(self) -> None:
         """The bot may have been moved: follow (tell the new room first) or stop."""
-        moved = self._intake.follow_move()
-        if moved is None or not self._is_live():
+        moved = self.intake.follow_move()
+        if moved is None or not self.is_live():
             return
-        if not self._follow_moves:
-            self._notices.say(f"\N{WARNING SIGN} Moved to **{outside(moved.name)}**; "
+        if not self.follow_moves:
+            self.notices.say(f"\N{WARNING SIGN} Moved to **{outside(moved.name)}**; "
                               "`transcribe.follow_moves` is off, so the meeting ends here.")
-            self._tasks.spawn(self._stop("moved to another voice channel"), "stop-on-move")
+            self.tasks.spawn(self.stop("moved to another voice channel"), "stop-on-move")
             return
-        self._tasks.spawn(self._follow(moved), f"consent-{moved.id}")
+        self.tasks.spawn(self._follow(moved), f"consent-{moved.id}")
 
     async def _follow(self, channel: VoiceChannel) -> None:
         failure = await self.tell(channel, moved=True)
-        if failure is not None and self._is_live():
-            self._notices.say(f"\N{WARNING SIGN} {outside(failure, ERROR_BUDGET)} Nothing of "
+        if failure is not None and self.is_live():
+            self.notices.say(f"\N{WARNING SIGN} {outside(failure, ERROR_BUDGET)} Nothing of "
                               "that room was sent; the meeting ends here.")
-            await self._stop("consent notice not posted after a move")
+            await self.stop("consent notice not posted after a move")
 
     def check(self) -> None:
         """Called on voice state changes: follow a move; end by itself after a while with no
         humans in the room (the timer is dropped as soon as one is back)."""
-        if not self._is_live():
+        if not self.is_live():
             return
         self.follow_move()
-        if self._intake.humans_in_channel() > 0:
+        if self.intake.humans_in_channel() > 0:
             self.cancel_timer()
             return
         if self._empty_timer is None:
             loop = asyncio.get_running_loop()
             self._empty_timer = loop.call_later(
-                self._empty_timeout,
-                lambda: self._tasks.spawn(self._stop("voice channel empty"), "auto-stop"))
+                self.empty_timeout,
+                lambda: self.tasks.spawn(self.stop("voice channel empty"), "auto-stop"))
 
     def cancel_timer(self) -> None:
         """The meeting is stopping (or someone is back): no empty-channel stop."""
