@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 from datetime import UTC, datetime
 from typing import TypedDict
 
@@ -35,7 +34,7 @@ from bot.errors import ConfigError
 from bot.invite import REQUIRED_PERMISSIONS, invite_url
 from bot.logsafe import add_secrets
 from bot.meeting import MeetingManager
-from bot.reach import Rejected, Unreachable, describe_failure, preflight
+from bot.reach import Rejected, Unreachable, describe_failure, preflight, ssl_context
 from bot.storage import StorageBackend, describe_target, open_storage, storage_target
 from bot.transcript import script
 
@@ -57,15 +56,6 @@ def redirect_discord(config: Config) -> None:
     """Point discord.py at the configured REST base and gateway (process-wide settings)."""
     discord.http.Route.BASE = config.discord.api_base.rstrip("/")
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.discord.gateway_url)
-
-
-def ssl_context(config: Config) -> ssl.SSLContext | None:
-    """System trust plus ``discord.ca_file`` when configured."""
-    if config.discord.ca_file is None:
-        return None
-    ctx = ssl.create_default_context()
-    ctx.load_verify_locations(cafile=config.discord.ca_file)
-    return ctx
 
 
 class _ClientOptions(TypedDict, total=False):

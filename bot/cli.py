@@ -81,12 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live Cantonese captions and meeting minutes for Discord voice channels.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_replay(sub)
+    _add_simulate(sub)
+    _add_offline(sub)
+    _add_admin(sub)
+    return parser
 
+
+#: What ``add_subparsers`` returns (argparse names the class privately).
+Subcommands = argparse._SubParsersAction
+
+
+def _add_run(sub: Subcommands[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the Discord bot")
     p.add_argument("--config", metavar="FILE", help="config.yaml")
     p.add_argument("--shard-ids", metavar="IDS", help="comma-separated shard ids to own")
     p.add_argument("--shard-count", metavar="N", type=int, help="total number of shards")
 
+
+def _add_replay(sub: Subcommands[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("replay", help="transcribe recorded per-speaker tracks")
     p.add_argument("--speaker", metavar="NAME=FILE", type=_speaker_arg, action="append",
                    default=[], help="a speaker and their audio file (repeatable)")
@@ -98,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", action="store_true", help="one JSON object per committed line")
     p.add_argument("--minutes", metavar="DIR", help="write minutes (md, srt, vtt, json) here")
 
+
+def _add_simulate(sub: Subcommands[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "simulate", help="run the real bot against a local Discord",
         # The documented interface (issue 5) first, as written there; then the extras.
@@ -127,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[], help="this speaker joins the call SECONDS (default 2) after the "
                                     "others start speaking (a DAVE re-key mid-meeting)")
 
+
+def _add_offline(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    """The commands that need neither a Discord token nor a cantonese.ai key."""
     p = sub.add_parser("demo", help="offline demo: local Discord + local STT, no token or key")
     p.add_argument("--jsonl", action="store_true")
     p.add_argument("--threads", action="store_true")
@@ -140,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--api-key", default="demo-key")
 
+
+def _add_admin(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    """The operator's commands: check the config, check the whole setup, migrate storage."""
     p = sub.add_parser("check-config", help="validate a config file and print it (no secrets)")
     p.add_argument("--config", metavar="FILE")
 
@@ -151,7 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="config.yaml (storage.url / storage.path)")
     p.add_argument("--url", metavar="URL_OR_PATH",
                    help="postgresql://user:pass@host/db or a SQLite file (overrides the config)")
-    return parser
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:

@@ -21,17 +21,19 @@
     │   ├── ConfigError             our configuration is wrong (file, key, fix)
     │   ├── ReadabilityError        (bot.transcript.script) an unknown script or Jyutping choice
     │   ├── OutboxClosedError       (bot.sinks.outbox) put after close (a sink outlived it)
-    │   └── SinkStateError          (bot.sinks.discord_sink) used before start()
-    ├── StorageError                (bot.storage.common) the database; fault not yet told apart
-    │   ├── StorageClosed           (bot.storage.common) used after close
-    │   ├── MeetingNotFound         (bot.storage.common) no such meeting
-    │   ├── MeetingForgotten        (bot.storage.common) its lines were deleted by a forget
-    │   └── LineNotFound            (bot.storage.common) no such line
-    └── TranscriptError             (bot.transcript.model) an impossible segment or word
+    │   ├── SinkStateError          (bot.sinks.discord_sink) used before start()
+    │   └── TranscriptError         (bot.transcript.model) an impossible segment or word (a bug)
+    └── StorageError                (bot.storage.common) the database failed: remote
+        ├── StorageMisuse           (bot.storage.common) asked the impossible (config, bug): local
+        ├── StorageClosed           (bot.storage.common) used after close (a bug): local
+        ├── MeetingNotFound         (bot.storage.common) no such meeting: remote
+        ├── MeetingForgotten        (bot.storage.common) its lines were deleted by a forget: remote
+        └── LineNotFound            (bot.storage.common) deleted meanwhile: remote
 
-:class:`StorageError` and :class:`TranscriptError` derive from :class:`CantobotError` directly
-and so report ``fault`` :attr:`Fault.UNKNOWN`. Not in the tree: :class:`StreamClosed`, an
-expected end (a stream closed before it could start), never shown to anyone.
+:class:`StorageError` is one family for callers to catch (as ``sqlite3.Error`` is), so it sits
+beside the two branches and sets ``fault`` per class, as marked. Nothing reports
+:attr:`Fault.UNKNOWN`. Not in the tree: :class:`StreamClosed`, an expected end (a stream closed
+before it could start), never shown to anyone.
 ``tests/test_errors_tree.py`` keeps this tree complete.
 
 Outside errors are translated at the boundary with ``raise ... from exc`` so callers catch one

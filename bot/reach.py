@@ -96,13 +96,19 @@ def describe_failure(exc: BaseException, url: str, timeout: float | None = None)
     return str(inner) or type(inner).__name__
 
 
-def _discord_ssl(config: Config) -> ssl.SSLContext | bool:
-    """System trust plus ``discord.ca_file`` (as the bot itself connects)."""
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """System trust plus ``discord.ca_file`` when configured (None: the default trust); the
+    bot's own connections (bot.app) and the pre-flight checks here use the same."""
     if config.discord.ca_file is None:
-        return True
+        return None
     ctx = ssl.create_default_context()
     ctx.load_verify_locations(cafile=config.discord.ca_file)
     return ctx
+
+
+def _discord_ssl(config: Config) -> ssl.SSLContext | bool:
+    """:func:`ssl_context` as aiohttp takes it (True: verify with the system trust)."""
+    return ssl_context(config) or True
 
 
 async def discord_get(config: Config, path: str) -> Any:

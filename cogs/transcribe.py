@@ -15,11 +15,19 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.access import (
+    START_OR_STOP,
+    lacks_webhooks,
+    manager_refusal,
+    may_read_minutes,
+    start_refusal,
+)
 from bot.errors import CantobotError
 from bot.meeting import MeetingManager, MinutesPost
+from bot.replies import start_reply, status_text
 from bot.storage.common import MeetingInfo, MeetingNotFound
 from bot.transcript.escape import ERROR_BUDGET, outside
-from bot.transcript.format import cut_message, format_timestamp
+from bot.transcript.format import cut_message
 from bot.transcript.script import (
     Readability,
     ReadabilityChoice,
@@ -33,30 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: What the bot needs in the text channel / voice channel, with the names users see.
-TEXT_PERMISSIONS = (("view_channel", "View Channel"), ("send_messages", "Send Messages"))
-#: ... and in the text channel when caption threads are on.
-THREAD_PERMISSIONS = (
-    ("create_public_threads", "Create Public Threads"),
-    ("send_messages_in_threads", "Send Messages in Threads"),
-)
-VOICE_PERMISSIONS = (("view_channel", "View Channel"), ("connect", "Connect"))
-#: Wanted, not needed: without it lines are posted by the bot with the speaker's name in bold.
-WEBHOOK_PERMISSIONS = (("manage_webhooks", "Manage Webhooks"),)
-
-
-def missing_permissions(perms: discord.Permissions,
-                        wanted: tuple[tuple[str, str], ...]) -> list[str]:
-    return [label for attr, label in wanted if not getattr(perms, attr)]
-
-
-#: What the invoker needs in the transcript channel: the words go where they can read them.
-INVOKER_TEXT_PERMISSIONS = (("view_channel", "View Channel"), ("send_messages", "Send Messages"))
-#: What a member needs in a meeting's text channel to get its minutes (else: manager rights).
-MINUTES_READ_PERMISSIONS = (("view_channel", "View Channel"),
-                            ("read_message_history", "Read Message History"))
-
-
 #: The choices of the script and jyutping options (bot/transcript/script.py: Script, JyutpingMode).
 ScriptOption = Literal["hk", "simplified", "as-is"]
 JyutpingOption = Literal["off", "line"]
@@ -66,26 +50,6 @@ def choice_of(script: str | None, jyutping: str | None) -> ReadabilityChoice:
     """Command options as a partial choice (an option not given stays ``None``)."""
     return ReadabilityChoice(parse_script(script) if script is not None else None,
                              parse_jyutping(jyutping) if jyutping is not None else None)
-
-
-def may_manage(member: discord.Member, manager_role: str | None) -> bool:
-    """Members with Manage Channels, or the configured role, may start and stop."""
-    if member.guild_permissions.manage_channels:
-        return True
-    return manager_role is not None and any(r.name == manager_role for r in member.roles)
-
-
-def may_read_minutes(member: discord.Member, info: MeetingInfo, manager_role: str | None) -> bool:
-    """A meeting's minutes are for those who could read its text channel, and for managers.
-
-    A channel that no longer exists (or the bot cannot see) is readable by managers only.
-    """
-    if may_manage(member, manager_role):
-        return True
-    channel = member.guild.get_channel(info.text_channel_id)
-    if channel is None:
-        return False
-    return not missing_permissions(channel.permissions_for(member), MINUTES_READ_PERMISSIONS)
 
 
 class Transcribe(commands.Cog):
@@ -115,15 +79,9 @@ class Transcribe(commands.Cog):
         stored = await self.bot.storage.guild_settings(guild_id)
         return resolve_readability(meeting, stored, self.bot.config.transcribe.readability)
 
-    def _check_manager(self, interaction: discord.Interaction) -> str | None:
-        member = interaction.user
-        if not isinstance(member, discord.Member):
-            return "This command works in a server."
-        role = self.bot.config.discord.manager_role
-        if not may_manage(member, role):
-            who = "the Manage Channels permission" + (f" or the **{role}** role" if role else "")
-            return f"Only members with {who} can start or stop transcription."
-        return None
+    def _check_manager(self, interaction: discord.Interaction,
+                       action: str = START_OR_STOP) -> str | None:
+        return manager_refusal(interaction.user, self.bot.config.discord.manager_role, action)
 
     @group.command(name="start", description="Transcribe your voice channel into a text channel")
     @app_commands.describe(
@@ -152,42 +110,22 @@ class Transcribe(commands.Cog):
         member = interaction.user
         assert guild is not None and isinstance(member, discord.Member)
         voice = member.voice.channel if member.voice is not None else None
-        if voice is None:
-            await self._refuse(interaction, "Join a voice channel first, then use "
-                                            "`/transcribe start`.")
-            return
         target = channel or interaction.channel
-        if not isinstance(target, discord.TextChannel):
-            await self._refuse(interaction, "Pick a text channel for the transcript "
-                                            "(the `channel` option).")
-            return
-        if missing_permissions(target.permissions_for(member), INVOKER_TEXT_PERMISSIONS):
-            # The words of the voice room go only where whoever starts it can read them.
-            await self._refuse(interaction, f"You cannot view and send messages in "
-                                            f"{target.mention}, so I will not post the transcript "
-                                            "there. Pick a channel you can post in.")
-            return
+        text = target if isinstance(target, discord.TextChannel) else None
         defaults = self.bot.config.transcribe
         threads = defaults.threads if threads is None else threads
         captions = defaults.captions if captions is None else captions
-        me = guild.me
-        text_perms = target.permissions_for(me)
-        wanted = TEXT_PERMISSIONS + (THREAD_PERMISSIONS if threads or captions else ())
-        missing = missing_permissions(text_perms, wanted)
-        missing += [p for p in missing_permissions(voice.permissions_for(me), VOICE_PERMISSIONS)
-                    if p not in missing]
-        if missing:
-            await self._refuse(interaction, "I am missing permissions: "
-                               + ", ".join(f"**{p}**" for p in missing)
-                               + f" (in #{outside(target.name)} / {outside(voice.name)}). Grant "
-                               "them to my role, "
-                               "then try again.")
+        refusal = start_refusal(voice=voice, target=text, member=member, me=guild.me,
+                                threads=threads or captions)
+        if refusal is not None:
+            await self._refuse(interaction, refusal)
             return
+        assert voice is not None and text is not None  # else start_refusal said why not
         await interaction.response.defer(ephemeral=True, thinking=True)
         readability = await self.guild_readability(guild.id, choice_of(script, jyutping))
         try:
             meeting = await self.meetings.start(
-                guild=guild, voice_channel=voice, text_channel=target,
+                guild=guild, voice_channel=voice, text_channel=text,
                 threads=threads, captions=captions, readability=readability, title=title,
             )
         except CantobotError as exc:
@@ -195,14 +133,9 @@ class Transcribe(commands.Cog):
                 f"Could not start: {outside(exc.user_message, ERROR_BUDGET)}", ephemeral=True)
             return
         info = await self.bot.storage.meeting_info(meeting.meeting_id)
-        number = f" (meeting #{info.number})" if info is not None else ""
-        reply = (f"Transcribing **{outside(voice.name)}** into "
-                 f"{target.mention}{number}.")
-        reply += f"\nShown as: {readability.describe()}."
-        if missing_permissions(text_perms, WEBHOOK_PERMISSIONS):
-            reply += ("\nI am missing **Manage Webhooks** in #" + outside(target.name)
-                      + ", so lines are posted by me with the speaker's name in bold; grant it "
-                      "to show each line as its speaker.")
+        reply = start_reply(voice_name=voice.name, target_mention=text.mention,
+                            target_name=text.name, number=info.number if info else None,
+                            readability=readability, lacks_webhooks=lacks_webhooks(text, guild.me))
         await interaction.followup.send(cut_message(reply), ephemeral=True)
 
     @group.command(name="stop", description="Stop transcribing and post the minutes")
@@ -231,22 +164,9 @@ class Transcribe(commands.Cog):
                                                     ephemeral=True)
             return
         st = meeting.status()
-        speakers = "\n".join(
-            f"• {outside(s.name)}: {format_timestamp(s.seconds)} of audio, "
-            f"upstream {s.upstream}" for s in st.speakers) or "• nobody has spoken yet"
-        e2ee = (f"yes (DAVE), voice privacy code `{st.privacy_code}`" if st.e2ee and st.privacy_code
-                else "yes (DAVE)" if st.e2ee else "no")
-        shown = meeting.readability
         info = await self.bot.storage.meeting_info(st.meeting_id)
-        number = info.number if info is not None else "?"
-        text = (f"**Meeting #{number}**: {outside(st.voice_channel)} → "
-                f"#{outside(st.text_channel)}, "
-                f"running {format_timestamp(st.duration)}\n"
-                f"Shown as: {shown.describe()}\n"
-                f"Lines posted: {st.lines_posted}\n"
-                f"Speech-to-text: {outside(st.upstream, ERROR_BUDGET)}\n"
-                f"End-to-end encrypted: {e2ee}\n"
-                f"{st.voice or 'voice packets: none yet'}\nSpeakers:\n{speakers}")
+        text = status_text(st, number=info.number if info is not None else None,
+                           shown=meeting.readability)
         await interaction.response.send_message(cut_message(text), ephemeral=True)
 
     @group.command(name="minutes", description="Post the minutes of this or an earlier meeting")
@@ -290,10 +210,9 @@ class Transcribe(commands.Cog):
     @group.command(name="forget", description="Delete a meeting's stored lines now (managers)")
     @app_commands.describe(meeting="Meeting number, as in /transcribe minutes")
     async def forget(self, interaction: discord.Interaction, meeting: int) -> None:
-        refusal = self._check_manager(interaction)
+        refusal = self._check_manager(interaction, "forget a meeting")
         if refusal:
-            await self._refuse(interaction, refusal.replace("start or stop transcription",
-                                                            "forget a meeting"))
+            await self._refuse(interaction, refusal)
             return
         guild = interaction.guild
         assert guild is not None
@@ -346,10 +265,9 @@ class Transcribe(commands.Cog):
         assert interaction.guild is not None
         guild_id = interaction.guild.id
         if script is not None or jyutping is not None:
-            refusal = self._check_manager(interaction)
+            refusal = self._check_manager(interaction, "change these settings")
             if refusal:
-                await self._refuse(interaction, refusal.replace("start or stop transcription",
-                                                                "change these settings"))
+                await self._refuse(interaction, refusal)
                 return
             await self.bot.storage.set_guild_settings(guild_id, choice_of(script, jyutping))
         shown = await self.guild_readability(guild_id)

@@ -24,6 +24,8 @@ PURE = [
     "bot/voice/jitter.py",
     "bot/voice/speakers.py",
     "bot/voice/receiver.py",
+    "bot/voice/counters.py",
+    "bot/voice/timeline.py",
     "bot/audio/convert.py",
     "bot/stt/protocol.py",
     "bot/stt/events.py",

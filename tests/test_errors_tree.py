@@ -5,10 +5,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
 
 import bot
 from bot import errors
 from bot.errors import CantobotError, Fault, LocalError, RemoteError
+from bot.storage import common, open_storage_at
+from bot.transcript.model import TranscriptError
 
 
 def _all_subclasses(cls: type) -> set[type]:
@@ -55,3 +61,43 @@ def test_fault_follows_the_branch() -> None:
     assert issubclass(errors.VoiceError, RemoteError)
     assert issubclass(errors.ConfigError, LocalError)
     assert not issubclass(errors.StreamClosed, CantobotError)
+
+
+def test_storage_and_transcript_errors_say_whose_fault() -> None:
+    assert common.StorageError("database connection lost").fault is Fault.REMOTE
+    assert common.MeetingNotFound("no meeting with id 9").fault is Fault.REMOTE
+    assert common.MeetingForgotten("meeting 9 was forgotten").fault is Fault.REMOTE
+    assert common.LineNotFound("no line with id 9").fault is Fault.REMOTE
+    assert common.StorageClosed("storage is closed").fault is Fault.LOCAL
+    assert common.StorageMisuse("unknown storage dialect").fault is Fault.LOCAL
+    assert TranscriptError("x").fault is Fault.LOCAL and issubclass(TranscriptError, LocalError)
+
+
+def test_nothing_reports_an_unknown_fault() -> None:
+    for info in pkgutil.walk_packages(bot.__path__, "bot."):
+        if not info.name.startswith("bot.sim") and info.name != "bot.__main__":
+            importlib.import_module(info.name)
+    unknown = [c.__name__ for c in _all_subclasses(CantobotError)
+               if c.__module__.startswith("bot.") and not c.__module__.startswith("bot.sim")
+               and c.fault is Fault.UNKNOWN]
+    assert unknown == []
+
+
+async def test_storage_raises_say_whose_fault(tmp_path: Path) -> None:
+    with pytest.raises(common.StorageError) as caught:
+        await open_storage_at(str(tmp_path / "missing-dir" / "db.sqlite3"))
+    assert caught.value.fault is Fault.REMOTE  # the file system refused it
+    with pytest.raises(common.StorageError) as caught:
+        await open_storage_at("mysql://db/x")
+    assert caught.value.fault is Fault.LOCAL  # our configuration
+    storage = await open_storage_at(str(tmp_path / "db.sqlite3"))
+    with pytest.raises(common.MeetingNotFound) as not_found:
+        await storage.minutes(999)
+    assert not_found.value.fault is Fault.REMOTE
+    with pytest.raises(common.StorageError) as caught:
+        await storage.purge_older_than(-1, datetime(2026, 1, 1, tzinfo=UTC))
+    assert caught.value.fault is Fault.LOCAL
+    await storage.close()
+    with pytest.raises(common.StorageClosed) as closed:
+        await storage.minutes(1)
+    assert closed.value.fault is Fault.LOCAL

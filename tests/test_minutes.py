@@ -19,7 +19,6 @@ from bot.transcript.format import MAX_MESSAGE_CHARS
 from bot.transcript.minutes import (
     BAR_WIDTH,
     MAX_RENDER_SECONDS,
-    from_json,
     meeting_title,
     minutes_files,
     summary_text,
@@ -32,6 +31,7 @@ from bot.transcript.minutes import (
 )
 from bot.transcript.model import Minutes, Segment, TranscriptError, Word
 from bot.transcript.script import PLAIN, JyutpingMode, Readability, Script, to_simplified
+from tests.minutes_reader import from_json
 
 T0 = datetime(2026, 3, 4, 9, 30, tzinfo=UTC)
 

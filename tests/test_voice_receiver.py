@@ -419,6 +419,31 @@ def test_a_reconnect_counts_what_was_still_waiting() -> None:
     assert c.received == settled(c) == 5
 
 
+def test_drain_hands_on_every_buffered_frame_and_ends_every_member_at_once() -> None:
+    h = Harness()
+    alice, bob, carol = Member(111, h.cipher), Member(222, h.cipher), Member(333, h.cipher)
+    h.receiver.on_speaking(1, alice.ssrc, h.now)
+    h.receiver.on_speaking(2, bob.ssrc, h.now)
+    a = alice.speak(tone(440, 0.2))  # 10 frames
+    # All within one clock tick: a hole at alice's 4 holds 5 and 6 back; carol has no op 5.
+    for p in a[:4] + a[5:7] + bob.speak(tone(660, 0.1)) + carol.speak(tone(880, 0.06)):
+        h.receiver.handle_packet(p, h.now)
+    h.receiver.tick(h.now)
+    before = h.receiver.counters()
+    assert before.waiting == 2 + 3 and h.idle == []
+    h.receiver.drain(h.now)  # no time passes: only drain() can release and end
+    c = h.receiver.counters()
+    assert sorted(h.idle) == [1, 2] and h.receiver.active_members() == []
+    assert c.waiting == 0 and c.unknown_ssrc == 3 and c.closed == 0
+    assert c.received == settled(c) == 6 + 5 + 3
+    # Alice: 6 frames decoded plus the hole concealed; nothing invented after her last frame.
+    assert h.receiver.decoded_by_member[1] == 6 and c.concealed_frames == 1
+    assert len(h.pcm(1)) == 7 * FRAME_OUT
+    assert len(h.pcm(2)) == 5 * FRAME_OUT
+    h.receiver.drain(h.now)  # twice is harmless
+    assert sorted(h.idle) == [1, 2] and h.receiver.counters() == c
+
+
 # -- the clock task (bot.voice.client) -------------------------------------------------------------
 
 

@@ -2,10 +2,11 @@
 
     VoiceIntake --(member PCM, member idle)--> Speakers --(STT events)--> Ledger
     (voice channel, receiver, reconnect)       (streams, opt-outs, slots)  (storage, sink, notices)
+    Room: consent notice per room, following a move, the empty-channel stop
 
 Meeting owns none of the work: it builds the parts, routes STT events to the ledger, holds the
 :class:`~bot.meeting.state.StateMachine` and the :class:`~bot.meeting.tasks.TaskOwner` every
-part spawns into, runs the empty-channel timer, and reads :meth:`Meeting.stop` as
+part spawns into, and reads :meth:`Meeting.stop` as
 drain -> flush -> close.
 """
 
@@ -21,11 +22,12 @@ import discord
 import numpy as np
 
 from bot.config import Config
-from bot.meeting.consent import consent_notices, format_privacy_code
+from bot.meeting.consent import format_privacy_code
 from bot.meeting.intake import VoiceIntake
 from bot.meeting.ledger import Ledger
+from bot.meeting.room import Room
 from bot.meeting.speakers import Speakers
-from bot.meeting.state import MeetingError, MeetingState, MeetingStatus, SpeakerStatus, StateMachine
+from bot.meeting.state import MeetingError, MeetingState, MeetingStatus, StateMachine
 from bot.meeting.tasks import TaskOwner
 from bot.pipeline import SessionSlots, Transcriber
 from bot.sinks.discord_sink import DiscordTranscriptSink
@@ -37,7 +39,6 @@ from bot.stt.session import (
     StateChanged,
     SttEvent,
 )
-from bot.transcript.escape import ERROR_BUDGET, outside
 from bot.transcript.model import Minutes
 from bot.transcript.script import PLAIN, Readability
 from bot.voice.client import VoiceListener
@@ -82,16 +83,12 @@ class Meeting:
         self._machine = StateMachine(f"guild {guild.id}: meeting")
         self.started_at = datetime.now(UTC)
         self._t0 = time.monotonic()
-        self._empty_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self.tasks = TaskOwner()
         sink = DiscordTranscriptSink(
-            channel=text_channel,
-            bot_user_name=guild.me.display_name if guild.me else "cantobot",
-            threads=threads, captions=captions,
-            caption_interval=config.transcribe.caption_edit_interval,
-            readability=readability,
-        )
+            channel=text_channel, bot_user_name=guild.me.display_name if guild.me else "cantobot",
+            threads=threads, captions=captions, readability=readability,
+            caption_interval=config.transcribe.caption_edit_interval)
         self.ledger = Ledger(storage=storage, sink=sink, guild=guild, tasks=self.tasks,
                              readability=readability)
         self.speakers = Speakers(
@@ -99,13 +96,20 @@ class Meeting:
             is_opted_out=is_opted_out, confirm_opt_out=confirm_opt_out,
             accepting=lambda: self._machine.accepting_speakers,
             notice_once=self.ledger.notice_once,
-            forget_voice=self._forget_voice, slots=slots, t0=self._t0,
+            forget_voice=lambda uid: self.intake.forget_member(uid), slots=slots, t0=self._t0,
         )
         self.intake = VoiceIntake(
             config=config, guild=guild, channel=voice_channel, tasks=self.tasks,
             on_audio=self._on_audio, on_idle=self.speakers.on_idle,
             is_ignored=self.speakers.is_ignored,
             notice_once=self.ledger.notice_once, say=self.ledger.say,
+        )
+        self.room = Room(
+            guild_id=guild.id, intake=self.intake, notices=self.ledger, tasks=self.tasks,
+            text_channel_name=text_channel.name, threads=threads, stt_url=config.stt.url,
+            follow_moves=config.transcribe.follow_moves,
+            empty_timeout=config.transcribe.empty_channel_timeout,
+            is_live=lambda: self.state is MeetingState.LIVE, stop=self.stop,
         )
 
     # -- what the parts hold, under the names callers know --------------------------------------
@@ -144,9 +148,6 @@ class Meeting:
         if not self.intake.admits_audio():
             return  # a room not (yet) told it is transcribed: its audio goes nowhere
         self.speakers.on_audio(user_id, pcm, self.intake.output_rate)
-
-    def _forget_voice(self, user_id: int) -> None:
-        self.intake.forget_member(user_id)
 
     def _on_stt_event(self, event: SttEvent) -> None:
         if isinstance(event, SegmentCommitted | SegmentTimestamped):
@@ -188,7 +189,7 @@ class Meeting:
             await self.ledger.abort()
             self._machine.to(MeetingState.ENDED, "could not join voice")
             raise MeetingError(f"could not join {self.voice_channel.name}: {exc}") from exc
-        failure = await self._tell_room(self.voice_channel, moved=False)
+        failure = await self.room.tell(self.voice_channel, moved=False)
         if failure is not None:
             await self.intake.leave()
             await self.ledger.abort()
@@ -205,8 +206,7 @@ class Meeting:
             return await self.storage.minutes(self.meeting_id)
         self._machine.to(MeetingState.STOPPING, reason)
         log.info("guild %s: stopping meeting %d (%s)", self.guild.id, self.meeting_id, reason)
-        if self._empty_timer is not None:
-            self._empty_timer.cancel()
+        self.room.cancel_timer()
         try:
             await self.intake.drain()  # drain: nothing more is heard
             await self.speakers.finish_all()  # flush: the last commits ...
@@ -241,59 +241,9 @@ class Meeting:
 
     # -- channel presence ------------------------------------------------------------------------
 
-    def humans_in_channel(self) -> int:
-        return self.intake.humans_in_channel()
-
-    def follow_move(self) -> None:
-        """The bot may have been moved: follow (tell the new room first) or stop."""
-        moved = self.intake.follow_move()
-        if moved is None or self.state is not MeetingState.LIVE:
-            return
-        if not self.config.transcribe.follow_moves:
-            self.ledger.say(f"\N{WARNING SIGN} Moved to **{outside(moved.name)}**; "
-                            "`transcribe.follow_moves` is off, so the meeting ends here.")
-            self.tasks.spawn(self.stop("moved to another voice channel"), "stop-on-move")
-            return
-        self.tasks.spawn(self._follow(moved), f"consent-{moved.id}")
-
-    async def _follow(self, channel: discord.VoiceChannel | discord.StageChannel) -> None:
-        failure = await self._tell_room(channel, moved=True)
-        if failure is not None and self.state is MeetingState.LIVE:
-            self.ledger.say(f"\N{WARNING SIGN} {outside(failure, ERROR_BUDGET)} Nothing of that "
-                            "room was sent; the meeting ends here.")
-            await self.stop("consent notice not posted after a move")
-
-    async def _tell_room(self, channel: discord.VoiceChannel | discord.StageChannel, *,
-                         moved: bool) -> str | None:
-        """Post the consent notice in the transcript channel and in the voice channel's chat;
-        once Discord accepted both, that room's audio may go on. The reason when not."""
-        encryption = await self.intake.settle(moved=moved)
-        notices = consent_notices(
-            voice_name=channel.name, text_channel_name=self.text_channel.name,
-            number=self.ledger.number, threads=self.threads, stt_url=self.config.stt.url,
-            encryption=encryption, moved=moved)
-        failure = await self.ledger.post_consent(channel, notices)
-        if failure is None and self.intake.channel.id == channel.id:
-            self.intake.admit(channel.id)
-            log.info("guild %s: consent notice accepted in %s; its audio is heard",
-                     self.guild.id, channel.id)
-        return failure
-
     def check_empty(self) -> None:
-        """Called on voice state changes: end by itself after a while with no humans."""
-        if self.state is not MeetingState.LIVE:
-            return
-        self.follow_move()
-        if self.intake.humans_in_channel() > 0:
-            if self._empty_timer is not None:
-                self._empty_timer.cancel()
-                self._empty_timer = None
-            return
-        if self._empty_timer is None:
-            delay = self.config.transcribe.empty_channel_timeout
-            loop = asyncio.get_running_loop()
-            self._empty_timer = loop.call_later(
-                delay, lambda: self.tasks.spawn(self.stop("voice channel empty"), "auto-stop"))
+        """Called on voice state changes: follow a move; end after a while with no humans."""
+        self.room.check()
 
     def forget_member(self, user_id: int) -> None:
         """A member opted out mid-meeting: from now nothing of theirs is sent, posted or stored
@@ -304,17 +254,12 @@ class Meeting:
     # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> MeetingStatus:
-        speakers = tuple(
-            SpeakerStatus(name=s.speaker, user_id=s.speaker_id, seconds=s.seconds_fed,
-                          upstream=s.session.state.name.lower())
-            for s in self.speakers.streams()
-        )
         e2ee, code = self.intake.e2ee()
         return MeetingStatus(
             meeting_id=self.meeting_id, voice_channel=self.voice_channel.name,
             text_channel=self.text_channel.name, started_at=self.started_at,
-            duration=time.monotonic() - self._t0, speakers=speakers, lines_posted=self.lines,
-            upstream=self.ledger.upstream_text(), e2ee=e2ee,
+            duration=time.monotonic() - self._t0, speakers=self.speakers.status(),
+            lines_posted=self.lines, upstream=self.ledger.upstream_text(), e2ee=e2ee,
             privacy_code=format_privacy_code(code), state=self.state,
             voice=self.intake.listener.counters().summary(),
         )

@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for discord.py to join (or rejoin) a voice channel.
 JOIN_TIMEOUT = 30.0
-#: far enough ahead of now to be past every jitter, fill and idle timeout of the receiver.
-_PAST_EVERY_TIMEOUT = 3600.0
 
 #: Seconds to wait after joining (or a move) for the voice session and its DAVE state.
 SETTLE_TIMEOUT = 10.0
@@ -190,10 +188,9 @@ class VoiceIntake:
     async def drain(self) -> None:
         """Stop receiving and hand on everything already received: what the socket delivered,
         then every jitter buffer, and end every member (``on_idle`` for each). Audio after this
-        is not heard. The receiver has no drain of its own: a tick past every one of its
-        timeouts releases every buffer and ends every member, which is exactly a drain."""
+        is not heard."""
         await self.listener.aclose()
-        self.receiver.tick(time.monotonic() + _PAST_EVERY_TIMEOUT)
+        self.receiver.drain(time.monotonic())
 
     async def leave(self) -> None:
         """Disconnect from voice (after :meth:`drain`); safe when never joined."""

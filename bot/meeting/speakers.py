@@ -21,6 +21,7 @@ import numpy as np
 
 from bot.config import Config
 from bot.errors import StreamClosed
+from bot.meeting.state import SpeakerStatus
 from bot.meeting.tasks import TaskOwner
 from bot.pipeline import EventCallback, SessionSlots, SpeakerStream, Transcriber
 from bot.transcript.format import nickname_with_notice, webhook_username
@@ -191,3 +192,11 @@ class Speakers:
 
     def streams(self) -> list[SpeakerStream]:
         return self.transcriber.streams()
+
+    def status(self) -> tuple[SpeakerStatus, ...]:
+        """Each open stream as ``/transcribe status`` shows it."""
+        return tuple(
+            SpeakerStatus(name=s.speaker, user_id=s.speaker_id, seconds=s.seconds_fed,
+                          upstream=s.session.state.name.lower())
+            for s in self.streams()
+        )

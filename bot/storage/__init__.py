@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from bot.config import StorageConfig
-from bot.storage.common import MeetingInfo, Migration, StorageError
+from bot.storage.common import MeetingInfo, Migration, StorageMisuse
 from bot.storage.db import Storage
 from bot.transcript.model import Minutes, Segment
 from bot.transcript.script import ReadabilityChoice
@@ -91,11 +91,9 @@ async def open_storage_at(
 
         return await PostgresStorage.open(target, migrations=migrations)
     if "://" in target:
-        raise StorageError(
+        raise StorageMisuse(
             f"unsupported storage URL scheme in {target.split('://', 1)[0]}://...: "
-            "use postgresql://user:password@host:port/database or a SQLite file path",
-            permanent=True,
-        )
+            "use postgresql://user:password@host:port/database or a SQLite file path")
     return await Storage.open(target, migrations=migrations)
 
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
 
-from bot.errors import CantobotError
+from bot.errors import CantobotError, Fault
 from bot.transcript.model import Minutes, Segment, Word
 from bot.transcript.script import JyutpingMode, ReadabilityChoice, Script
 
@@ -38,20 +38,39 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 class StorageError(CantobotError):
-    """The database failed or was misused; ``str`` says what, never any SQL parameters."""
+    """The database failed: it could not be opened, the connection was lost, a statement was
+    refused, its schema is newer than this cantobot. ``str`` says what, never any SQL
+    parameters. The other side's fault (the database, or what a request named), unless a
+    subclass says otherwise."""
+
+    fault = Fault.REMOTE
+
+
+class StorageMisuse(StorageError):
+    """Our code or configuration asked storage for what it cannot do: an unknown dialect or
+    URL scheme, a naive datetime, a packaged migration out of sequence or unterminated."""
+
+    fault = Fault.LOCAL
+    permanent = True
 
 
 class StorageClosed(StorageError):
     """A call after ``close()`` (our bug)."""
 
+    fault = Fault.LOCAL
     permanent = True
 
 
 class MeetingNotFound(StorageError):
+    """A request named a meeting that does not exist (a member's number, or one a forget or
+    retention deleted meanwhile)."""
+
     permanent = True
 
 
 class LineNotFound(StorageError):
+    """The line was deleted meanwhile (a forget or retention) before its words were stored."""
+
     permanent = True
 
 
@@ -95,7 +114,7 @@ def load_migrations(dialect: str = "sqlite") -> list[Migration]:
     ``migrations/postgres/``.
     """
     if dialect not in MIGRATION_DIRS:
-        raise StorageError(f"unknown storage dialect {dialect!r}", permanent=True)
+        raise StorageMisuse(f"unknown storage dialect {dialect!r}")
     found = []
     folder = resources.files("bot.storage").joinpath(MIGRATION_DIRS[dialect])
     for entry in folder.iterdir():
@@ -110,16 +129,14 @@ def load_migrations(dialect: str = "sqlite") -> list[Migration]:
 def check_sequence(migrations: Sequence[Migration]) -> None:
     for expected, m in enumerate(migrations, start=1):
         if m.version != expected:
-            raise StorageError(
-                f"migration {m.version:04d}_{m.name} is out of sequence (expected {expected:04d})",
-                permanent=True,
-            )
+            raise StorageMisuse(
+                f"migration {m.version:04d}_{m.name} is out of sequence (expected {expected:04d})")
 
 
 def ts(value: datetime) -> str:
     """Fixed-layout ISO-8601 UTC, so text order equals time order."""
     if value.tzinfo is None or value.utcoffset() is None:
-        raise StorageError(f"datetimes must be timezone-aware, got naive {value!r}", permanent=True)
+        raise StorageMisuse(f"datetimes must be timezone-aware, got naive {value!r}")
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
@@ -591,7 +608,7 @@ class SqlStorage(ABC):
         left it open) when it started before the cutoff. Returns the number of meetings deleted.
         """
         if days < 0:
-            raise StorageError(f"retention days must be >= 0, got {days}", permanent=True)
+            raise StorageMisuse(f"retention days must be >= 0, got {days}")
         deleted = await self._execute(Tx.WRITE, _purge, ts(now - timedelta(days=days)))
         if deleted:
             log.debug("retention: deleted %d meeting(s) older than %d day(s)", deleted, days)

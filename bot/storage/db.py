@@ -40,6 +40,7 @@ from bot.storage.common import (
     SqlStorage,
     StorageClosed,
     StorageError,
+    StorageMisuse,
     Tx,
     Want,
     load_migrations,
@@ -56,6 +57,7 @@ __all__ = [
     "Storage",
     "StorageClosed",
     "StorageError",
+    "StorageMisuse",
     "load_migrations",
     "split_statements",
 ]
@@ -64,7 +66,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds a writer waits for another connection's lock before failing (SQLite busy_timeout).
+#: Milliseconds a writer waits for another connection's lock before failing (SQLite
+#: ``PRAGMA busy_timeout`` takes milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -78,7 +81,7 @@ def split_statements(sql: str) -> list[str]:
             buf = ""
     rest = "\n".join(ln for ln in buf.splitlines() if not ln.strip().startswith("--"))
     if rest.strip():
-        raise StorageError(f"migration has an unterminated statement: {rest.strip()[:60]!r}")
+        raise StorageMisuse(f"migration has an unterminated statement: {rest.strip()[:60]!r}")
     return statements
 
 

@@ -1,6 +1,6 @@
 """The cantonese.ai real-time STT wire protocol: payload shapes, builders and parsers.
 
-Contract: /work/shared/seed/cantonese-ai-realtime-stt.md (the public API reference). One
+Contract: cantonese.ai's public real-time STT API reference, summarised here and below. One
 Socket.IO connection at :data:`SOCKETIO_PATH`, authenticated by the :data:`API_KEY_HEADER`
 header; the client emits ``start-session``, ``audio-chunk`` and ``stop-session``; the server
 emits ``session-started``, ``transcript-message``, ``session-error`` and ``session-closed``.

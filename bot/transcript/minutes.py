@@ -35,7 +35,7 @@ from bot.transcript.format import (
     format_timestamp,
     message_length,
 )
-from bot.transcript.model import Minutes, Segment, TranscriptError, Word
+from bot.transcript.model import Minutes, Segment
 from bot.transcript.script import PLAIN, Readability, Reading, read_line
 
 #: JSON layout version, bumped when a field changes meaning.
@@ -200,31 +200,6 @@ def to_json(m: Minutes, readability: Readability = PLAIN) -> str:
         doc["readability"] = {"script": readability.script.value,
                               "jyutping": readability.jyutping.value}
     return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
-
-
-def from_json(text: str) -> Minutes:
-    """Read back what :func:`to_json` wrote (for replays and tests)."""
-    try:
-        doc = json.loads(text)
-        ended = doc["ended_at"]
-        return Minutes(
-            title=doc["title"],
-            started_at=datetime.fromisoformat(doc["started_at"]),
-            ended_at=datetime.fromisoformat(ended) if ended is not None else None,
-            segments=tuple(
-                Segment(
-                    speaker=s["speaker"],
-                    text=s["text"],
-                    start=s["start"],
-                    end=s["end"],
-                    words=tuple(Word(w["text"], w["start"], w["end"]) for w in s["words"]),
-                    speaker_id=s["speaker_id"],
-                )
-                for s in doc["segments"]
-            ),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TranscriptError(f"not a cantobot minutes JSON document: {exc}") from exc
 
 
 #: The files :func:`write_minutes` produces, and the writer of each.

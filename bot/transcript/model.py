@@ -14,11 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from bot.errors import CantobotError
+from bot.errors import LocalError
 
 
-class TranscriptError(CantobotError, ValueError):
-    """A transcript value is invalid (our bug or a bad STT payload, never the user's)."""
+class TranscriptError(LocalError, ValueError):
+    """A transcript value is invalid: our bug. What the STT service sends is checked by
+    :mod:`bot.stt.protocol` first (a bad payload is its ``ProtocolError``), and stored lines
+    were checked when they were stored."""
 
     permanent = True
 
