@@ -46,9 +46,6 @@ from bot.voice.receiver import VoiceReceiver
 
 log = logging.getLogger(__name__)
 
-#: Seconds a shutdown waits for discord.py to leave voice (it waits for the gateway).
-LEAVE_AT_SHUTDOWN = 1.0
-
 
 class Meeting:
     """One guild's live transcription."""
@@ -185,19 +182,20 @@ class Meeting:
         try:
             await self.intake.join()
         except Exception as exc:
-            await self.intake.leave()
-            await self.ledger.abort()
-            self._machine.to(MeetingState.ENDED, "could not join voice")
+            await self._abort("could not join voice")
             raise MeetingError(f"could not join {self.voice_channel.name}: {exc}") from exc
         failure = await self.room.tell(self.voice_channel, moved=False)
         if failure is not None:
-            await self.intake.leave()
-            await self.ledger.abort()
-            self._machine.to(MeetingState.ENDED, "consent notice not posted")
+            await self._abort("consent notice not posted")
             raise MeetingError(failure)
         self._machine.to(MeetingState.LIVE)
         log.info("guild %s: joined %s, transcribing into #%s (meeting %d)", self.guild.id,
                  self.voice_channel.name, self.text_channel.name, self.meeting_id)
+
+    async def _abort(self, why: str) -> None:
+        await self.intake.leave()
+        await self.ledger.abort()
+        self._machine.to(MeetingState.ENDED, why)
 
     async def stop(self, reason: str = "stopped") -> Minutes:
         """Drain the voice, flush every speaker and every write, close: the minutes."""
@@ -210,7 +208,7 @@ class Meeting:
         try:
             await self.intake.drain()  # drain: nothing more is heard
             await self.speakers.finish_all()  # flush: the last commits ...
-            await self._leave()
+            await self.intake.leave(self.ledger.deadline)
             await self.ledger.flush()  # ... and their storage writes
             minutes = await self.ledger.close()  # close: end, post the minutes, leave
         finally:
@@ -223,21 +221,6 @@ class Meeting:
         log.info("guild %s: meeting %d ended: %d lines; voice packets: %s", self.guild.id,
                  self.meeting_id, len(minutes.segments), dict(self.receiver.stats))
         return minutes
-
-    async def _leave(self) -> None:
-        """Leave voice; at shutdown for at most :data:`LEAVE_AT_SHUTDOWN` seconds (discord.py
-        waits for a gateway that may be unreachable), so the minutes keep their time."""
-        deadline = self.ledger.deadline
-        if deadline is None:
-            await self.intake.leave()
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(min(deadline, loop.time() + LEAVE_AT_SHUTDOWN)):
-                await self.intake.leave()
-        except TimeoutError:
-            log.warning("guild %s: shutting down: leaving voice timed out (Discord "
-                        "unreachable?)", self.guild.id)
 
     # -- channel presence ------------------------------------------------------------------------
 

@@ -26,6 +26,9 @@ from bot.voice.receiver import VoiceReceiver
 
 log = logging.getLogger(__name__)
 
+#: Seconds a shutdown waits for discord.py to leave voice (it waits for the gateway).
+LEAVE_AT_SHUTDOWN = 1.0
+
 #: Seconds to wait for discord.py to join (or rejoin) a voice channel.
 JOIN_TIMEOUT = 30.0
 
@@ -192,8 +195,22 @@ class VoiceIntake:
         await self.listener.aclose()
         self.receiver.drain(time.monotonic())
 
-    async def leave(self) -> None:
-        """Disconnect from voice (after :meth:`drain`); safe when never joined."""
+    async def leave(self, deadline: float | None = None) -> None:
+        """Disconnect from voice (after :meth:`drain`); safe when never joined. With a
+        ``deadline`` (a shutdown's, loop time) for at most :data:`LEAVE_AT_SHUTDOWN` seconds:
+        discord.py waits for a gateway that may be unreachable, and the minutes need the time."""
+        if deadline is None:
+            await self._leave()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + LEAVE_AT_SHUTDOWN)):
+                await self._leave()
+        except TimeoutError:
+            log.warning("guild %s: shutting down: leaving voice timed out (Discord "
+                        "unreachable?)", self.guild.id)
+
+    async def _leave(self) -> None:
         await self.listener.aclose()
         vc = self.listener.voice_client
         if vc is not None and vc.is_connected():
