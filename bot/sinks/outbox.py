@@ -273,15 +273,9 @@ class Outbox:
     @property
     def stats(self) -> OutboxStats:
         return OutboxStats(
-            sent=self._sent,
-            items_sent=self._items_sent,
-            retried=self._retried,
-            rate_limited=self._rate_limited,
-            dropped_permanent=self._dropped,
-            pending=self.pending,
-            dropped_backlog=self._dropped_backlog,
-            peak_entries=self._peak_entries,
-        )
+            sent=self._sent, items_sent=self._items_sent, retried=self._retried,
+            rate_limited=self._rate_limited, dropped_permanent=self._dropped, pending=self.pending,
+            dropped_backlog=self._dropped_backlog, peak_entries=self._peak_entries)
 
     @property
     def pending(self) -> int:
@@ -347,13 +341,8 @@ class Outbox:
         self._waiting = 0
         self._idle.set()
         if left:
-            log.warning(
-                "outbox %s closed with %d item(s) undelivered after %.1f s "
-                "(they are kept in storage and the minutes)",
-                self.name,
-                left,
-                flush_timeout,
-            )
+            log.warning("outbox %s closed with %d item(s) undelivered after %.1f s (they are "
+                        "kept in storage and the minutes)", self.name, left, flush_timeout)
         else:
             log.debug("outbox %s closed; everything delivered", self.name)
 
@@ -367,12 +356,9 @@ class Outbox:
             first_time = not self._overflow_logged
             if first_time:
                 self._overflow_logged = True
-                log.warning(
-                    "outbox %s has %d items waiting (a flood, or Discord slow or rate "
-                    "limiting); merging new lines into the last waiting message",
-                    self.name,
-                    waiting,
-                )
+                log.warning("outbox %s has %d items waiting (a flood, or Discord slow or rate "
+                            "limiting); merging new lines into the last waiting message",
+                            self.name, waiting)
             try:
                 if self._merge_into_last(item, waiter):
                     return
@@ -407,12 +393,9 @@ class Outbox:
     def _drop_for_backlog(self, item: Item, waiter: asyncio.Future[bool] | None) -> None:
         self._dropped_backlog += 1
         if self._dropped_backlog == 1:
-            log.error(
-                "outbox %s has %d messages waiting; further lines are not queued for Discord "
-                "(they are kept in storage and the minutes)",
-                self.name,
-                len(self._pending),
-            )
+            log.error("outbox %s has %d messages waiting; further lines are not queued for "
+                      "Discord (they are kept in storage and the minutes)",
+                      self.name, len(self._pending))
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
 
@@ -450,49 +433,29 @@ class Outbox:
                 failure = classify_failure(exc)
                 if failure.kind is FailureKind.PERMANENT:
                     self._dropped += count
-                    log.error(
-                        "outbox %s dropped %s (%d line(s)) after a permanent failure: %s; "
-                        "the lines are kept in storage and the minutes",
-                        self.name,
-                        item.label,
-                        count,
-                        failure.reason,
-                        exc_info=not isinstance(exc, discord.HTTPException),
-                    )
+                    log.error("outbox %s dropped %s (%d line(s)) after a permanent failure: %s; "
+                              "the lines are kept in storage and the minutes", self.name,
+                              item.label, count, failure.reason,
+                              exc_info=not isinstance(exc, discord.HTTPException))
                     return False
                 self._retried += 1
                 if failure.kind is FailureKind.RATE_LIMITED:
                     self._rate_limited += 1
                     backoff.failures += 1  # counts towards the backoff; the wait is Discord's
-                    delay = (
-                        failure.retry_after
-                        if failure.retry_after is not None
-                        else DEFAULT_RETRY_AFTER_SECONDS
-                    )
+                    delay = (failure.retry_after if failure.retry_after is not None
+                             else DEFAULT_RETRY_AFTER_SECONDS)
                 else:
                     delay = backoff.next()
-                log.warning(
-                    "outbox %s: %s failed (%s, %s); retry %d in %.2f s, %d item(s) waiting",
-                    self.name,
-                    item.label,
-                    failure.kind.value,
-                    failure.reason,
-                    backoff.failures,
-                    delay,
-                    len(self._pending),
-                )
+                log.warning("outbox %s: %s failed (%s, %s); retry %d in %.2f s, %d item(s) "
+                            "waiting", self.name, item.label, failure.kind.value, failure.reason,
+                            backoff.failures, delay, len(self._pending))
                 await self._sleep(delay)
                 continue
             self._sent += 1
             self._items_sent += count
             waited = self._clock() - batch[0].enqueued_at
-            log.debug(
-                "outbox %s sent %s (%d item(s), waited %.2f s)",
-                self.name,
-                item.label,
-                count,
-                waited,
-            )
+            log.debug("outbox %s sent %s (%d item(s), waited %.2f s)", self.name, item.label,
+                      count, waited)
             return True
 
 
