@@ -119,7 +119,8 @@ def _add_simulate(sub: Subcommands[argparse.ArgumentParser]) -> None:
         # The documented interface (issue 5) first, as written there; then the extras.
         usage="%(prog)s --speaker NAME=FILE [--speaker ...] [--stt-url URL] [--api-key KEY] "
         "[--sample-rate HZ] [--threads] [--mode MODE] [--dave | --no-dave] [--loss PCT] "
-        "[--jsonl] [--config FILE] [--captions]",
+        "[--jsonl] [--config FILE] [--captions] [--member-dave libdave|davey] "
+        "[--join-late NAME[=SECONDS]]",
     )
     p.add_argument("--speaker", metavar="NAME=FILE", type=_speaker_arg, action="append",
                    required=True,
