@@ -5,9 +5,10 @@ in order, shown as the speaker when possible, never pinging anyone.
 
 Boundary: an adapter over discord.py. Formatting (escaping, splitting, names) is
 :mod:`bot.transcript.format`; ordering, retries and burst merging are :mod:`bot.sinks.outbox`.
-This module decides *what* to send *where*, and owns one :class:`~bot.sinks.outbox.Outbox` per
-destination: the channel, and each speaker's caption thread. A slow or rate-limited thread
-therefore never delays the channel, while order within each destination stays strict.
+This module decides *what* to send *where*, and owns the channel's
+:class:`~bot.sinks.outbox.Outbox`; each speaker's caption thread, with its own outbox, is
+:class:`~bot.sinks.threads.CaptionThreads`. A slow or rate-limited thread therefore never delays
+the channel, while order within each destination stays strict.
 
 Modes (decided once in :meth:`DiscordTranscriptSink.start`):
 
@@ -19,9 +20,7 @@ Every send carries ``allowed_mentions=AllowedMentions.none()`` and all user text
 :func:`bot.transcript.format.escape` (defence in depth: neither alone may ping).
 
 Captions (``captions=True``): the speaker's live partial is one message in their thread, edited
-at most once per ``caption_interval`` (the latest text wins; pending edits coalesce). When the
-committed line arrives the caption message is edited into the committed text, and the next
-partial starts a new caption message.
+into the committed line when it arrives (see :mod:`bot.sinks.threads`).
 
 Known limits: Discord has no idempotency key for webhook executions or thread creation, so a
 5xx after Discord already acted can duplicate that one message or thread on retry. Plain bot
@@ -34,48 +33,39 @@ import asyncio
 import enum
 import io
 import logging
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import discord
 
 from bot.errors import LocalError
 from bot.sinks.outbox import Item, Outbox
+from bot.sinks.payloads import BOT as _BOT
+from bot.sinks.payloads import NO_MENTIONS as NO_MENTIONS
+from bot.sinks.payloads import Author as _Author
+from bot.sinks.payloads import Post as _Post
+from bot.sinks.payloads import UserKey as UserKey
+from bot.sinks.payloads import new_nonce as _nonce
+from bot.sinks.threads import CAPTION_MARK as CAPTION_MARK
+from bot.sinks.threads import THREAD_AUTO_ARCHIVE_MINUTES as THREAD_AUTO_ARCHIVE_MINUTES
+from bot.sinks.threads import CaptionThreads
 from bot.transcript.escape import inert
-from bot.transcript.format import (
-    ELLIPSIS,
-    MAX_MESSAGE_CHARS,
-    escape,
-    line_messages,
-    message_length,
-    split_message,
-    thread_name,
-    webhook_username,
-)
+from bot.transcript.format import line_messages, split_message, webhook_username
 from bot.transcript.model import Segment
-from bot.transcript.script import PLAIN, Readability, convert
+from bot.transcript.script import PLAIN, Readability
 
 log = logging.getLogger(__name__)
 
 #: The channel webhook we create once and reuse across meetings (a name without
 #: "discord"/"clyde", which Discord rejects in webhook names).
 WEBHOOK_NAME = "cantobot captions"
-#: Caption threads hide after a day of inactivity (one of Discord's allowed values, minutes).
-THREAD_AUTO_ARCHIVE_MINUTES: Literal[60, 1440, 4320, 10080] = 1440
-#: Shown after a live partial so readers can tell it from a committed line.
-CAPTION_MARK = " " + ELLIPSIS
-#: Never ping anyone: users, roles, @everyone/@here, replies.
-NO_MENTIONS = discord.AllowedMentions.none()
 #: Said once per meeting when lines back up (a flood from speech-to-text, or Discord slow).
 BACKLOG_NOTICE = (
     "\N{WARNING SIGN} Lines are coming faster than Discord takes them: they are merged into "
     "fewer messages from now on. Every line is kept in the minutes."
 )
-
-UserKey = int | str
 
 
 class SinkStateError(LocalError):
@@ -102,24 +92,7 @@ class SinkStats:
     peak_waiting: int = 0  # most messages waiting at once in any one destination
 
 
-# -- outbox payloads: what a queued item asks the destination's send() to do -------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Author:
-    """Who a message appears from: a webhook persona, or the bot itself (username None)."""
-
-    username: str | None = None
-    avatar_url: str | None = None
-
-
-_BOT = _Author()
-
-
-@dataclass(frozen=True, slots=True)
-class _Post:
-    author: _Author
-    nonce: str  # enforced by Discord for bot messages, so a retried POST is not duplicated
+# -- channel payloads (the shared ones are in bot.sinks.payloads) ------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,59 +113,30 @@ class _LinePost:
     label: str
 
 
-@dataclass(eq=False)
-class _Caption:
-    """One live caption message and the text it should show."""
-
-    latest: str = ""
-    message: discord.Message | discord.WebhookMessage | None = None
-    shown: str | None = None
-    last_sent: float | None = None
-    queued: bool = False  # an edit item is waiting in the thread's outbox
-    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the committed line arrived
-
-
-@dataclass(frozen=True, slots=True)
-class _CaptionEdit:
-    caption: _Caption
-    author: _Author
-
-
-@dataclass(frozen=True, slots=True)
-class _CaptionCommit:
-    caption: _Caption
-    author: _Author
-    nonce: str
-
-
-@dataclass(eq=False)
-class _Speaker:
-    key: UserKey
-    display_name: str
-    avatar_url: str | None = None
-    thread: discord.Thread | None = None
-    outbox: Outbox | None = None
-    caption: _Caption | None = None
-
-
-def _nonce() -> str:
-    """A fresh message nonce (Discord accepts up to 25 characters; 63 bits is 19 digits)."""
-    return str(secrets.randbits(63))
-
-
-def _caption_text(text: str) -> str:
-    """A partial as shown: one line, escaped, a trailing mark; when too long, the newest
-    words are kept (cut before escaping, so an escape is never torn in half)."""
-    raw = " ".join(text.split())
-    room = MAX_MESSAGE_CHARS - len(CAPTION_MARK) - len(ELLIPSIS)
-    shown = escape(raw)
-    if message_length(shown) > room:
-        while message_length(shown) > room:
-            excess = message_length(shown) - room
-            raw = raw[max(1, excess // 2) :]
-            shown = escape(raw)
-        shown = ELLIPSIS + shown
-    return shown + CAPTION_MARK
+async def _post(
+    webhook: discord.Webhook | None,
+    dest: discord.TextChannel | discord.Thread,
+    thread: discord.Thread | None,
+    text: str,
+    author: _Author,
+    nonce: str,
+) -> discord.Message | discord.WebhookMessage:
+    """Send ``text`` into ``dest`` as ``author``: through the webhook under the speaker's name
+    when there is one, else as the bot (with ``nonce``). Never pings."""
+    if author.username is not None and webhook is not None:
+        kwargs: dict[str, Any] = {}
+        if thread is not None:
+            kwargs["thread"] = thread
+        if author.avatar_url is not None:
+            kwargs["avatar_url"] = author.avatar_url
+        return await webhook.send(
+            text,
+            username=author.username,
+            allowed_mentions=NO_MENTIONS,
+            wait=True,
+            **kwargs,
+        )
+    return await dest.send(text, allowed_mentions=NO_MENTIONS, nonce=nonce)
 
 
 class DiscordTranscriptSink:
@@ -213,18 +157,17 @@ class DiscordTranscriptSink:
         self._readability = readability
         self._channel = channel
         self._bot_user_name = bot_user_name
-        self._threads = threads
-        self._captions = captions
-        self._caption_interval = caption_interval
-        self._clock = clock
         self._mode = SinkMode.NEW
         self._webhook: discord.Webhook | None = None
-        self._speakers: dict[UserKey, _Speaker] = {}
-        self._threads_disabled = False
         self._lines_posted = 0
         self._backlog_noticed = False
         self._outbox = Outbox(self._send_channel, name=f"#{channel.name}", clock=clock,
                               on_backlog=self._on_backlog)
+        self._threads = CaptionThreads(
+            channel=channel, threads=threads, captions=captions, post=self._post_in_thread,
+            author=self._author, caption_interval=caption_interval, clock=clock,
+            readability=readability, on_backlog=self._on_backlog,
+        )
         self._close_lock = asyncio.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -278,16 +221,14 @@ class DiscordTranscriptSink:
             if self._mode is SinkMode.CLOSED:
                 return
             self._mode = SinkMode.CLOSED
-            boxes = [self._outbox] + [s.outbox for s in self._speakers.values() if s.outbox]
-            for speaker in self._speakers.values():
-                if speaker.caption is not None:
-                    speaker.caption.closed.set()
+            boxes = [self._outbox, *self._threads.outboxes]
+            self._threads.close_captions()
             await asyncio.gather(*(box.aclose(flush_timeout) for box in boxes))
             log.info("sink for #%s closed: %s", self._channel.name, self.stats)
 
     @property
     def stats(self) -> SinkStats:
-        boxes = [self._outbox] + [s.outbox for s in self._speakers.values() if s.outbox]
+        boxes = [self._outbox, *self._threads.outboxes]
         each = [b.stats for b in boxes]
         return SinkStats(
             lines_posted=self._lines_posted,
@@ -352,22 +293,7 @@ class DiscordTranscriptSink:
         post = self._line_post(segment, display_name, avatar_url)
         for item in post.items:
             self._outbox.put(item)
-        speaker = self._speaker(post.key, display_name, avatar_url)
-        caption = speaker.caption
-        if self._threads_disabled or not (self._threads or caption is not None):
-            return
-        box = self._thread_outbox(speaker)
-        rest = post.items
-        if caption is not None:
-            # The committed text replaces the live caption; the next partial starts afresh.
-            speaker.caption = None
-            caption.closed.set()
-            first, rest = post.items[0], post.items[1:]
-            box.put(replace(first, merge_key=None,
-                            payload=_CaptionCommit(caption, post.author, _nonce())))
-        for item in rest:
-            # A nonce per destination: Discord drops a repeated nonce as a duplicate.
-            box.put(replace(item, payload=_Post(post.author, _nonce())))
+        self._threads.commit(post.key, display_name, avatar_url, post.author, post.items)
 
     def _line_post(self, segment: Segment, display_name: str,
                    avatar_url: str | None) -> _LinePost:
@@ -384,27 +310,12 @@ class DiscordTranscriptSink:
         """Show ``text`` as the speaker's live partial (throttled; latest text wins)."""
         if not self._accepting("caption"):
             return
-        if not self._captions or self._threads_disabled or not text.strip():
-            return
-        speaker = self._speaker(user_key, display_name, None)
-        caption = speaker.caption
-        if caption is None:
-            caption = speaker.caption = _Caption()
-        caption.latest = text
-        if not caption.queued:
-            caption.queued = True
-            author = self._author(speaker.display_name, speaker.avatar_url)
-            self._thread_outbox(speaker).put(
-                Item(payload=_CaptionEdit(caption, author), label=f"caption of {display_name}")
-            )
+        self._threads.update_caption(user_key, text, display_name=display_name)
 
     def silence(self, user_key: UserKey) -> None:
         """A member opted out: their live caption is not edited any more (a queued edit is
         dropped); their next words would start a new one, but none come."""
-        speaker = self._speakers.get(user_key)
-        if speaker is not None and speaker.caption is not None:
-            speaker.caption.closed.set()
-            speaker.caption = None
+        self._threads.silence(user_key)
 
     async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None:
         """The summary with the minutes files attached, after every line queued before it.
@@ -438,57 +349,13 @@ class DiscordTranscriptSink:
             return _BOT
         return _Author(webhook_username(display_name), avatar_url)
 
-    def _speaker(self, key: UserKey, display_name: str, avatar_url: str | None) -> _Speaker:
-        speaker = self._speakers.get(key)
-        if speaker is None:
-            speaker = self._speakers[key] = _Speaker(key, display_name, avatar_url)
-        else:
-            speaker.display_name = display_name
-            if avatar_url is not None:
-                speaker.avatar_url = avatar_url
-        return speaker
-
-    def _thread_outbox(self, speaker: _Speaker) -> Outbox:
-        if speaker.outbox is None:
-
-            async def send(item: Item) -> None:
-                await self._send_thread(speaker, item)
-
-            speaker.outbox = Outbox(
-                send, name=f"#{self._channel.name}/{speaker.display_name}", clock=self._clock,
-                on_backlog=self._on_backlog,
-            )
-            speaker.outbox.start()
-        return speaker.outbox
-
-    async def _ensure_thread(self, speaker: _Speaker) -> discord.Thread:
-        """The speaker's caption thread, created on first use (inside its outbox, so once)."""
-        if speaker.thread is None:
-            try:
-                speaker.thread = await self._channel.create_thread(
-                    name=thread_name(speaker.display_name),
-                    type=discord.ChannelType.public_thread,
-                    auto_archive_duration=THREAD_AUTO_ARCHIVE_MINUTES,
-                    reason="cantobot: live captions for one speaker",
-                )
-            except discord.Forbidden:
-                if not self._threads_disabled:
-                    self._threads_disabled = True
-                    log.warning(
-                        "cannot create threads in #%s (Create Public Threads missing); "
-                        "caption threads are off for this meeting",
-                        self._channel.name,
-                    )
-                raise
-            log.info("created caption thread %r", speaker.thread.name)
-        return speaker.thread
-
     # -- the send functions the outboxes call ---------------------------------------------------
 
     async def _send_channel(self, item: Item) -> None:
         payload = item.payload
         if isinstance(payload, _Post):
-            await self._post(self._channel, None, item.text, payload.author, payload.nonce)
+            await _post(self._webhook, self._channel, None, item.text, payload.author,
+                        payload.nonce)
         elif isinstance(payload, _Attachments):
             files = [
                 discord.File(io.BytesIO(content.encode("utf-8")), filename=name)
@@ -500,70 +367,6 @@ class DiscordTranscriptSink:
         else:  # pragma: no cover - a bug in this module
             raise TypeError(f"unexpected channel item {payload!r}")
 
-    async def _send_thread(self, speaker: _Speaker, item: Item) -> None:
-        payload = item.payload
-        if self._threads_disabled and speaker.thread is None:
-            return  # already reported once; lines are in the channel and in storage
-        if isinstance(payload, _CaptionEdit):
-            await self._send_caption(speaker, payload)
-            return
-        thread = await self._ensure_thread(speaker)
-        if isinstance(payload, _CaptionCommit):
-            caption = payload.caption
-            if caption.message is not None:
-                await caption.message.edit(content=item.text, allowed_mentions=NO_MENTIONS)
-                caption.shown = item.text
-                return
-            await self._post(thread, thread, item.text, payload.author, payload.nonce)
-        elif isinstance(payload, _Post):
-            await self._post(thread, thread, item.text, payload.author, payload.nonce)
-        else:  # pragma: no cover - a bug in this module
-            raise TypeError(f"unexpected thread item {payload!r}")
-
-    async def _send_caption(self, speaker: _Speaker, edit: _CaptionEdit) -> None:
-        caption = edit.caption
-        if caption.closed.is_set():
-            return  # the committed line replaces it
-        if caption.message is not None and caption.last_sent is not None:
-            due = caption.last_sent + self._caption_interval - self._clock()
-            if due > 0:
-                # Wait out the throttle, but stop at once if the committed line arrives.
-                try:
-                    await asyncio.wait_for(caption.closed.wait(), due)
-                except TimeoutError:
-                    pass
-                if caption.closed.is_set():
-                    return
-        thread = await self._ensure_thread(speaker)
-        caption.queued = False  # partials from now on need another edit
-        text = _caption_text(convert(caption.latest, self._readability.script))
-        if caption.message is None:
-            caption.message = await self._post(thread, thread, text, edit.author, _nonce())
-        elif text != caption.shown:
-            await caption.message.edit(content=text, allowed_mentions=NO_MENTIONS)
-        caption.shown = text
-        caption.last_sent = self._clock()
-
-    async def _post(
-        self,
-        dest: discord.TextChannel | discord.Thread,
-        thread: discord.Thread | None,
-        text: str,
-        author: _Author,
-        nonce: str,
-    ) -> discord.Message | discord.WebhookMessage:
-        if author.username is not None and self._webhook is not None:
-            kwargs: dict[str, Any] = {}
-            if thread is not None:
-                kwargs["thread"] = thread
-            if author.avatar_url is not None:
-                kwargs["avatar_url"] = author.avatar_url
-            return await self._webhook.send(
-                text,
-                username=author.username,
-                allowed_mentions=NO_MENTIONS,
-                wait=True,
-                **kwargs,
-            )
-        return await dest.send(text, allowed_mentions=NO_MENTIONS, nonce=nonce)
-
+    async def _post_in_thread(self, thread: discord.Thread, text: str, author: _Author,
+                              nonce: str) -> discord.Message | discord.WebhookMessage:
+        return await _post(self._webhook, thread, thread, text, author, nonce)
