@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import select
 import socket
 import struct
 import time
@@ -371,15 +372,22 @@ class ReceiveVoiceClient(discord.VoiceClient):
         return self._send_cipher[1].encrypt(bytes(header), b"", bytes(data), nonce)
 
 
-class _WakingSocketReader(SocketReader):
-    """discord.py's socket reader, woken out of ``select`` when the connection pauses it.
+#: The reader thread's longest sleep in ``select``. A voice reconnect replaces the UDP socket;
+#: a thread already on its way into ``select`` with the old descriptor number sleeps on whatever
+#: now holds that number (often a quiet socket of the new connection), and IP discovery's answer
+#: waits unread on the new socket until it wakes: up to discord.py's 30 s (the full 4006 voice
+#: reconnect stalled so, rarely, under load). A short timeout bounds that to this much.
+READER_SELECT_TIMEOUT = 0.25
 
-    With a listener registered (ours), the reader thread sits in ``select`` on the UDP socket
-    with a 30 s timeout. A voice reconnect pauses it and closes that socket, which does not wake
-    ``select`` on Linux; the thread then sleeps out the 30 s before it reads the new socket, and
-    IP discovery (which listens through this same reader) waits that long: about 30 s deaf after
-    every voice reconnect. ``shutdown(SHUT_RD)`` on the old socket makes it readable at once, so
-    the thread wakes, sees it is paused, and is ready for the new socket.
+
+class _WakingSocketReader(SocketReader):
+    """discord.py's socket reader thread, made safe across voice reconnects.
+
+    With a listener registered (ours), the reader thread sits in ``select`` on the UDP socket.
+    A voice reconnect pauses it and closes that socket, which does not wake ``select`` on Linux:
+    ``shutdown(SHUT_RD)`` on the old socket (in :meth:`pause`) makes it readable at once. And the
+    loop (:meth:`_do_run`) selects with :data:`READER_SELECT_TIMEOUT`, and drops what it read
+    from a socket that was replaced meanwhile, so a stale descriptor costs at most that long.
     """
 
     def pause(self) -> None:
@@ -391,6 +399,29 @@ class _WakingSocketReader(SocketReader):
             sock.shutdown(socket.SHUT_RD)
         except OSError:  # not connected yet, or already closed: nothing is waiting on it
             pass
+
+    def _do_run(self) -> None:
+        while not self._end.is_set():
+            if not self._running.is_set():
+                self._running.wait()
+                continue
+            sock = self.state.socket
+            try:
+                readable, _, _ = select.select([sock], [], [], READER_SELECT_TIMEOUT)
+            except (ValueError, TypeError, OSError):  # closed, or not created yet: a reconnect
+                self._end.wait(READER_SELECT_TIMEOUT / 5)  # never spin while it settles
+                continue
+            if not readable or sock is not self.state.socket:
+                continue  # nothing yet, or the socket was replaced while we slept
+            try:
+                data = sock.recv(2048)
+            except OSError:  # the old socket, shut down or closed under us
+                continue
+            for callback in list(self._callbacks):
+                try:
+                    callback(data)
+                except Exception:
+                    log.exception("voice socket listener %r failed", callback)
 
 
 class _ReceiveConnectionState(VoiceConnectionState):
