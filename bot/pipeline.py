@@ -150,6 +150,7 @@ class SpeakerStream:
             reconnect_max_delay=config.reconnect_max_delay,
             key=key,
             line_numbers=line_numbers,
+            silence_tail_s=config.silence_tail_ms / 1000,
         )
 
     @property

@@ -13,6 +13,7 @@ import pytest
 from bot.errors import SttAuthError, SttSessionError, SttUnavailable
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
+from bot.stt.events import SttAudioLost
 from bot.stt.session import (
     PartialText,
     SegmentCommitted,
@@ -391,7 +392,11 @@ async def test_stop_while_the_server_stays_away_gives_up_within_its_timeout(
     await server.stop()  # gone for good: every reconnect attempt is refused
     await until(lambda: session.state is SttState.RECONNECTING)
     await session.stop()
-    assert session.state is SttState.CLOSED
-    assert rec.states[-2:] == [SttState.RECONNECTING, SttState.CLOSED]
-    assert "gave up: 0.1 s of audio were not transcribed" in caplog.text
-    assert session.stats.reconnects == 0
+    # A loss is never reported as a clean close: FAILED, with whose and how many seconds.
+    assert session.state is SttState.FAILED
+    assert rec.states[-2:] == [SttState.RECONNECTING, SttState.FAILED]
+    loss = rec.of(StateChanged)[-1].error
+    assert isinstance(loss, SttAudioLost) and loss.speaker == "alice"
+    assert loss.seconds == pytest.approx(0.1)
+    assert "gave up: 0.1 s of alice's speech could not be transcribed" in caplog.text
+    assert session.stats.reconnects == 0 and session.stats.lost_seconds == pytest.approx(0.1)
