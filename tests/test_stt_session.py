@@ -192,7 +192,31 @@ async def test_plain_commits_only_get_times_estimated_from_the_audio_position(
     await session.stop()
     (line,) = rec.of(SegmentCommitted)
     assert line.segment.text == FIRST and line.segment.words == ()
-    assert 0.0 <= line.segment.start < line.segment.end
+    # Placed on the speech (after the 0.6 s of silence before it), not "since the last commit".
+    (start, text), = timeline(FIRST)
+    assert line.segment.start == pytest.approx(start, abs=0.05)
+    assert line.segment.end == pytest.approx(start + utterance_duration(text), abs=0.05)
+
+
+async def test_plain_commit_times_stay_on_the_speech_with_silence_skipped(
+    server: FakeSttServer,
+) -> None:
+    """The estimate across skipped silence and sentences (issue 12 item 12)."""
+    server.send_timestamps = False
+    rec = Recorder()
+    session = make_session(server.url, rec, stream_offset=50.0, silence_tail_s=0.8)
+    await session.start()
+    lines = timeline(FIRST, SECOND, THIRD, gap=4.0)
+    for chunk in chunks(pcm_of(lines, duration=lines[-1][0] + 6.0)):
+        session.send_audio(chunk)
+    await session.stop()
+    got = [e.segment for e in rec.of(SegmentCommitted)]
+    assert [s.text for s in got] == [FIRST, SECOND, THIRD]
+    for seg, (start, text) in zip(got, lines, strict=True):
+        assert seg.start == pytest.approx(50.0 + start, abs=0.05)
+        assert seg.end == pytest.approx(50.0 + start + utterance_duration(text), abs=0.05)
+    assert session.stats.seconds_sent < sum(utterance_duration(t) for t in
+                                            (FIRST, SECOND, THIRD)) * 1.6
 
 
 @pytest.mark.parametrize("fault", ["session-error", "close-1011", "server-drop"])

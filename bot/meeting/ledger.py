@@ -223,6 +223,7 @@ class Ledger:
     def upstream_trouble(self, error: CantobotError) -> None:
         self.upstream_error = error
         kind = "stt-auth" if isinstance(error, SttAuthError) else f"stt-{type(error).__name__}"
+        kind += getattr(error, "notice_key", "")  # a loss is said per speaker (SttAudioLost)
         text = (f"\N{WARNING SIGN} {error.user_message}"
                 + ("" if error.permanent else " — retrying; nothing said is lost."))
         self.notice_once(kind, text)

@@ -430,13 +430,14 @@ class SttCore:
         return None
 
     def unconfirmed_speech_seconds(self) -> float:
-        """Unconfirmed audio from its first speech on (the silent tail of a committed
-        sentence is no loss)."""
+        """Unconfirmed audio from its first speech (less the pre-roll) to its last: silence
+        around it is no loss."""
         if not self._buffer:
             return 0.0
         start = self._resend_from()
-        kept = sum(len(pcm) // BYTES_PER_SAMPLE - max(0, start - s)
-                   for s, pcm in self._buffer if s + len(pcm) // BYTES_PER_SAMPLE > start)
+        end = self.appended if self.tail_samples is None else self._last_voiced_end
+        kept = sum(max(0, min(end, s + len(pcm) // BYTES_PER_SAMPLE) - max(start, s))
+                   for s, pcm in self._buffer)
         return kept / self.sample_rate
 
     def connection_lost(self) -> None:
@@ -542,20 +543,25 @@ class SttCore:
         self.stats.commits += 1
         return LineRef(self.key, next(self._line_numbers))
 
-    def _estimated_segment(self, text: str) -> Segment:
+    def _estimated_segment(self, text: str) -> tuple[Segment, int]:
         """Times of a commit without word timestamps: the voiced audio since the last commit.
 
         The unconfirmed buffer still holds that audio, so the first and last 20 ms frames above
         a speech threshold bound the sentence far better than "previous commit .. now" would
         (that would start every sentence at the end of the previous one, pauses included).
+        Returns the segment and the boundary it confirms: the end of that speech (audio sent
+        after it, when the sender runs ahead of the upstream, is not yet heard), else the send
+        position.
         """
         lo, hi = self._last_commit_end, self.send_pos
+        boundary = hi
         span = self._voiced_span(lo, hi)
         if span is not None:
             lo, hi = span
+            boundary = hi
         start = self._seconds(lo)
-        return Segment(self.speaker, text, start, max(start, self._seconds(hi)),
-                       speaker_id=self.speaker_id)
+        return (Segment(self.speaker, text, start, max(start, self._seconds(hi)),
+                        speaker_id=self.speaker_id), boundary)
 
     def _voiced_span(self, lo: int, hi: int) -> tuple[int, int] | None:
         """:func:`voiced_span` of the buffered audio in stream samples [lo, hi).
@@ -612,12 +618,12 @@ class SttCore:
         if text in self._early_twins:
             self._early_twins.remove(text)  # the timestamped twin already made this line
             return []
-        segment = self._estimated_segment(text)
+        segment, boundary = self._estimated_segment(text)
         self._commit_heard()
         ref = self._new_ref()
         self._unmatched.append((text, ref))
         # A timestamped twin, if one comes, is the next message and gives a precise boundary.
-        self._deferred_boundary = self.send_pos
+        self._deferred_boundary = boundary
         return [SegmentCommitted(segment, ref)]
 
     def _twin_of(self, text: str) -> LineRef | None:
@@ -637,8 +643,7 @@ class SttCore:
                               max(w.end for w in words), words, self.speaker_id)
             boundary = round(at(max(w.end for w in event.words)))
         else:
-            segment = self._estimated_segment(event.text)
-            boundary = self.send_pos
+            segment, boundary = self._estimated_segment(event.text)
         self._commit_heard()
         ref = self._twin_of(event.text)
         if ref is not None:

@@ -100,6 +100,11 @@ HEALTHY_AFTER_S: Final = 10.0
 DISCONNECT_TIMEOUT_S: Final = 2.0
 
 
+class _QuietRenewal(SttSessionError):
+    """The upstream ended a session in the ordinary course (its time limit, inactivity): a new
+    one follows without telling anyone."""
+
+
 class _LinkOwner(Protocol):
     """What a link reports to (the session): its events, while it is the current link."""
 
@@ -510,14 +515,16 @@ class SttSession:
                         break  # an upstream error no retry can fix
                     # The connection dropped while stopping: reconnect and re-send what is
                     # unconfirmed, as mid-session, within the same deadline.
-                    attempt += 1
-                    log.warning("stt[%s] lost while stopping (%s); reconnecting", self.speaker,
-                                exc)
+                    quiet = isinstance(exc, _QuietRenewal)
+                    attempt += 0 if quiet else 1
+                    log.log(logging.INFO if quiet else logging.WARNING,
+                            "stt[%s] lost while stopping (%s); reconnecting", self.speaker, exc)
                     if self._reconnector is not None and not self._reconnector.done():
                         continue
-                    self._set_state(SttState.RECONNECTING, exc)
+                    self._set_state(SttState.RECONNECTING, None if quiet else exc)
                     self._reconnector = asyncio.create_task(
-                        self._reconnect(self.link, first_attempt=attempt - 1),
+                        self._reconnect(self.link, first_attempt=max(0, attempt - 1),
+                                        immediate=quiet),
                         name=f"stt-reconnect:{self.speaker}",
                     )
             lost = 0.0 if stopped else self.core.unconfirmed_speech_seconds()
@@ -629,12 +636,12 @@ class SttSession:
             self._commits_at_limit = self.stats.commits
             log.info("stt[%s] upstream session limit reached; starting a new session",
                      self.speaker)
-            self._renew(link, SttSessionError(f"cantonese.ai: {detail}"), wait_for_speech=False)
+            self._renew(link, _QuietRenewal(f"cantonese.ai: {detail}"), wait_for_speech=False)
             return
         if code == INACTIVITY:
             log.info("stt[%s] upstream closed the session for inactivity; reopening when "
                      "speech resumes", self.speaker)
-            self._renew(link, SttSessionError(f"cantonese.ai: {detail}"), wait_for_speech=True)
+            self._renew(link, _QuietRenewal(f"cantonese.ai: {detail}"), wait_for_speech=True)
             return
         self._connection_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
 
