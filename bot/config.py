@@ -107,8 +107,9 @@ class SttConfig:
     max_sessions: int = field(default=500, metadata=_range(1, None))
     #: Silence sent after speech so that the upstream hears the pause that makes it commit the
     #: sentence; longer silence is not sent (it would be paid for). See README "Speech, not
-    #: silence" for the default. The tail ends earlier once the commit arrives.
-    silence_tail_ms: int = field(default=2000, metadata=_range(100, 10000))
+    #: silence" for the default. The tail ends earlier once the commit arrives. 0 sends every
+    #: sample, silence included (the old behaviour, kept for comparison in the bench).
+    silence_tail_ms: int = field(default=2000, metadata=_range(0, 10000))
     #: Allow plain http:// / ws:// to a host other than loopback (the API key goes in clear).
     allow_insecure: bool = False
 

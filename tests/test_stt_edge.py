@@ -311,3 +311,32 @@ async def test_a_replay_that_gives_up_says_whose_speech_and_how_long() -> None:
     # From its first speech to its last (the silence after it is no loss).
     assert error.seconds == pytest.approx(0.1 + utterance_duration("預算OK"), abs=0.05)
     assert "of alice's speech could not be transcribed" in error.user_message
+
+
+async def test_a_permanent_error_stops_every_later_start_of_the_meeting() -> None:
+    from bot.pipeline import Transcriber
+
+    events = Recorder()
+    async with FakeSttServer(KEY) as server:
+        config = SttConfig(url=server.url, api_key=Secret(KEY), stop_timeout=1.0,
+                           reconnect_initial_delay=0.01, reconnect_max_delay=0.05)
+        transcriber = Transcriber(config, events)
+        alice = transcriber.open("alice", speaker="alice", in_rate=RATE)
+        await alice.keep_starting()
+        server.upstream_error = "quota_exceeded"
+        alice.feed(np.frombuffer(speech([(0.1, "你好")], duration=3.0), dtype="<i2"))
+        await until(lambda: alice.session.state is SttState.FAILED)
+        bob = transcriber.open("bob", speaker="bob", in_rate=RATE)
+        async with asyncio.timeout(1.0):
+            await bob.keep_starting()  # refused by the gate: no connection, no retry loop
+        bob.feed(np.frombuffer(speech([(0.1, "收到")], duration=3.0), dtype="<i2"))
+        await transcriber.finish_all()
+        assert server.connection_attempts == 1
+    refusals = [e for e in events.states() if e.error is not None and not
+                isinstance(e.error, SttAudioLost)]
+    assert [e.speaker for e in refusals] == ["alice"]
+    assert "quota_exceeded" in refusals[0].error.user_message  # type: ignore[union-attr]
+    # What neither could say is not silently dropped: a loss for each, with its seconds.
+    losses = {e.speaker: e.error.seconds for e in events.states()
+              if isinstance(e.error, SttAudioLost)}
+    assert set(losses) == {"alice", "bob"} and all(s > 1.0 for s in losses.values())

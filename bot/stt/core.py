@@ -579,8 +579,11 @@ class SttCore:
             if end <= lo or start >= hi:
                 continue
             a, b = max(lo, start), min(hi, end)
-            if prev_end is not None and a > prev_end:
-                silence = min(a - prev_end, gap)
+            if prev_end is None or a > prev_end:
+                # Silence (at most a sentence gap) so that the joined audio keeps the stream's
+                # 20 ms frame grid: a speech onset is found where it is, not up to 19 ms early.
+                silence = 0 if prev_end is None else min(a - prev_end, gap)
+                silence += (a - (joined + silence)) % self._frame
                 parts.append(np.zeros(silence, dtype="<i2"))
                 joined += silence
             runs.append((joined, a))

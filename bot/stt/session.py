@@ -267,10 +267,19 @@ class StartGate:
         self._clock = clock
         self._not_before = 0.0
         self._lock = asyncio.Lock()
+        #: An upstream error no retry can fix (quota, terms, key) seen by any of the sessions:
+        #: no further starts through this gate (the channel was told what to do).
+        self.refused: CantobotError | None = None
+
+    def refuse(self, error: CantobotError) -> None:
+        """Stop starting sessions: ``error`` needs a person to act, not a retry."""
+        if self.refused is None:
+            log.warning("stt: no more sessions start (%s)", error)
+        self.refused = error
 
     async def keep_starting(self, attempt: Callable[[], Awaitable[None]],
                             startable: Callable[[], bool], label: str) -> None:
-        while startable():
+        while startable() and self.refused is None:
             wait = self._not_before - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -511,8 +520,8 @@ class SttSession:
                                 self.speaker)
                     break
                 except SttError as exc:
-                    if self.state is SttState.FAILED:
-                        break  # an upstream error no retry can fix
+                    if exc.permanent:
+                        break  # an upstream error no retry can fix (the session FAILED)
                     # The connection dropped while stopping: reconnect and re-send what is
                     # unconfirmed, as mid-session, within the same deadline.
                     quiet = isinstance(exc, _QuietRenewal)
@@ -627,6 +636,7 @@ class SttSession:
             text = PERMANENT_ERRORS[code]
             exc: SttError = (SttAuthError(text) if code == "auth_error"
                              else SttSessionError(text, permanent=True))
+            exc.upstream_code = code  # type: ignore[attr-defined]  # read by the StartGate's owner
             log.error("stt[%s] %s", self.speaker, text)
             self._fail(link, exc)
             return
