@@ -6,8 +6,8 @@ quiet room noise. It is not speech, but it has what makes Opus work hard on spee
 spectral envelope that changes every few tens of milliseconds, and loud/quiet alternation.
 
 Packets: libopus at Discord's settings (48 kHz stereo, 20 ms, 64 kbit/s, in-band FEC) through
-:class:`bot.voice.opus.OpusEncoder`; an RTP header with the RFC 6464 audio-level extension
-(:func:`bot.voice.rtp.build_rtp_header`); optionally DAVE-encrypted by a real davey member of a
+:class:`bot.sim.sender.OpusEncoder`; an RTP header with the RFC 6464 audio-level extension
+(:func:`bot.sim.sender.build_rtp_header`); optionally DAVE-encrypted by a real davey member of a
 group the bot's own davey session belongs to (Discord's external sender played by
 :class:`bot.sim.dave_group.DaveGroup`); then transport-encrypted with
 :class:`bot.voice.crypto.TransportCipher` in the chosen ``*_rtpsize`` mode.
@@ -28,9 +28,13 @@ import numpy as np
 import numpy.typing as npt
 
 from bot.sim.dave_group import DaveGroup, Delivery, Op, SimulatedMember
+from bot.sim.sender import (
+    AUDIO_LEVEL_EXTENSION_ID,
+    OpusEncoder,
+    build_rtp_header,
+    one_byte_extension,
+)
 from bot.voice.crypto import MODE_AES256_GCM, MODE_XCHACHA20, TransportCipher
-from bot.voice.opus import OpusEncoder
-from bot.voice.rtp import AUDIO_LEVEL_EXTENSION_ID, build_rtp_header, one_byte_extension
 
 log = logging.getLogger(__name__)
 

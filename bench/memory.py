@@ -92,8 +92,8 @@ def hour(speakers: int, seconds: float = 3600.0) -> dict[str, Any]:
         receiver.on_speaking(s.user_id, s.ssrc, 0.0)
     # The recorded 20 s loop is re-sent with continuing sequence numbers and timestamps.
     from bench.media import FRAME_SAMPLES
+    from bot.sim.sender import build_rtp_header
     from bot.voice.crypto import TransportCipher
-    from bot.voice.rtp import build_rtp_header
     cipher = TransportCipher(packets.mode, packets.secret_key)
     frames = len(rec.opus)
     total = int(seconds * PACKETS_PER_SECOND)
@@ -113,7 +113,8 @@ def hour(speakers: int, seconds: float = 3600.0) -> dict[str, Any]:
         if i and i % int(SAMPLE_EVERY_S * PACKETS_PER_SECOND) == 0:
             samples.append((now, rss_bytes()))
     samples.append((total / PACKETS_PER_SECOND, rss_bytes()))
-    bad = {k: v for k, v in receiver.stats.items() if k not in ("received",) and v}
+    bad = {k: v for k, v in receiver.counters().as_dict().items()
+           if k not in ("received", "decoded", "waiting") and v}
     return {"speakers": speakers, "seconds": seconds, "chunks": chunks, "problems": bad,
             "rss": samples, "growth_after_first_sample": samples[-1][1] - samples[1][1]}
 

@@ -137,8 +137,8 @@ def run_product(packets: PacketSet) -> float:
     elapsed = time.perf_counter() - started
     frames = len(datagrams) // n_speakers
     expected = n_speakers * (frames * FRAME_SAMPLES // 3 // (STT_RATE * CHUNK_MS // 1000))
-    bad = {k: v for k, v in receiver.stats.items()
-           if k not in ("received", "pending_expired") and v}
+    bad = {k: v for k, v in receiver.counters().as_dict().items()
+           if k not in ("received", "decoded", "waiting") and v}
     if bad or chunks < expected:
         raise RuntimeError(f"product lost audio: {chunks}/{expected} chunks, stats {bad}")
     return elapsed

@@ -27,13 +27,12 @@ import numpy as np
 
 from bot.config import SttConfig
 from bot.pipeline import Transcriber
+from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
 from bot.stt.session import SegmentCommitted, SttEvent
 from bot.voice.crypto import TransportCipher
-from bot.voice.opus import OpusEncoder
 from bot.voice.receiver import FRAME_SAMPLES_48K, VoiceReceiver
-from bot.voice.rtp import audio_level_extension, build_rtp_header
 
 log = logging.getLogger(__name__)
 

@@ -140,6 +140,9 @@ class TranscribeConfig:
     def readability(self) -> Readability:
         """The default :class:`Readability` (checked by :func:`load_config`)."""
         return Readability.parse(self.script, self.jyutping)
+    #: When Discord (or a moderator) moves the bot to another voice channel: follow it, telling
+    #: the new room first (true), or end the meeting (false).
+    follow_moves: bool = True
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,18 @@
     │   │   ├── UnsupportedMode     (bot.voice.crypto) an encryption mode we do not speak
     │   │   ├── OpusNotAvailable    (bot.voice.opus) libopus is missing on this machine
     │   │   └── OpusError           (bot.voice.opus) libopus refused a frame
-    │   └── MeetingError            (bot.meeting.state) cannot start: no voice join, one per guild
+    │   ├── MeetingError            (bot.meeting.state) cannot start: no voice join, one per guild
+    │   └── Unreachable             (bot.reach) Discord or cantonese.ai not reached at start-up
+    │       └── Rejected            (bot.reach) reached, but our token or key was refused (401)
     ├── LocalError                  ours: our configuration, or a bug
     │   ├── ConfigError             our configuration is wrong (file, key, fix)
+    │   ├── ReadabilityError        (bot.transcript.script) an unknown script or Jyutping choice
     │   ├── OutboxClosedError       (bot.sinks.outbox) put after close (a sink outlived it)
     │   └── SinkStateError          (bot.sinks.discord_sink) used before start()
     ├── StorageError                (bot.storage.common) the database; fault not yet told apart
     │   ├── StorageClosed           (bot.storage.common) used after close
     │   ├── MeetingNotFound         (bot.storage.common) no such meeting
+    │   ├── MeetingForgotten        (bot.storage.common) its lines were deleted by a forget
     │   └── LineNotFound            (bot.storage.common) no such line
     └── TranscriptError             (bot.transcript.model) an impossible segment or word
 

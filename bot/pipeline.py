@@ -245,6 +245,12 @@ class SpeakerStream:
         finally:
             self._release_slot()
 
+    def discard(self) -> None:
+        """Drop everything of this speaker now, unsent (an opt-out); :meth:`aclose` follows."""
+        self._finished = True
+        self._closed = True
+        self.session.discard()
+
     async def aclose(self) -> None:
         """Close now (no flush); a wait for a slot is given up."""
         self._finished = True
@@ -294,6 +300,8 @@ class Transcriber:
                                             config.reconnect_max_delay))
         #: One line counter for every stream: a speaker's LineRefs stay unique across pauses.
         self._line_numbers = itertools.count(1)
+        #: Streams finishing in the background (went quiet), by key, until they are done.
+        self._finishing: dict[Hashable, SpeakerStream] = {}
 
     @property
     def config(self) -> SttConfig:
@@ -358,6 +366,18 @@ class Transcriber:
             await stream.aclose()
             log.info("speaker %s: stream discarded", stream.speaker)
 
+    def drop(self, key: Hashable) -> None:
+        """An opt-out: whatever of ``key`` is open or still finishing is discarded at once,
+        unsent, its late results ignored; the connections close in the background."""
+        streams = [s for s in (self._streams.pop(key, None), self._finishing.pop(key, None))
+                   if s is not None]
+        for stream in streams:
+            stream.discard()
+            task = asyncio.create_task(stream.aclose(), name=f"drop-stream-{key}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            log.info("speaker %s: stream dropped unsent", stream.speaker)
+
     def finish_in_background(self, key: Hashable, within: float | None = None) -> None:
         """Stop one stream without making the caller wait; :meth:`finish_all` awaits it
         (at most the session's stop timeout more), :meth:`aclose` cuts it short.
@@ -371,7 +391,14 @@ class Transcriber:
         task = asyncio.create_task(self._finish_stream(stream, within),
                                    name=f"finish-stream-{key}")
         self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._finishing[key] = stream
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._closing.discard(task)
+            if self._finishing.get(key) is stream:
+                del self._finishing[key]
+
+        task.add_done_callback(done)
 
     async def finish_all(self) -> None:
         keys = list(self._streams)

@@ -21,14 +21,14 @@ import aiohttp
 import socketio
 
 from bot.config import Config
-from bot.errors import CantobotError
+from bot.errors import CantobotError, RemoteError
 from bot.stt import protocol as p
 
 #: Bound on each probe (seconds) when the config gives none.
 PROBE_TIMEOUT = 10.0
 
 
-class Unreachable(CantobotError):
+class Unreachable(RemoteError):
     """``what`` at ``url`` could not be reached (or refused our credentials) at start-up."""
 
     permanent = True

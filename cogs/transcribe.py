@@ -244,7 +244,8 @@ class Transcribe(commands.Cog):
                 f"Shown as: {shown.describe()}\n"
                 f"Lines posted: {st.lines_posted}\n"
                 f"Speech-to-text: {outside(st.upstream, ERROR_BUDGET)}\n"
-                f"End-to-end encrypted: {e2ee}\nSpeakers:\n{speakers}")
+                f"End-to-end encrypted: {e2ee}\n"
+                f"{st.voice or 'voice packets: none yet'}\nSpeakers:\n{speakers}")
         await interaction.response.send_message(text, ephemeral=True)
 
     @group.command(name="minutes", description="Post the minutes of this or an earlier meeting")

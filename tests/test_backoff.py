@@ -104,3 +104,30 @@ def test_thousands_of_failures_stay_at_the_cap_without_overflow() -> None:
     b = Backoff(0.001, 2.0, rng=random.Random(4))
     b.failures = 5000
     assert 1.0 <= b.next() <= 2.0
+
+
+async def test_a_cancel_swallowed_by_the_attempt_still_ends_the_gate() -> None:
+    # Python 3.11's wait_for may answer a cancel with the inner error (a refused connection):
+    # the retry loop must still end rather than retry for ever.
+    gate = StartGate(Backoff(0.001, 0.002))
+    calls = 0
+
+    async def refused_even_when_cancelled() -> None:
+        nonlocal calls
+        calls += 1
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            raise SttAuthError("refused") from None
+        raise SttAuthError("refused")
+
+    give_up = False
+    task = asyncio.create_task(
+        gate.keep_starting(refused_even_when_cancelled, lambda: not give_up, "x"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    give_up = True  # without the fix the loop is still running: let it end, then fail
+    await asyncio.wait({task}, timeout=1.0)
+    assert task.cancelled(), "the cancel was lost: the gate went on retrying"
+    assert calls >= 1

@@ -189,6 +189,33 @@ async def test_discord_gateway_refused_is_one_line_not_endless_retries(
     assert f"cannot reach the Discord gateway at wss://127.0.0.1:{port}: connection refused" in line
 
 
+async def test_discord_silent_server_times_out_in_one_line(
+    tmp_path: Path, services: tuple[LocalDiscord, FakeSttServer]
+) -> None:
+    from bot.reach import PROBE_TIMEOUT
+
+    fake, stt = services
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accept, never answer (not even the TLS handshake)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {**base_env(tmp_path, fake, stt), "DISCORD_API_BASE": f"https://127.0.0.1:{port}/api"}
+    try:
+        code, _, err = await run_cantobot(env, "run")
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+    line = the_error_line(err)
+    assert code == 1 and accepted
+    assert line.endswith(f"cannot reach Discord at https://127.0.0.1:{port}/api: timed out "
+                         f"(no answer within {PROBE_TIMEOUT:g} s)"), line
+
+
 # -- cantonese.ai ----------------------------------------------------------------------------------
 
 

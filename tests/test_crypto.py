@@ -15,6 +15,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.errors import VoiceError
+from bot.sim.sender import (
+    audio_level_extension,
+    build_rtp_header,
+    one_byte_extension,
+    parse_one_byte_extension,
+)
 from bot.voice.crypto import (
     MODE_AES256_GCM,
     MODE_XCHACHA20,
@@ -28,12 +34,8 @@ from bot.voice.crypto import (
 )
 from bot.voice.rtp import (
     MalformedPacket,
-    audio_level_extension,
-    build_rtp_header,
     extension_body,
     is_rtcp,
-    one_byte_extension,
-    parse_one_byte_extension,
     parse_rtp,
 )
 

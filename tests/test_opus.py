@@ -7,6 +7,7 @@ import numpy.typing as npt
 import pytest
 
 from bot.errors import VoiceError
+from bot.sim.sender import OpusEncoder
 from bot.voice import opus
 from bot.voice.opus import (
     DISCORD_CHANNELS,
@@ -15,7 +16,6 @@ from bot.voice.opus import (
     OPUS_SAMPLE_RATES,
     OPUS_SILENCE_FRAME,
     OpusDecoder,
-    OpusEncoder,
     OpusError,
     OpusNotAvailable,
 )

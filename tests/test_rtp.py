@@ -9,16 +9,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.errors import VoiceError
+from bot.sim.sender import (
+    audio_level_extension,
+    build_rtp_header,
+    one_byte_extension,
+    parse_one_byte_extension,
+)
 from bot.voice.rtp import (
     DISCORD_OPUS_PAYLOAD_TYPE,
     ONE_BYTE_EXTENSION_PROFILE,
     MalformedPacket,
-    audio_level_extension,
-    build_rtp_header,
     extension_body,
     is_rtcp,
-    one_byte_extension,
-    parse_one_byte_extension,
     parse_rtp,
     strip_extension_body,
 )

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from bot.errors import CantobotError
 from bot.sim.discord.state import PostedMessage
 from bot.sim.simulate import DEMO_SCRIPT, SAMPLE_RATE, Simulation, tone_pcm
 from bot.sim.stt_server import FakeSttServer
+from bot.voice.receiver import VoiceReceiver
 
 API_KEY = "e2e-key"
 AES = "aead_aes256_gcm_rtpsize"
@@ -134,6 +136,15 @@ def assert_transcript(sim: Simulation, expected: list[Line]) -> None:
             )
 
 
+def assert_every_frame_decoded(sim: Simulation, receiver: VoiceReceiver) -> None:
+    """Frames the bot decoded per member equal the media packets the loopback Discord sent
+    them (a lossy receiver fails here even where the tone code would survive the loss)."""
+    sent: Counter[int] = Counter(who for kind, who in sim.discord.voice.timeline if kind == "media")
+    assert sent, "members spoke"
+    decoded = {uid: receiver.decoded_by_member[uid] for uid in sent}
+    assert decoded == dict(sent), f"decoded {decoded}, sent {dict(sent)}: {receiver.counters()}"
+
+
 def minutes_message(sim: Simulation) -> PostedMessage:
     found = [m for m in sim.messages if "minutes.md" in m.attachments]
     assert len(found) == 1, "one minutes message with its files"
@@ -182,6 +193,7 @@ async def test_three_members_talking_at_once_over_aes_gcm_with_dave_are_posted_a
         await sim.speak_together({name: tone_pcm(lines) for name, lines in scripts.items()})
         await sim.stop()
 
+        assert_every_frame_decoded(sim, meeting_now.receiver)
         assert_transcript(sim, said_all(sim, scripts))
         summary = minutes_message(sim).content
         assert "3 participants" in summary and "4 lines" in summary
@@ -203,6 +215,7 @@ async def test_xchacha_without_dave_sends_plain_opus_and_the_same_lines_arrive(
         assert ops_to_bot(sim) == []  # no MLS at all on a call without DAVE
         await sim.stop()
 
+        assert_every_frame_decoded(sim, meeting_now.receiver)
         assert_transcript(sim, said_all(sim, scripts))
 
 
@@ -213,9 +226,12 @@ async def test_five_percent_packet_loss_is_concealed_and_every_line_still_arrive
     async with meeting(config, members=tuple(scripts), dave=True, loss=5.0, seed=5) as sim:
         await sim.join(sim.host, *scripts)
         await sim.start()
+        receiver = sim.meeting.receiver if sim.meeting is not None else None
         await sim.speak_together({name: tone_pcm(lines) for name, lines in scripts.items()})
         await sim.stop()
 
+        assert receiver is not None
+        assert_every_frame_decoded(sim, receiver)  # the lost ones were never sent
         for name in scripts:
             uid = sim.member_id(name)
             kinds = [kind for kind, who in sim.discord.voice.timeline if who == uid]
@@ -250,7 +266,11 @@ async def test_a_member_who_leaves_and_rejoins_is_still_transcribed_as_one_speak
 
         await sim.speak_together({"alice": tone_pcm(second), "bob": tone_pcm(bobs)})
         assert sim.ssrc_of("alice") not in (None, ssrc_before)  # a new connection, a new SSRC
+        receiver = sim.meeting.receiver if sim.meeting is not None else None
         await sim.stop()
+
+        assert receiver is not None
+        assert_every_frame_decoded(sim, receiver)  # before the leave and after the re-key
 
         assert_transcript(
             sim,
@@ -290,6 +310,8 @@ async def test_a_corrupt_commit_makes_the_bot_rejoin_the_group_and_transcription
 
         await sim.speak_together({name: tone_pcm(lines) for name, lines in after.items()})
         await sim.stop()
+
+        assert_every_frame_decoded(sim, meeting_now.receiver)
 
         assert_transcript(
             sim,
@@ -397,7 +419,10 @@ async def test_simulate_and_demo_jsonl_print_only_the_documented_records(
 
     records = json_records(sim_out)
     assert sorted(spoken_lines(records)) == [("alice", "你好"), ("bob", "早晨")]
-    assert {r["channel"] for r in records} == {"general"}
+    # Everything in #general, but the consent notice also in the voice channel's own chat.
+    assert {r["channel"] for r in records} == {"general", "Meeting Room"}
+    in_voice_chat = [r for r in records if r["channel"] == "Meeting Room"]
+    assert len(in_voice_chat) == 1 and "/transcribe optout" in str(in_voice_chat[0]["content"])
     assert {r["thread"] for r in records} == {None}
     minutes = [r for r in records if r["attachments"]]
     assert len(minutes) == 1 and "minutes.md" in minutes[0]["attachments"]  # type: ignore[operator]

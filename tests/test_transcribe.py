@@ -235,6 +235,10 @@ async def test_a_two_speaker_meeting_with_threads_and_captions_from_start_to_min
             assert "Speech-to-text: streaming" in text or "Speech-to-text: idle" in text, text
             code = h.meeting.status().privacy_code
             assert code and f"yes (DAVE), voice privacy code `{code}`" in text
+            # The receiver's counters: every datagram decoded or dropped by reason.
+            # (RTCP reports are counted apart from media; nothing else is dropped here.)
+            assert re.search(r"voice packets: [\d,]+ decoded; "
+                             r"(none dropped|[\d,]+ dropped \(rtcp [\d,]+\))", text), text
 
             stop = await h.invoke("transcribe stop")
             assert stop.ephemeral and "Stopped. 3 line(s)" in h.answer(stop)

@@ -21,6 +21,7 @@ import discord
 import numpy as np
 
 from bot.config import Config
+from bot.meeting.consent import consent_notices, format_privacy_code
 from bot.meeting.intake import VoiceIntake
 from bot.meeting.ledger import Ledger
 from bot.meeting.speakers import Speakers
@@ -36,6 +37,7 @@ from bot.stt.session import (
     StateChanged,
     SttEvent,
 )
+from bot.transcript.escape import ERROR_BUDGET, outside
 from bot.transcript.model import Minutes
 from bot.transcript.script import PLAIN, Readability
 from bot.voice.client import VoiceListener
@@ -136,12 +138,19 @@ class Meeting:
     # -- wiring ----------------------------------------------------------------------------------
 
     def _on_audio(self, user_id: int, pcm: np.ndarray) -> None:
+        if not self.intake.admits_audio():
+            return  # a room not (yet) told it is transcribed: its audio goes nowhere
         self.speakers.on_audio(user_id, pcm, self.intake.output_rate)
 
     def _forget_voice(self, user_id: int) -> None:
         self.intake.forget_member(user_id)
 
     def _on_stt_event(self, event: SttEvent) -> None:
+        if isinstance(event, SegmentCommitted | SegmentTimestamped):
+            uid = event.segment.speaker_id
+            if uid is not None and self.speakers.opted_out(uid):
+                log.info("guild %s: dropped a late line of a member who opted out", self.guild.id)
+                return
         if isinstance(event, SegmentCommitted):
             segment = event.segment
             name, avatar = segment.speaker, None
@@ -152,7 +161,14 @@ class Meeting:
             self.ledger.amend(event.ref, event.segment)
         elif isinstance(event, PartialText):
             if self.captions and self.state is MeetingState.LIVE:
-                self.ledger.sink.update_caption(event.key, event.text, display_name=event.speaker)
+                key = event.key
+                if isinstance(key, int):
+                    if self.speakers.opted_out(key):
+                        return  # opted out: not even a caption edit
+                    name, _ = self.speakers.display(key)
+                else:
+                    name = event.speaker
+                self.ledger.sink.update_caption(key, event.text, display_name=name)
         elif isinstance(event, StateChanged):
             self.ledger.upstream_state(event.state, event.error)
 
@@ -169,6 +185,12 @@ class Meeting:
             await self.ledger.abort()
             self._machine.to(MeetingState.ENDED, "could not join voice")
             raise MeetingError(f"could not join {self.voice_channel.name}: {exc}") from exc
+        failure = await self._tell_room(self.voice_channel, moved=False)
+        if failure is not None:
+            await self.intake.leave()
+            await self.ledger.abort()
+            self._machine.to(MeetingState.ENDED, "consent notice not posted")
+            raise MeetingError(failure)
         self._machine.to(MeetingState.LIVE)
         log.info("guild %s: joined %s, transcribing into #%s (meeting %d)", self.guild.id,
                  self.voice_channel.name, self.text_channel.name, self.meeting_id)
@@ -201,11 +223,49 @@ class Meeting:
 
     # -- channel presence ------------------------------------------------------------------------
 
+    def humans_in_channel(self) -> int:
+        return self.intake.humans_in_channel()
+
+    def follow_move(self) -> None:
+        """The bot may have been moved: follow (tell the new room first) or stop."""
+        moved = self.intake.follow_move()
+        if moved is None or self.state is not MeetingState.LIVE:
+            return
+        if not self.config.transcribe.follow_moves:
+            self.ledger.say(f"\N{WARNING SIGN} Moved to **{outside(moved.name)}**; "
+                            "`transcribe.follow_moves` is off, so the meeting ends here.")
+            self.tasks.spawn(self.stop("moved to another voice channel"), "stop-on-move")
+            return
+        self.tasks.spawn(self._follow(moved), f"consent-{moved.id}")
+
+    async def _follow(self, channel: discord.VoiceChannel | discord.StageChannel) -> None:
+        failure = await self._tell_room(channel, moved=True)
+        if failure is not None and self.state is MeetingState.LIVE:
+            self.ledger.say(f"\N{WARNING SIGN} {outside(failure, ERROR_BUDGET)} Nothing of that "
+                            "room was sent; the meeting ends here.")
+            await self.stop("consent notice not posted after a move")
+
+    async def _tell_room(self, channel: discord.VoiceChannel | discord.StageChannel, *,
+                         moved: bool) -> str | None:
+        """Post the consent notice in the transcript channel and in the voice channel's chat;
+        once Discord accepted both, that room's audio may go on. The reason when not."""
+        encryption = await self.intake.settle(moved=moved)
+        notices = consent_notices(
+            voice_name=channel.name, text_channel_name=self.text_channel.name,
+            number=self.ledger.number, threads=self.threads, stt_url=self.config.stt.url,
+            encryption=encryption, moved=moved)
+        failure = await self.ledger.post_consent(channel, notices)
+        if failure is None and self.intake.channel.id == channel.id:
+            self.intake.admit(channel.id)
+            log.info("guild %s: consent notice accepted in %s; its audio is heard",
+                     self.guild.id, channel.id)
+        return failure
+
     def check_empty(self) -> None:
         """Called on voice state changes: end by itself after a while with no humans."""
         if self.state is not MeetingState.LIVE:
             return
-        self.intake.follow_move()
+        self.follow_move()
         if self.intake.humans_in_channel() > 0:
             if self._empty_timer is not None:
                 self._empty_timer.cancel()
@@ -218,8 +278,10 @@ class Meeting:
                 delay, lambda: self.tasks.spawn(self.stop("voice channel empty"), "auto-stop"))
 
     def forget_member(self, user_id: int) -> None:
-        """A member opted out mid-meeting: stop their stream now."""
+        """A member opted out mid-meeting: from now nothing of theirs is sent, posted or stored
+        (their stream is dropped unsent, a caption edit not yet made is not made)."""
         self.speakers.forget(user_id)
+        self.ledger.sink.silence(user_id)
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -234,6 +296,8 @@ class Meeting:
             meeting_id=self.meeting_id, voice_channel=self.voice_channel.name,
             text_channel=self.text_channel.name, started_at=self.started_at,
             duration=time.monotonic() - self._t0, speakers=speakers, lines_posted=self.lines,
-            upstream=self.ledger.upstream_text(), e2ee=e2ee, privacy_code=code, state=self.state,
+            upstream=self.ledger.upstream_text(), e2ee=e2ee,
+            privacy_code=format_privacy_code(code), state=self.state,
+            voice=self.intake.listener.counters().summary(),
         )
 

@@ -9,6 +9,7 @@ hear about goes to the notice callbacks (the ledger). It knows nothing of STT or
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import discord
 import numpy as np
 
 from bot.config import Config
+from bot.meeting.consent import Encryption
 from bot.meeting.tasks import TaskOwner
 from bot.voice.client import VoiceListener
 from bot.voice.receiver import VoiceReceiver
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 JOIN_TIMEOUT = 30.0
 #: far enough ahead of now to be past every jitter, fill and idle timeout of the receiver.
 _PAST_EVERY_TIMEOUT = 3600.0
+
+#: Seconds to wait after joining (or a move) for the voice session and its DAVE state.
+SETTLE_TIMEOUT = 10.0
+SETTLE_POLL = 0.05
 
 VoiceChannel = discord.VoiceChannel | discord.StageChannel
 
@@ -52,6 +58,9 @@ class VoiceIntake:
         self._tasks = tasks
         self._notice_once = notice_once
         self._say = say
+        #: The channel whose consent notice Discord accepted; audio of any other is dropped.
+        self._admitted: int | None = None
+        self._moved_from_ws: object | None = None
         self.receiver = VoiceReceiver(
             sample_rate=config.stt.sample_rate,
             on_audio=on_audio,
@@ -99,11 +108,8 @@ class VoiceIntake:
             self._notice_once("voice-lost", f"\N{WARNING SIGN} Lost the voice connection and "
                                             f"could not rejoin: {exc}")
 
-    def follow_move(self) -> None:
-        """Discord (or a moderator) moved the bot to another voice channel: hear that one from
-        now on (status, empty-channel stop, rejoin) and say so once. discord.py follows the move
-        by itself (a new voice session; the listener re-binds on its READY and
-        SESSION_DESCRIPTION); the bot's own voice state is the first to know the new channel."""
+    def _heard_channel(self) -> VoiceChannel | None:
+        """The channel the bot's voice connection is in now, as discord.py knows it."""
         me = self.guild.me
         voice = me.voice if me is not None else None
         channel = voice.channel if voice is not None else None
@@ -111,12 +117,65 @@ class VoiceIntake:
             vc = self.listener.voice_client
             channel = vc.channel if vc is not None else None
         if not isinstance(channel, discord.VoiceChannel | discord.StageChannel):
-            return  # between sessions, or disconnected: not a move
-        if channel.id == self.channel.id:
-            return
+            return None  # between sessions, or disconnected
+        return channel
+
+    def follow_move(self) -> VoiceChannel | None:
+        """Discord (or a moderator) moved the bot to another voice channel: hear that one from
+        now on (status, empty-channel stop, rejoin) and return it; None when not moved. Its
+        audio stays dropped until :meth:`admit` (the consent notice was accepted there).
+        discord.py follows the move by itself (a new voice session; the listener re-binds on
+        its READY and SESSION_DESCRIPTION); the bot's own voice state is the first to know."""
+        channel = self._heard_channel()
+        if channel is None or channel.id == self.channel.id:
+            return None
         log.info("guild %s: moved from %s to %s", self.guild.id, self.channel.id, channel.id)
         self.channel = channel
-        self._say(f"\N{RIGHTWARDS ARROW} Moved to **{channel.name}**; still transcribing.")
+        vc = self.listener.voice_client
+        self._moved_from_ws = vc._connection.ws if vc is not None else None
+        return channel
+
+    # -- the consent gate ------------------------------------------------------------------------
+
+    def admit(self, channel_id: int) -> None:
+        """The consent notice of this channel was accepted by Discord: its audio may go on."""
+        self._admitted = channel_id
+
+    def admits_audio(self) -> bool:
+        """Audio goes on only from the channel whose consent notice Discord has accepted; the
+        bot's own voice state is checked too, so audio of a room the bot was just moved to is
+        dropped even before the move has been followed."""
+        admitted = self._admitted
+        if admitted is None or self.channel.id != admitted:
+            return False
+        # Per packet, so the cheap look: discord.py updates its voice client's channel on the
+        # bot's VOICE_STATE_UPDATE, before the new room's voice session exists.
+        vc = self.listener.voice_client
+        return vc is None or vc.channel is None or vc.channel.id == admitted
+
+    async def settle(self, *, moved: bool, limit: float = SETTLE_TIMEOUT) -> Encryption:
+        """Wait (bounded) for the voice session of the current channel and its DAVE state:
+        after a move, the new voice websocket; then either protocol version 0 or our DAVE
+        session in the group. What is known then goes into the consent notice."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while loop.time() < deadline:
+            vc = self.listener.voice_client
+            if vc is not None and vc.is_connected() and not (
+                    moved and vc._connection.ws is self._moved_from_ws):
+                version = int(vc._connection.dave_protocol_version)
+                dave = self.receiver.dave
+                if version == 0:
+                    return Encryption(dave=False)
+                if dave is not None and dave.is_e2ee():
+                    return Encryption(dave=True, privacy_code=dave.privacy_code())
+            await asyncio.sleep(SETTLE_POLL)
+        log.warning("guild %s: voice/DAVE state not settled within %.0f s", self.guild.id,
+                    limit)
+        vc = self.listener.voice_client
+        if vc is not None and int(vc._connection.dave_protocol_version) == 0:
+            return Encryption(dave=False)
+        return Encryption(dave=None)
 
     def humans_in_channel(self) -> int:
         return sum(1 for m in self.channel.members if not m.bot)

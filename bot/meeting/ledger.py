@@ -23,11 +23,12 @@ from typing import Any, Protocol
 import discord
 
 from bot.errors import CantobotError, SttAuthError
+from bot.meeting.consent import ConsentNotices
 from bot.meeting.tasks import TaskOwner
 from bot.storage import StorageBackend
 from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
-from bot.transcript.escape import inert, outside
+from bot.transcript.escape import inert
 from bot.transcript.format import nickname_with_notice
 from bot.transcript.model import Minutes, Segment
 from bot.transcript.script import PLAIN, Readability
@@ -53,6 +54,10 @@ class TranscriptSink(Protocol):
     async def aclose(self, flush_timeout: float = ...) -> None: ...
 
     def post_notice(self, text: str) -> None: ...
+
+    async def post_notice_and_wait(self, text: str) -> bool: ...
+
+    def silence(self, user_key: int | str) -> None: ...
 
     def post_line(self, segment: Segment, *, display_name: str,
                   avatar_url: str | None) -> None: ...
@@ -112,7 +117,8 @@ class Ledger:
     async def open(self, *, text_channel: discord.TextChannel,
                    voice_channel: discord.VoiceChannel | discord.StageChannel,
                    started_at: datetime, threads: bool, title: str | None = None) -> int:
-        """Create the meeting's row, start the sink, say what is happening, mark the nickname."""
+        """Create the meeting's row, start the sink, mark the nickname. The consent notice comes
+        once the voice call is joined and its encryption known (:meth:`post_consent`)."""
         self.meeting_id = await self.storage.start_meeting(
             guild_id=self.guild.id,
             text_channel_id=text_channel.id,
@@ -121,16 +127,9 @@ class Ledger:
             started_at=started_at,
         )
         info = await self.storage.meeting_info(self.meeting_id)
-        # The guild's own number (#1, #2 ...), never the global row id.
-        self.number = info.number if info is not None else 0
+        #: What members see (#1, #2 ... per guild); ``meeting_id`` is the row, across guilds.
+        self.number = info.number if info is not None and info.number else self.meeting_id
         await self.sink.start()
-        self.sink.post_notice(
-            f"\N{STUDIO MICROPHONE} **{outside(voice_channel.name)}** is now being transcribed "
-            f"(meeting #{self.number}). Lines are posted here"
-            + (" and in one caption thread per speaker" if threads else "")
-            + ". Don't want to be transcribed? Use `/transcribe optout`: your voice is then "
-            "never decoded or sent anywhere."
-        )
         await self._set_nickname(transcribing=True)
         return self.meeting_id
 
@@ -197,6 +196,22 @@ class Ledger:
         await self.storage.update_line_words(await write, segment)
 
     # -- notices ---------------------------------------------------------------------------------
+
+    async def post_consent(self, voice_channel: discord.VoiceChannel | discord.StageChannel,
+                           notices: ConsentNotices) -> str | None:
+        """The consent notice in the transcript channel, then in the voice channel's own chat;
+        returns once Discord accepted both (None), else what failed, said to members."""
+        if not await self.sink.post_notice_and_wait(notices.transcript_channel):
+            return "Could not post the consent notice in the transcript channel."
+        try:
+            await voice_channel.send(inert(notices.voice_chat),
+                                     allowed_mentions=discord.AllowedMentions.none())
+        except discord.HTTPException as exc:
+            log.warning("guild %s: consent notice not accepted in the chat of voice channel %s: "
+                        "%s", self.guild.id, voice_channel.id, exc)
+            return (f"Could not post the consent notice in the chat of the voice channel "
+                    f"{voice_channel.name} ({exc}); grant me Send Messages there.")
+        return None
 
     def say(self, text: str) -> None:
         self.sink.post_notice(text)

@@ -49,6 +49,8 @@ class MeetingManager:
         self.storage = storage
         self._meetings: dict[int, Meeting] = {}
         self._opted_out: set[int] = set()
+        #: Opted out here, storage write in flight.
+        self._storing_opt_outs: set[int] = set()
         #: The process's STT session cap, shared by every meeting.
         self.slots = SessionSlots(config.stt.max_sessions)
         self._refresher: asyncio.Task[None] | None = None
@@ -102,7 +104,7 @@ class MeetingManager:
 
     async def refresh_opt_outs(self) -> None:
         """Re-read the opt-outs; anyone newly opted out (by any process) is dropped now."""
-        current = await self.storage.opted_out_users()
+        current = await self.storage.opted_out_users() | self._storing_opt_outs
         newly = current - self._opted_out
         self._opted_out = current
         for user_id in newly:
@@ -134,12 +136,23 @@ class MeetingManager:
         return user_id in self._opted_out
 
     async def set_opt_out(self, user_id: int, opted_out: bool) -> None:
-        await self.storage.set_opt_out(user_id, opted_out)
+        """An opt-out counts from this instant in this process (before the storage write, which
+        may take a while: what the member says meanwhile is not sent); an opt-in only once it
+        is stored. A failed write is raised and the cache follows storage again."""
         if opted_out:
             self._opted_out.add(user_id)
+            self._storing_opt_outs.add(user_id)  # a refresh meanwhile must not undo it
             for meeting in self._meetings.values():
                 meeting.forget_member(user_id)
-        else:
+        try:
+            await self.storage.set_opt_out(user_id, opted_out)
+        except BaseException:
+            if opted_out:  # not stored: the member is told so, and the cache follows storage
+                self._opted_out.discard(user_id)
+            raise
+        finally:
+            self._storing_opt_outs.discard(user_id)
+        if not opted_out:
             self._opted_out.discard(user_id)
 
     async def start(

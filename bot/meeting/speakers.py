@@ -23,8 +23,14 @@ from bot.config import Config
 from bot.errors import StreamClosed
 from bot.meeting.tasks import TaskOwner
 from bot.pipeline import EventCallback, SessionSlots, SpeakerStream, Transcriber
+from bot.transcript.format import nickname_with_notice, webhook_username
 
 __all__ = ["Speakers", "StreamClosed"]
+
+
+def _fold(name: str) -> str:
+    """Two names that would read alike as webhook personas compare equal."""
+    return " ".join(webhook_username(name).casefold().split())
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class Speakers:
         self._forget_voice = forget_voice
         self._t0 = time.monotonic() if t0 is None else t0
         self._names: dict[int, str] = {}
+        #: user id -> (display name, the unique label shown for it in this meeting)
+        self._labels: dict[int, tuple[str, str]] = {}
         self.transcriber = Transcriber(config.stt, on_event, slots=slots,
                                        on_wait=self._on_capacity_wait)
 
@@ -70,12 +78,42 @@ class Speakers:
         return member is not None and member.bot
 
     def display(self, user_id: int) -> tuple[str, str | None]:
-        """(display name, avatar URL); the last known name once a member has left."""
+        """(the name shown for this member, avatar URL); the last known once they have left.
+
+        Keyed by user id: two members with the same display name are told apart (``alice``,
+        ``alice (2)``, in order of first speech), and nobody is shown under the bot's own name
+        (a member nicknamed ``Cantobot [transcribing]`` gets a ``(2)``); see :meth:`label`.
+        """
         member = self.guild.get_member(user_id)
         if member is None:
-            return self._names.get(user_id, f"user-{user_id}"), None
+            return self.label(user_id, self._names.get(user_id, f"user-{user_id}")), None
         self._names[user_id] = member.display_name
-        return member.display_name, member.display_avatar.url
+        return self.label(user_id, member.display_name), member.display_avatar.url
+
+    def _reserved(self) -> set[str]:
+        me = self.guild.me
+        if me is None:
+            return {_fold("cantobot")}
+        names = {me.name, me.display_name, nickname_with_notice(me.name),
+                 nickname_with_notice(me.display_name)}
+        if me.global_name:
+            names.add(me.global_name)
+        return {_fold(n) for n in names}
+
+    def label(self, user_id: int, name: str) -> str:
+        """The unique name shown for ``user_id`` in this meeting (captions, threads, webhook
+        persona, stored lines); stable while their display name stays the same."""
+        known = self._labels.get(user_id)
+        if known is not None and known[0] == name:
+            return known[1]
+        taken = {_fold(label) for uid, (_, label) in self._labels.items() if uid != user_id}
+        taken |= self._reserved()
+        candidate, n = name, 1
+        while _fold(candidate) in taken:
+            n += 1
+            candidate = f"{name} ({n})"
+        self._labels[user_id] = (name, candidate)
+        return candidate
 
     # -- audio -----------------------------------------------------------------------------------
 
@@ -109,9 +147,15 @@ class Speakers:
             user_id, within=max(stt.stop_timeout, stt.max_buffer_seconds))
 
     def forget(self, user_id: int) -> None:
-        """A member opted out mid-meeting: stop decoding them and stop their stream now."""
+        """A member opted out mid-meeting: from this instant nothing they said is sent, posted
+        or stored. Their voice is no longer decoded, their buffered audio is discarded unsent,
+        their session is closed without waiting for results (a stream still finishing after
+        they went quiet too), and a result that still comes is dropped."""
         self._forget_voice(user_id)
-        self.transcriber.finish_in_background(user_id)
+        self.transcriber.drop(user_id)
+
+    def opted_out(self, user_id: int) -> bool:
+        return self._is_opted_out(user_id)
 
     # -- starting streams ------------------------------------------------------------------------
 

@@ -81,3 +81,5 @@ class MeetingStatus:
     e2ee: bool
     privacy_code: str | None
     state: MeetingState
+    #: One line: voice packets decoded, dropped by reason, repaired (``ReceiveCounters.summary``).
+    voice: str = ""

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -60,6 +61,8 @@ class SidRecord:
     committed: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
     disconnected: bool = False
+    #: ``time.monotonic()`` at each audio chunk's arrival (same clock as the test's).
+    chunk_times: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +107,10 @@ class FakeSttServer:
         self.send_plain = True  # committed_transcript
         self.send_timestamps = True  # committed_transcript_with_timestamps
         self.timestamps_first = False  # the twin may arrive before the plain form
+        #: Commits are decoded but held (not sent) until :meth:`release_commits` or a
+        #: stop-session, like a recogniser that is slow to finalise.
+        self.hold_commits = False
+        self._held: list[tuple[str, Utterance]] = []
         self._runner: web.AppRunner | None = None
         self._sio: socketio.AsyncServer | None = None
         self._live: dict[str, _Live] = {}
@@ -275,6 +282,7 @@ class FakeSttServer:
             )
             return
         record.chunks += 1
+        record.chunk_times.append(time.monotonic())
         record.audio_bytes += len(pcm)
         record.chunk_rates.add(rate)
         live.chunks_in_session += 1
@@ -323,16 +331,39 @@ class FakeSttServer:
         if live is None or record is None:
             return
         record.session_stops += 1
+        await self._release(sio, lambda held: held == sid)
         if live.decoder is not None:
             for event in live.decoder.flush():
-                await self._emit_decoded(sio, sid, event)
+                await self._emit_decoded(sio, sid, event, release=True)
             live.decoder = None
         await sio.emit(p.SESSION_CLOSED, {"code": p.CLOSE_NORMAL, "reason": "stopped"}, to=sid)
 
+    async def release_commits(self) -> int:
+        """Send the commits held by :attr:`hold_commits` to connections still open; returns
+        how many were sent."""
+        if self._sio is None:
+            return 0
+        return await self._release(self._sio, lambda _sid: True)
+
+    async def _release(self, sio: socketio.AsyncServer, which: Callable[[str], bool]) -> int:
+        keep, sent = [], 0
+        for sid, event in self._held:
+            if not which(sid):
+                keep.append((sid, event))
+            elif sid in self._live:
+                await self._emit_decoded(sio, sid, event, release=True)
+                sent += 1
+        self._held = keep
+        return sent
+
     async def _emit_decoded(
-        self, sio: socketio.AsyncServer, sid: str, event: Partial | Utterance
+        self, sio: socketio.AsyncServer, sid: str, event: Partial | Utterance, *,
+        release: bool = False,
     ) -> None:
         record = self.records[sid]
+        if isinstance(event, Utterance) and self.hold_commits and not release:
+            self._held.append((sid, event))
+            return
         if isinstance(event, Partial):
             record.partials.append(event.text)
             await sio.emit(

@@ -37,7 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import discord
@@ -119,6 +119,18 @@ class _Post:
 class _Attachments:
     files: tuple[tuple[str, str], ...]  # (file name, text content)
     nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class _LinePost:
+    """A committed line as it is posted, built once: whose line (``key``), as whom
+    (``author``), and its messages (each an :class:`Item` already split to the limit and
+    measured). The same value goes to the channel's outbox and to the speaker's thread's."""
+
+    key: UserKey
+    author: _Author
+    items: tuple[Item, ...]
+    label: str
 
 
 @dataclass(eq=False)
@@ -302,6 +314,19 @@ class DiscordTranscriptSink:
                 Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
             )
 
+    async def post_notice_and_wait(self, text: str) -> bool:
+        """:meth:`post_notice`, returning once Discord has accepted it (True) or it was dropped
+        (False): the consent notice, which must be in the channel before any audio is sent."""
+        if not self._accepting("notice"):
+            return False
+        parts = split_message(inert(text))
+        for part in parts[:-1]:
+            self._outbox.put(
+                Item(part, merge_key=_BOT, payload=_Post(_BOT, _nonce()), label="notice")
+            )
+        return await self._outbox.put_and_wait(
+            Item(parts[-1], payload=_Post(_BOT, _nonce()), label="consent notice"))
+
     def post_line(
         self, segment: Segment, *, display_name: str, avatar_url: str | None
     ) -> None:
@@ -313,29 +338,36 @@ class DiscordTranscriptSink:
         if not self._accepting("line"):
             return
         self._lines_posted += 1
-        author = self._author(display_name, avatar_url)
-        parts = line_messages(segment, with_speaker=author.username is None,
-                              readability=self._readability)
-        label = f"line by {display_name}"
-        for part in parts:
-            self._outbox.put(
-                Item(part, merge_key=author, payload=_Post(author, _nonce()), label=label)
-            )
-        key: UserKey = segment.speaker_id if segment.speaker_id is not None else segment.speaker
-        speaker = self._speaker(key, display_name, avatar_url)
+        post = self._line_post(segment, display_name, avatar_url)
+        for item in post.items:
+            self._outbox.put(item)
+        speaker = self._speaker(post.key, display_name, avatar_url)
         caption = speaker.caption
         if self._threads_disabled or not (self._threads or caption is not None):
             return
         box = self._thread_outbox(speaker)
-        rest = parts
+        rest = post.items
         if caption is not None:
             # The committed text replaces the live caption; the next partial starts afresh.
             speaker.caption = None
             caption.closed.set()
-            first, rest = parts[0], parts[1:]
-            box.put(Item(first, payload=_CaptionCommit(caption, author, _nonce()), label=label))
-        for part in rest:
-            box.put(Item(part, merge_key=author, payload=_Post(author, _nonce()), label=label))
+            first, rest = post.items[0], post.items[1:]
+            box.put(replace(first, merge_key=None,
+                            payload=_CaptionCommit(caption, post.author, _nonce())))
+        for item in rest:
+            # A nonce per destination: Discord drops a repeated nonce as a duplicate.
+            box.put(replace(item, payload=_Post(post.author, _nonce())))
+
+    def _line_post(self, segment: Segment, display_name: str,
+                   avatar_url: str | None) -> _LinePost:
+        author = self._author(display_name, avatar_url)
+        label = f"line by {display_name}"
+        parts = line_messages(segment, with_speaker=author.username is None,
+                              readability=self._readability)
+        items = tuple(Item(part, merge_key=author, payload=_Post(author, _nonce()), label=label)
+                      for part in parts)
+        key: UserKey = segment.speaker_id if segment.speaker_id is not None else segment.speaker
+        return _LinePost(key, author, items, label)
 
     def update_caption(self, user_key: UserKey, text: str, *, display_name: str) -> None:
         """Show ``text`` as the speaker's live partial (throttled; latest text wins)."""
@@ -354,6 +386,14 @@ class DiscordTranscriptSink:
             self._thread_outbox(speaker).put(
                 Item(payload=_CaptionEdit(caption, author), label=f"caption of {display_name}")
             )
+
+    def silence(self, user_key: UserKey) -> None:
+        """A member opted out: their live caption is not edited any more (a queued edit is
+        dropped); their next words would start a new one, but none come."""
+        speaker = self._speakers.get(user_key)
+        if speaker is not None and speaker.caption is not None:
+            speaker.caption.closed.set()
+            speaker.caption = None
 
     async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None:
         """The summary with the minutes files attached, after every line queued before it.

@@ -394,6 +394,14 @@ class SttCore:
         """Audio sent in this upstream session (its clock's extent)."""
         return self._up_sent / self.sample_rate
 
+    def discard(self) -> None:
+        """Forget every queued sample (an opt-out): none of it is sent, now or on a re-send."""
+        self._trim_to(self.appended)
+        self.send_pos = self.appended
+        self._pending.clear()  # the silence held for a pre-roll too
+        self._pending_samples = 0
+        self._tail_left = 0
+
     def restart(self) -> None:
         """A new upstream session: re-send the unconfirmed audio from its first speech."""
         self.origin = self.send_pos = self._resend_from()

@@ -251,6 +251,26 @@ def _is_auth_rejection(exc: BaseException) -> bool:
     return False
 
 
+def _reraise_lost_cancel(exc: BaseException) -> None:
+    """Raise CancelledError if this task was cancelled but got ``exc`` instead.
+
+    Python 3.11's ``asyncio.wait_for`` returns the inner result (here: a refused connection)
+    when the cancel arrives just as the inner call ends, so the cancel is lost; a retry loop that
+    only catches the error would then never end (``aclose`` would wait for it forever).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class StartGate:
     """First starts of many sessions (one owner's speakers), retried here with one backoff.
 
@@ -299,6 +319,7 @@ class StartGate:
         except StreamClosed:  # stopped or discarded while connecting: nothing left to start
             return True
         except CantobotError as exc:
+            _reraise_lost_cancel(exc)
             delay = self.backoff.next()
             self._not_before = self._clock() + delay
             log.info("stt[%s] start failed (%s); next attempt in %.2f s", label, exc, delay)
@@ -358,10 +379,74 @@ class _Sender:
 
     async def aclose(self) -> None:
         task, self.task = self.task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(task)
+
+
+class _Reconnector:
+    """The retry loop after a start: back off, connect, start a new upstream session (whose
+    audio the session re-sends from the last commit), until it streams again, the key is
+    rejected (FAILED) or the session closes it."""
+
+    def __init__(self, session: SttSession, backoff: Backoff) -> None:
+        self._session = session
+        self.backoff = backoff
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def begin(self, old: _Link | None, first_attempt: int | None = None, *,
+              immediate: bool = False, wait_for_speech: bool = False) -> None:
+        """``immediate``: the first attempt without a delay (the upstream ended a session in
+        the ordinary course); ``wait_for_speech``: not before new audio is queued."""
+        self.task = asyncio.create_task(
+            self._run(old, first_attempt, immediate, wait_for_speech),
+            name=f"stt-reconnect:{self._session.speaker}")
+
+    async def _run(self, old: _Link | None, first_attempt: int | None, immediate: bool,
+                   wait_for_speech: bool) -> None:
+        session = self._session
+        if old is not None:
+            await session._drop_connection(old)
+        if first_attempt is not None:
+            self.backoff.reset()
+            self.backoff.failures = first_attempt
+        if wait_for_speech:
+            session._dormant = True
+            session._audio.clear()
+            await session._audio.wait()
+            session._dormant = False
+        while not session._shutting_down and session.state is SttState.RECONNECTING:
+            if immediate:
+                immediate = False
+                delay, attempt = 0.0, self.backoff.failures
+            else:
+                delay = self.backoff.next()  # jittered: spreads a fleet's retries
+                attempt = self.backoff.failures
+            log.info("stt[%s] reconnect attempt %d in %.2f s", session.speaker, attempt, delay)
+            await asyncio.sleep(delay)
+            try:
+                await session._connect_and_start(first=False)
+            except SttAuthError as exc:
+                session._set_state(SttState.FAILED, exc)
+                return
+            except SttError as exc:
+                _reraise_lost_cancel(exc)
+                log.info("stt[%s] reconnect attempt %d failed: %s", session.speaker, attempt,
+                         exc)
+                continue
+            if session._shutting_down or session.state is not SttState.RECONNECTING:
+                if session.link is not None:
+                    await session._drop_connection(session.link)
+                return
+            session.stats.reconnects += 1
+            session._set_state(SttState.STREAMING)
+            return
+
+    async def aclose(self) -> None:
+        task, self.task = self.task, None
+        await _cancel(task)
 
 
 class SttSession:
@@ -405,12 +490,11 @@ class SttSession:
         self.connect_timeout = connect_timeout
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self.reconnect_initial_delay = reconnect_initial_delay
-        self.reconnect_max_delay = reconnect_max_delay
         #: Reconnects after a start back off here; a start that worked for HEALTHY_AFTER_S
         #: seconds starts again from the initial delay.
         self.backoff = Backoff(reconnect_initial_delay, reconnect_max_delay,
                                rng=rng or random.Random(), healthy_after=HEALTHY_AFTER_S)
+        self._reconnector = _Reconnector(self, self.backoff)
         self.state = SttState.IDLE
         self.stats = self.core.stats
         #: The last error a state change reported (named when audio is lost).
@@ -418,7 +502,6 @@ class SttSession:
         self.link: _Link | None = None
         self._streaming = asyncio.Event()
         self._sender = _Sender(self)
-        self._reconnector: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
         self._stop_requested = False
         #: Set when audio is queued: a session closed for inactivity waits on it.
@@ -431,6 +514,7 @@ class SttSession:
         self._commits_at_limit: int | None = None
         self._closing_links: set[asyncio.Task[None]] = set()
         self._shutting_down = False
+        self._discarded = False
 
     # -- public ------------------------------------------------------------------------------
 
@@ -528,18 +612,16 @@ class SttSession:
                     attempt += 0 if quiet else 1
                     log.log(logging.INFO if quiet else logging.WARNING,
                             "stt[%s] lost while stopping (%s); reconnecting", self.speaker, exc)
-                    if self._reconnector is not None and not self._reconnector.done():
+                    if self._reconnector.running:
                         continue
                     self._set_state(SttState.RECONNECTING, None if quiet else exc)
-                    self._reconnector = asyncio.create_task(
-                        self._reconnect(self.link, first_attempt=max(0, attempt - 1),
-                                        immediate=quiet),
-                        name=f"stt-reconnect:{self.speaker}",
-                    )
+                    self._reconnector.begin(self.link, first_attempt=max(0, attempt - 1),
+                                            immediate=quiet)
             lost = 0.0 if stopped else self.core.unconfirmed_speech_seconds()
-            if lost > 0:
+            if lost > 0 and not self._discarded:
                 self._report_loss(lost)
-            await self._shutdown(SttState.FAILED if lost > 0 else SttState.CLOSED)
+            await self._shutdown(SttState.FAILED if lost > 0 and not self._discarded
+                                 else SttState.CLOSED)
 
     def _report_loss(self, seconds: float) -> None:
         """A stop gave up with speech unconfirmed: say for whom and how long (log, event)."""
@@ -552,6 +634,14 @@ class SttSession:
             self._emit(StateChanged(self.speaker, SttState.FAILED, loss))
         else:
             self._set_state(SttState.FAILED, loss)
+
+    def discard(self) -> None:
+        """Forget this speaker now (an opt-out): buffered audio is dropped unsent, nothing more
+        is sent, and no transcript event (partial, line, twin) is emitted from here on, even
+        if the service still sends one. Follow with :meth:`aclose` to disconnect."""
+        self._discarded = True
+        self._stop_requested = True
+        self.core.discard()
 
     async def aclose(self) -> None:
         """Close now: cancel the tasks, disconnect; idempotent (no stop-session sent)."""
@@ -576,6 +666,8 @@ class SttSession:
         self._emit(StateChanged(self.speaker, new, error))
 
     def _emit(self, event: SttEvent) -> None:
+        if self._discarded and not isinstance(event, StateChanged):
+            return  # the speaker opted out: nothing of theirs goes on
         try:
             self._on_event(event)
         except Exception:  # the owner's bug must not end this speaker's transcript
@@ -653,7 +745,7 @@ class SttSession:
                      "speech resumes", self.speaker)
             self._renew(link, _QuietRenewal(f"cantonese.ai: {detail}"), wait_for_speech=True)
             return
-        self._connection_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
+        self.link_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
 
     def _fail(self, link: _Link, error: SttError) -> None:
         """An upstream error no retry can fix: FAILED, said once, no reconnect."""
@@ -672,11 +764,9 @@ class SttSession:
         if self.state is not SttState.STREAMING or self._stop_requested:
             return  # a stop in progress reconnects by itself within its deadline
         self._set_state(SttState.RECONNECTING)  # no error: nothing to tell the channel
-        self._reconnector = asyncio.create_task(
-            self._reconnect(link, immediate=True,
-                            wait_for_speech=wait_for_speech
-                            and self.core.unconfirmed_speech_seconds() <= 0),
-            name=f"stt-reconnect:{self.speaker}")
+        self._reconnector.begin(link, immediate=True,
+                                wait_for_speech=wait_for_speech
+                                and self.core.unconfirmed_speech_seconds() <= 0)
 
     def _close_in_background(self, link: _Link) -> None:
         task = asyncio.create_task(self._drop_connection(link),
@@ -684,10 +774,7 @@ class SttSession:
         self._closing_links.add(task)
         task.add_done_callback(self._closing_links.discard)
 
-    def link_lost(self, link: _Link, error: SttError) -> None:
-        self._connection_lost(link, error)
-
-    def _connection_lost(self, conn: _Link, error: SttError) -> None:
+    def link_lost(self, conn: _Link, error: SttError) -> None:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
         conn.fail(error)
         self.core.connection_lost()  # no twin can come any more
@@ -695,48 +782,7 @@ class SttSession:
         if self.state is SttState.STREAMING and not self._stop_requested:
             log.warning("stt[%s] %s; reconnecting", self.speaker, error)
             self._set_state(SttState.RECONNECTING, error)
-            self._reconnector = asyncio.create_task(
-                self._reconnect(conn), name=f"stt-reconnect:{self.speaker}"
-            )
-
-    async def _reconnect(self, old: _Link | None, first_attempt: int | None = None, *,
-                         immediate: bool = False, wait_for_speech: bool = False) -> None:
-        if old is not None:
-            await self._drop_connection(old)
-        if first_attempt is not None:
-            self.backoff.reset()
-            self.backoff.failures = first_attempt
-        if wait_for_speech:
-            self._dormant = True
-            self._audio.clear()
-            await self._audio.wait()
-            self._dormant = False
-        while not self._shutting_down and self.state is SttState.RECONNECTING:
-            # (Checked each round: Python 3.11's wait_for can swallow a cancellation that
-            # races with a connect's outcome; the loop must still end once the session does.)
-            if immediate:
-                immediate = False
-                delay, attempt = 0.0, self.backoff.failures
-            else:
-                delay = self.backoff.next()  # jittered: spreads a fleet's retries
-                attempt = self.backoff.failures
-            log.info("stt[%s] reconnect attempt %d in %.2f s", self.speaker, attempt, delay)
-            await asyncio.sleep(delay)
-            try:
-                await self._connect_and_start(first=False)
-            except SttAuthError as exc:
-                self._set_state(SttState.FAILED, exc)
-                return
-            except SttError as exc:
-                log.info("stt[%s] reconnect attempt %d failed: %s", self.speaker, attempt, exc)
-                continue
-            if self._shutting_down or self.state is not SttState.RECONNECTING:
-                if self.link is not None:
-                    await self._drop_connection(self.link)
-                return
-            self.stats.reconnects += 1
-            self._set_state(SttState.STREAMING)
-            return
+            self._reconnector.begin(conn)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -750,13 +796,8 @@ class SttSession:
 
     async def _shutdown(self, final: SttState = SttState.CLOSED) -> None:
         self._shutting_down = True
-        task, self._reconnector = self._reconnector, None
-        if task is not None and not task.done():
-            task.cancel()
+        await self._reconnector.aclose()
         await self._sender.aclose()
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self.link is not None:
             await self._drop_connection(self.link)
         if self._closing_links:

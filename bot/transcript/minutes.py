@@ -91,7 +91,7 @@ def to_markdown(m: Minutes, readability: Readability = PLAIN) -> str:
     the column stays aligned. With Jyutping on, a hard line break and the sentence's Jyutping
     in italics follow each line.
     """
-    m = m.sorted()
+    m = m.labelled().sorted()
     long_meeting = m.duration >= 3600
     stamp: Callable[[float], str] = _hms if long_meeting else format_timestamp
     lines = [f"# {_markdown_text(m.title) or 'Meeting'}", ""]
@@ -122,7 +122,7 @@ def to_srt(m: Minutes, readability: Readability = PLAIN) -> str:
     """SubRip: one cue per segment, numbered from 1 in order of start time; the Jyutping, when
     on, is the cue's second line."""
     blocks = []
-    for index, s in enumerate(m.sorted().segments, start=1):
+    for index, s in enumerate(m.labelled().sorted().segments, start=1):
         timing = f"{_clock(s.start, ',')} --> {_clock(s.end, ',')}"
         text, jp = _cue_lines(s, readability)
         second = f"{jp}\n" if jp else ""
@@ -134,7 +134,7 @@ def to_vtt(m: Minutes, readability: Readability = PLAIN) -> str:
     """WebVTT: ``WEBVTT`` header, then one cue per segment with a ``<v speaker>`` voice tag
     (and the Jyutping, when on, as the cue's second line)."""
     out = ["WEBVTT", ""]
-    for s in m.sorted().segments:
+    for s in m.labelled().sorted().segments:
         voice = _cue_text(s.speaker).translate(_VTT_ESCAPES) or "speaker"
         shown, jp = _cue_lines(s, readability)
         text = shown.translate(_VTT_ESCAPES) or "…"
@@ -177,7 +177,7 @@ def to_json(m: Minutes, readability: Readability = PLAIN) -> str:
         "ended_at": m.ended_at.isoformat() if m.ended_at is not None else None,
         "duration": m.duration,
         "participants": list(m.participants),
-        "segments": [_segment_json(s, readability) for s in m.sorted().segments],
+        "segments": [_segment_json(s, readability) for s in m.labelled().sorted().segments],
     }
     if not readability.plain:
         doc["readability"] = {"script": readability.script.value,

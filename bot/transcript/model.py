@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from bot.errors import CantobotError
@@ -69,6 +69,41 @@ class Segment:
         return self.end - self.start
 
 
+SpeakerKey = tuple[str, int | str]
+
+
+def speaker_key(segment: Segment) -> SpeakerKey:
+    """Who spoke a segment: the user id when known, else the name."""
+    if segment.speaker_id is not None:
+        return ("id", segment.speaker_id)
+    return ("name", segment.speaker)
+
+
+def speaker_labels(segments: Iterable[Segment]) -> dict[SpeakerKey, str]:
+    """One distinct shown name per speaker (see :meth:`Minutes.labelled`)."""
+    ordered = sorted(segments, key=lambda s: s.start)
+    first_name: dict[SpeakerKey, str] = {}
+    for s in ordered:
+        first_name.setdefault(speaker_key(s), s.speaker)
+    # Names kept as they are first (so a stored "alice (2)" never takes another's place).
+    by_name: dict[str, list[SpeakerKey]] = {}
+    for key, name in first_name.items():
+        by_name.setdefault(name.casefold(), []).append(key)
+    labels: dict[SpeakerKey, str] = {}
+    taken: set[str] = set()
+    for keys in by_name.values():
+        labels[keys[0]] = first_name[keys[0]]
+        taken.add(first_name[keys[0]].casefold())
+    for keys in by_name.values():
+        for key in keys[1:]:
+            name, n = first_name[key], 2
+            while f"{name} ({n})".casefold() in taken:
+                n += 1
+            labels[key] = f"{name} ({n})"
+            taken.add(labels[key].casefold())
+    return labels
+
+
 def _utc(name: str, value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise TranscriptError(f"{name} must be an aware datetime (UTC), got naive {value!r}")
@@ -115,11 +150,19 @@ class Minutes:
             return spoken
         return max((self.ended_at - self.started_at).total_seconds(), spoken)
 
+    def labelled(self) -> Minutes:
+        """A copy in which every speaker, keyed by user id (by name when the id is unknown),
+        has one name of their own: the first name they spoke under, and two people of the same
+        name are told apart as ``alice``, ``alice (2)`` in order of first speech. Idempotent."""
+        labels = speaker_labels(self.segments)
+        return self.with_segments(
+            replace(s, speaker=labels[speaker_key(s)]) for s in self.segments)
+
     @property
     def participants(self) -> tuple[str, ...]:
-        """Speaker names in order of first speech (by start time, ties by position)."""
+        """Speaker names (one per person, see :meth:`labelled`) in order of first speech."""
         seen: dict[str, None] = {}
-        for s in self.sorted().segments:
+        for s in self.labelled().sorted().segments:
             seen.setdefault(s.speaker, None)
         return tuple(seen)
 
@@ -127,7 +170,7 @@ class Minutes:
     def lines_per_speaker(self) -> dict[str, int]:
         """Number of segments per speaker, in participant order."""
         counts = dict.fromkeys(self.participants, 0)
-        for s in self.segments:
+        for s in self.labelled().segments:
             counts[s.speaker] += 1
         return counts
 
@@ -135,7 +178,7 @@ class Minutes:
     def talk_time_per_speaker(self) -> dict[str, float]:
         """Sum of segment durations per speaker in seconds (overlaps count for both)."""
         totals = dict.fromkeys(self.participants, 0.0)
-        for s in self.segments:
+        for s in self.labelled().segments:
             totals[s.speaker] += s.duration
         return totals
 

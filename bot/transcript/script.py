@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from bot.errors import CantobotError
+from bot.errors import LocalError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ SCRIPT_NAMES = {
 }
 
 
-class ReadabilityError(CantobotError, ValueError):
+class ReadabilityError(LocalError, ValueError):
     """An unknown script or Jyutping choice (a user's or a config's typo)."""
 
     permanent = True

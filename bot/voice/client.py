@@ -13,7 +13,9 @@ discord.py 2.7 sends voice but does not receive it. We hook in without forking i
   datagrams from discord.py's socket-reader thread into a bounded deque (the thread never blocks,
   the loop is woken once per burst with ``call_soon_threadsafe``), runs the receiver's clock,
   sends a UDP keepalive (discord.py sends none while it plays nothing, and NATs forget the
-  mapping), and watches for a connection that went deaf.
+  mapping), and watches for a connection that went deaf. The clock and keepalive tasks are
+  supervised (:func:`supervise`): if one ever ends it is logged and started again, because
+  without the clock a meeting gets no silence fill, no idle detection and no watchdog.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import discord
@@ -32,7 +34,7 @@ from discord.voice_state import SocketReader, VoiceConnectionState
 
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
-from bot.voice.receiver import VoiceReceiver
+from bot.voice.receiver import ReceiveCounters, VoiceReceiver
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,36 @@ OP_CLIENT_DISCONNECT = 13
 INBOX_LIMIT = 2000
 #: How often the receiver's clock runs (silence fill, stalled jitter buffers, idle members).
 TICK_SECONDS = 0.05
+#: A supervised task that ended is started again after this long (no busy loop if it keeps
+#: failing at once).
+RESTART_DELAY = 0.5
+#: At most one log line per this many seconds for a clock tick that failed (a bug).
+TICK_ERROR_LOG_INTERVAL = 30.0
+
+
+async def supervise(
+    name: str,
+    body: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    restart_delay: float = RESTART_DELAY,
+    on_restart: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``body()`` for ever: whenever it ends (returns or raises), log it and run it again.
+
+    Only cancellation stops it. For loops that must outlive any bug in one iteration.
+    """
+    while True:
+        try:
+            await body()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; restarting it in %.1f s", name, restart_delay)
+        else:
+            log.error("%s ended by itself; restarting it in %.1f s", name, restart_delay)
+        if on_restart is not None:
+            on_restart(name)
+        await asyncio.sleep(restart_delay)
 
 
 class VoiceListener:
@@ -60,8 +92,12 @@ class VoiceListener:
         watchdog_seconds: float = 15.0,
         on_stalled: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tick_seconds: float = TICK_SECONDS,
+        restart_delay: float = RESTART_DELAY,
     ) -> None:
         self.receiver = receiver
+        self._tick_seconds = tick_seconds
+        self._restart_delay = restart_delay
         self._keepalive_seconds = keepalive_seconds
         self._watchdog_seconds = watchdog_seconds
         self._on_stalled = on_stalled
@@ -74,6 +110,11 @@ class VoiceListener:
         self.inbox_dropped = 0
         self.last_speaking_at: float | None = None
         self.keepalives_sent = 0
+        #: Clock ticks run so far, and restarts of supervised tasks (0 unless a bug struck).
+        self.ticks = 0
+        self.restarts = 0
+        self.tick_errors = 0
+        self._tick_error_logged_at: float | None = None
         self._stall_reported_at: float | None = None
         self._keepalive_counter = 0
         if receiver.dave is None:
@@ -104,12 +145,36 @@ class VoiceListener:
 
     def bind(self, vc: ReceiveVoiceClient) -> None:
         self._vc = vc
-        self._loop = vc.loop
+        self.start(vc.loop)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the supervised clock and keepalive tasks on ``loop`` (once; idempotent)."""
+        self._loop = loop
         if not self._tasks:
             self._tasks = [
-                self._loop.create_task(self._tick_loop(), name="voice-receive-tick"),
-                self._loop.create_task(self._keepalive_loop(), name="voice-udp-keepalive"),
+                loop.create_task(self._supervised("voice receive clock", self._tick_loop),
+                                 name="voice-receive-tick"),
+                loop.create_task(self._supervised("voice UDP keepalive", self._keepalive_loop),
+                                 name="voice-udp-keepalive"),
             ]
+
+    async def _supervised(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        await supervise(name, body, restart_delay=self._restart_delay,
+                        on_restart=self._count_restart)
+
+    def _count_restart(self, _name: str) -> None:
+        self.restarts += 1
+
+    @property
+    def clock_alive(self) -> bool:
+        """True while the receiver's clock task runs (it is supervised: it always should)."""
+        return bool(self._tasks) and not self._tasks[0].done()
+
+    def counters(self) -> ReceiveCounters:
+        """Where every datagram of this guild's voice went (``/transcribe status`` shows it)."""
+        counters = self.receiver.counters()
+        counters.inbox_dropped = self.inbox_dropped
+        return counters
 
     def attach_socket(self) -> None:
         """(Re-)register our datagram callback on the current connection's reader thread."""
@@ -195,14 +260,23 @@ class VoiceListener:
 
     async def _tick_loop(self) -> None:
         while True:
-            await asyncio.sleep(TICK_SECONDS)
-            self._drain_inbox()
-            now = self._clock()
+            await asyncio.sleep(self._tick_seconds)
             try:
-                self.receiver.tick(now)
-            except Exception:  # never let one bad member stop everyone's clock
-                log.exception("voice receive tick failed")
-            self._watchdog(now)
+                self._tick_once()
+            except Exception:  # never let one bad member or callback stop everyone's clock
+                self.tick_errors += 1
+                wall = time.monotonic()
+                last = self._tick_error_logged_at
+                if last is None or wall - last > TICK_ERROR_LOG_INTERVAL:
+                    self._tick_error_logged_at = wall
+                    log.exception("voice receive tick failed (%d so far)", self.tick_errors)
+
+    def _tick_once(self) -> None:
+        self._drain_inbox()
+        now = self._clock()
+        self.ticks += 1
+        self.receiver.tick(now)
+        self._watchdog(now)
 
     def _watchdog(self, now: float) -> None:
         """Members are speaking but no packet arrived for watchdog_seconds: say so, once."""

@@ -160,7 +160,7 @@ class TransportCipher:
     def encrypt(self, header: bytes, ext_body: bytes, payload: bytes, nonce: int) -> bytes:
         """The full packet exactly as Discord/discord.py send it.
 
-        ``header`` and ``ext_body`` come from :func:`bot.voice.rtp.build_rtp_header`; ``nonce``
+        ``header`` and ``ext_body`` come from the send side (:mod:`bot.sim.sender`); ``nonce``
         is the sender's 32-bit counter (incremented per packet, never reused with one key).
         """
         if not 0 <= nonce <= _MAX_NONCE:

@@ -16,7 +16,9 @@ with :class:`Lost` (as many frames as sequence numbers are missing) and :class:`
 rest). So, unless a gap is clamped, the samples of all outputs add up to
 ``last_timestamp - first_timestamp + samples_per_frame`` of the released frames. A gap longer
 than ``max_gap_seconds`` is clamped to it and counted in :attr:`JitterStats.clamped_gaps`
-(a speaker who was silent for an hour does not produce an hour of zeros).
+(a speaker who was silent for an hour does not produce an hour of zeros). Timestamps alone can
+still claim more time than passed; the receiver (:mod:`bot.voice.receiver`) bounds each
+member's output by the wall clock.
 
 Reordering: a missing packet is waited for until ``window_packets`` later packets are buffered,
 then declared lost; a packet arriving after its slot was released is dropped and counted

@@ -1,8 +1,9 @@
 """Our own ctypes binding to libopus: decode Discord's Opus straight to the rate we need.
 
 Job: turn one Opus packet into int16 PCM (mono or stereo) at any rate libopus decodes natively
-(8, 12, 16, 24 or 48 kHz), conceal lost packets (PLC), recover a lost packet from the next
-packet's in-band FEC, and encode test audio the way Discord clients do.
+(8, 12, 16, 24 or 48 kHz), conceal lost packets (PLC) and recover a lost packet from the next
+packet's in-band FEC. (The send side, an encoder, serves only the loopback Discord, benchmarks
+and tests: :mod:`bot.sim.sender`.)
 
 Boundary: packets in, PCM out. No sockets, no timers, no RTP; the jitter buffer decides *when*
 to decode, conceal or use FEC. Errors are :class:`OpusError` (libopus said no) and
@@ -24,7 +25,7 @@ import ctypes.util
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -39,10 +40,10 @@ __all__ = [
     "OPUS_SAMPLE_RATES",
     "OPUS_SILENCE_FRAME",
     "OpusDecoder",
-    "OpusEncoder",
     "OpusError",
     "OpusNotAvailable",
     "libopus_version",
+    "load_libopus",
 ]
 
 _log = logging.getLogger(__name__)
@@ -57,29 +58,14 @@ FRAME_MS: Final = 20
 MAX_FRAME_MS: Final = 120
 #: The 3-byte frame Discord sends after a speaker stops (five of them), a CELT silence frame.
 OPUS_SILENCE_FRAME: Final = b"\xf8\xff\xfe"
-#: Largest packet we ask the encoder for; libopus docs recommend 4000 bytes (opus_encode).
-MAX_PACKET_BYTES: Final = 4000
 
 # Error codes (opus_defines.h).
 OPUS_OK: Final = 0
 OPUS_BAD_ARG: Final = -1
 OPUS_INVALID_PACKET: Final = -4
 
-# Applications (opus_defines.h OPUS_APPLICATION_*).
-_APPLICATIONS: Final[dict[str, int]] = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
-
-# Encoder CTL requests (opus_defines.h); values as discord.py's Encoder sets them.
-_SET_BITRATE: Final = 4002
-_SET_BANDWIDTH: Final = 4008
-_SET_INBAND_FEC: Final = 4012
-_SET_PACKET_LOSS_PERC: Final = 4014
-_SET_SIGNAL: Final = 4024
+# Decoder CTL requests (opus_defines.h).
 _RESET_STATE: Final = 4028
-_BANDWIDTH_FULLBAND: Final = 1105
-_SIGNAL_AUTO: Final = -1000
-#: Bitrate bounds accepted by OPUS_SET_BITRATE (opus_encoder.c: 500 b/s .. 512 kb/s; we ask 6k+).
-_MIN_BITRATE: Final = 6000
-_MAX_BITRATE: Final = 512000
 
 
 class OpusNotAvailable(VoiceError):
@@ -115,10 +101,6 @@ _SIGNATURES: Final[dict[str, tuple[list[Any] | None, Any]]] = {
     "opus_decode": ([_VP, _CP, _I32, _VP, _INT, _INT], _INT),
     "opus_decoder_ctl": (None, _INT),
     "opus_packet_get_nb_samples": ([_CP, _I32, _I32], _INT),
-    "opus_encoder_create": ([_I32, _INT, _INT, _INT_PTR], _VP),
-    "opus_encoder_destroy": ([_VP], None),
-    "opus_encode": ([_VP, _VP, _INT, _VP, _I32], _I32),
-    "opus_encoder_ctl": (None, _INT),
 }
 
 #: Tried after ``ctypes.util.find_library('opus')`` (which needs ldconfig or gcc to answer).
@@ -162,6 +144,11 @@ def _load() -> ctypes.CDLL:
         _lib = lib
         _log.debug("loaded %s", lib.opus_get_version_string().decode("ascii", "replace"))
         return lib
+
+
+def load_libopus() -> ctypes.CDLL:
+    """The process's libopus (loaded once), for the send side in :mod:`bot.sim.sender`."""
+    return _load()
 
 
 def _strerror(code: int) -> str:
@@ -353,101 +340,3 @@ class OpusDecoder:
                 f"concealed length must be a positive multiple of 2.5 ms "
                 f"({self._plc_unit} samples at {self.sample_rate} Hz), got {samples}"
             )
-
-
-# --- encoder -------------------------------------------------------------------------------
-
-
-class OpusEncoder:
-    """Encode PCM frames as a Discord client does (tests, the loopback Discord, replay).
-
-    Settings follow discord.py's ``Encoder``: full band, automatic signal type, in-band FEC
-    with an expected packet loss. ``bitrate`` is in bits per second.
-    """
-
-    def __init__(
-        self,
-        sample_rate: int = DISCORD_SAMPLE_RATE,
-        channels: int = DISCORD_CHANNELS,
-        *,
-        application: Literal["audio", "voip", "lowdelay"] = "audio",
-        bitrate: int = 64000,
-        fec: bool = True,
-        packet_loss_percent: int = 5,
-    ) -> None:
-        _check_rate_channels(sample_rate, channels)
-        if application not in _APPLICATIONS:
-            raise ValueError(f"application must be one of {sorted(_APPLICATIONS)}")
-        if not _MIN_BITRATE <= bitrate <= _MAX_BITRATE:
-            raise ValueError(f"bitrate must be {_MIN_BITRATE}..{_MAX_BITRATE} b/s, got {bitrate}")
-        if not 0 <= packet_loss_percent <= 100:
-            raise ValueError(f"packet_loss_percent must be 0..100, got {packet_loss_percent}")
-        lib = _load()
-        self.sample_rate: Final = sample_rate
-        self.channels: Final = channels
-        err = ctypes.c_int(0)
-        state = lib.opus_encoder_create(
-            sample_rate, channels, _APPLICATIONS[application], ctypes.byref(err)
-        )
-        if err.value != OPUS_OK or not state:
-            raise OpusError(err.value or OPUS_BAD_ARG, "opus_encoder_create")
-        self._state: int | None = state
-        self._encode = lib.opus_encode
-        self._destroy = lib.opus_encoder_destroy
-        self._ctl_fn = lib.opus_encoder_ctl
-        self._out = ctypes.create_string_buffer(MAX_PACKET_BYTES)
-        self._out_ptr = ctypes.addressof(self._out)
-        # Durations libopus accepts: 2.5, 5, 10, 20, 40, 60 ms (opus_encode docs).
-        self._frame_sizes = frozenset(sample_rate * t // 400 for t in (1, 2, 4, 8, 16, 24))
-        self._ctl(_SET_BITRATE, bitrate)
-        self._ctl(_SET_INBAND_FEC, 1 if fec else 0)
-        self._ctl(_SET_PACKET_LOSS_PERC, packet_loss_percent)
-        self._ctl(_SET_BANDWIDTH, _BANDWIDTH_FULLBAND)
-        self._ctl(_SET_SIGNAL, _SIGNAL_AUTO)
-
-    def _ctl(self, request: int, value: int) -> None:
-        ret = self._ctl_fn(_VP(self._live_state()), _INT(request), _I32(value))
-        if ret < 0:
-            raise OpusError(ret, f"opus_encoder_ctl({request})")
-
-    def _live_state(self) -> int:
-        if self._state is None:
-            raise ValueError("this OpusEncoder is closed")
-        return self._state
-
-    def close(self) -> None:
-        """Free the libopus state; safe to call twice."""
-        state, self._state = self._state, None
-        if state:
-            self._destroy(state)
-
-    def __del__(self) -> None:
-        if getattr(self, "_state", None):
-            self.close()
-
-    def __enter__(self) -> OpusEncoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def encode(self, pcm: npt.NDArray[np.int16]) -> bytes:
-        """Encode exactly one frame: int16, interleaved 1-D or shaped (samples, channels)."""
-        if not isinstance(pcm, np.ndarray) or pcm.dtype != np.int16:
-            raise TypeError("encode needs a numpy int16 array")
-        if pcm.ndim == 2 and pcm.shape[1] != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got shape {pcm.shape}")
-        frame = np.ascontiguousarray(pcm)
-        frame_size, rem = divmod(frame.size, self.channels)
-        if rem or frame_size not in self._frame_sizes:
-            ms = sorted(f * 1000 / self.sample_rate for f in self._frame_sizes)
-            raise ValueError(
-                f"one Opus frame is {', '.join(f'{m:g}' for m in ms)} ms; got {frame.size} "
-                f"samples for {self.channels} channel(s) at {self.sample_rate} Hz"
-            )
-        n: int = self._encode(
-            self._live_state(), frame.ctypes.data, frame_size, self._out_ptr, MAX_PACKET_BYTES
-        )
-        if n < 0:
-            raise OpusError(n, "opus_encode")
-        return ctypes.string_at(self._out_ptr, n)

@@ -1,8 +1,9 @@
-"""RTP packets as Discord voice sends them: parse, recognise RTCP, build headers.
+"""RTP packets as Discord voice sends them: parse and recognise RTCP (receive side only).
 
 Pure and sans-IO: bytes in, values out. This module knows the RTP wire layout (RFC 3550) and
 the split Discord's ``*_rtpsize`` AEAD modes make of it; it knows nothing of keys or ciphers
-(see :mod:`bot.voice.crypto`) nor of Opus or DAVE.
+(see :mod:`bot.voice.crypto`) nor of Opus or DAVE. Building packets is the send side, which
+only the loopback Discord, benchmarks and tests need: :mod:`bot.sim.sender`.
 
 Layout of one voice packet in the ``_rtpsize`` modes (read from discord.py 2.7.1
 ``VoiceClient._get_voice_packet`` and Discord's voice documentation)::
@@ -20,7 +21,6 @@ same UDP socket; :func:`is_rtcp` lets a receiver skip it before parsing.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bot.errors import VoiceError
@@ -32,18 +32,12 @@ RTP_VERSION = 2
 DISCORD_OPUS_PAYLOAD_TYPE = 0x78
 #: RFC 8285 section 4.2: the one-byte-form header extension profile ``0xBEDE``.
 ONE_BYTE_EXTENSION_PROFILE = 0xBEDE
-#: RFC 8285 one-byte form: ids 1..14 carry data (0 is padding, 15 is reserved), 1..16 bytes each.
-ONE_BYTE_MAX_ID = 14
-ONE_BYTE_MAX_DATA = 16
 #: RFC 3550 section 12.1: RTCP packet types SR=200, RR=201, SDES=202, BYE=203, APP=204. Their
 #: second byte collides with an RTP marker bit + payload type 72..76, which Discord never uses.
 RTCP_PACKET_TYPES = range(200, 205)
-#: Extension id Discord's clients use for the RFC 6464 client-to-mixer audio level.
-AUDIO_LEVEL_EXTENSION_ID = 1
 
 _FIXED = struct.Struct(">BBHII")
 _EXT_HEADER = struct.Struct(">HH")
-_U32 = struct.Struct(">I")
 
 
 class MalformedPacket(VoiceError):
@@ -147,96 +141,3 @@ def strip_extension_body(plaintext: bytes, packet: RtpPacket) -> bytes:
 def extension_body(plaintext: bytes, packet: RtpPacket) -> bytes:
     """The decrypted header extension body (e.g. to read the audio level); empty without one."""
     return plaintext[: 4 * packet.extension_words]
-
-
-def build_rtp_header(
-    sequence: int,
-    timestamp: int,
-    ssrc: int,
-    *,
-    payload_type: int = DISCORD_OPUS_PAYLOAD_TYPE,
-    marker: bool = False,
-    csrcs: Iterable[int] = (),
-    extension: bytes | None = None,
-) -> tuple[bytes, bytes]:
-    """``(clear header, extension body)`` for a sender (the send side, simulated members).
-
-    ``extension`` is a one-byte-form body (see :func:`one_byte_extension`) whose length is a
-    multiple of 4; the clear header then ends with ``BE DE len``. Encrypt the extension body
-    together with the payload (:meth:`bot.voice.crypto.TransportCipher.encrypt`).
-    """
-    csrc_list = tuple(csrcs)
-    if not 0 <= sequence <= 0xFFFF:
-        raise ValueError(f"sequence {sequence} out of 16-bit range")
-    if not 0 <= timestamp <= 0xFFFFFFFF or not 0 <= ssrc <= 0xFFFFFFFF:
-        raise ValueError("timestamp and ssrc must fit in 32 bits")
-    if not 0 <= payload_type <= 0x7F:
-        raise ValueError(f"payload type {payload_type} out of 7-bit range")
-    if len(csrc_list) > 15:
-        raise ValueError("at most 15 CSRCs fit in an RTP header")
-    b0 = RTP_VERSION << 6 | len(csrc_list)
-    ext = b""
-    if extension is not None:
-        if len(extension) % 4:
-            raise ValueError("extension body must be padded to a multiple of 4 bytes")
-        if len(extension) // 4 > 0xFFFF:
-            raise ValueError("extension body too long")
-        b0 |= 0x10
-        ext = _EXT_HEADER.pack(ONE_BYTE_EXTENSION_PROFILE, len(extension) // 4)
-    header = b"".join(
-        (
-            _FIXED.pack(b0, (0x80 if marker else 0) | payload_type, sequence, timestamp, ssrc),
-            b"".join(_U32.pack(c) for c in csrc_list),
-            ext,
-        )
-    )
-    return header, extension or b""
-
-
-def one_byte_extension(elements: Iterable[tuple[int, bytes]]) -> bytes:
-    """An RFC 8285 one-byte-form extension body from ``(id, data)`` pairs, zero-padded to 4."""
-    out = bytearray()
-    for ext_id, data in elements:
-        if not 1 <= ext_id <= ONE_BYTE_MAX_ID:
-            raise ValueError(f"one-byte extension id {ext_id} not in 1..{ONE_BYTE_MAX_ID}")
-        if not 1 <= len(data) <= ONE_BYTE_MAX_DATA:
-            raise ValueError(f"one-byte extension data must be 1..{ONE_BYTE_MAX_DATA} bytes")
-        out.append(ext_id << 4 | (len(data) - 1))
-        out += data
-    out += bytes(-len(out) % 4)
-    return bytes(out)
-
-
-def audio_level_extension(level_dbov: int, *, voice: bool = True) -> bytes:
-    """The extension body Discord's clients send: RFC 6464 audio level (id 1), padded to 4.
-
-    ``level_dbov`` is the level as a positive number of -dBov (0 loudest, 127 silence).
-    """
-    if not 0 <= level_dbov <= 127:
-        raise ValueError("audio level must be 0..127 (-dBov)")
-    level = bytes([(0x80 if voice else 0) | level_dbov])
-    return one_byte_extension([(AUDIO_LEVEL_EXTENSION_ID, level)])
-
-
-def parse_one_byte_extension(body: bytes) -> dict[int, bytes]:
-    """``{id: data}`` from a decrypted one-byte-form extension body (RFC 8285 section 4.2).
-
-    Padding bytes (id 0) are skipped; id 15 ends parsing as the RFC requires. Raises
-    :class:`MalformedPacket` when an element runs past the end.
-    """
-    out: dict[int, bytes] = {}
-    i, size = 0, len(body)
-    while i < size:
-        b = body[i]
-        ext_id = b >> 4
-        if ext_id == 0:
-            i += 1
-            continue
-        if ext_id == 15:
-            break
-        length = (b & 0x0F) + 1
-        if i + 1 + length > size:
-            raise MalformedPacket(f"extension element {ext_id} runs past the end")
-        out[ext_id] = body[i + 1 : i + 1 + length]
-        i += 1 + length
-    return out

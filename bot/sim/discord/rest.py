@@ -32,6 +32,7 @@ from bot.sim.discord.state import (
     INTERACTION_ALREADY_ACKNOWLEDGED,
     INTERACTION_TOKEN_LIFETIME,
     INVALID_FORM_BODY,
+    MISSING_PERMISSIONS,
     PERM_CHANGE_NICKNAME,
     PERM_CREATE_PUBLIC_THREADS,
     PERM_MANAGE_WEBHOOKS,
@@ -180,6 +181,9 @@ class RestApi:
         self.on_message = on_message
         self.requests: list[RecordedRequest] = []
         self.messages: list[PostedMessage] = []
+        #: Channels where the bot's posts are refused 403 50013, as with Send Messages denied
+        #: by a channel overwrite (e.g. a voice channel's chat).
+        self.refuse_posts_in: set[int] = set()
         self.interactions: dict[str, InteractionRecord] = {}
         #: The shard count /gateway/bot recommends (Discord's: about one per 1000 guilds).
         self.recommended_shards = 1
@@ -689,6 +693,8 @@ class RestApi:
         self.world.require(
             self.world.bot, PERM_SEND_MESSAGES_IN_THREADS if in_thread else PERM_SEND_MESSAGES
         )
+        if channel.id in self.refuse_posts_in:
+            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
         body = _object_body(request)
         files = request[FILES_KEY]
         content = body.get("content") or ""

@@ -315,6 +315,17 @@ class LocalDiscord:
             {"token": token, "guild_id": str(self.guild_id), "endpoint": self.voice_endpoint},
         )
 
+    async def set_nick(self, user_id: int, nick: str | None) -> None:
+        """A member's server nickname changes (their display name); told to the bot with
+        GUILD_MEMBER_UPDATE, as Discord does."""
+        member = self.world.member(user_id)
+        self.world.check_nickname(nick)
+        member.nick = nick
+        _log.info("%s is now shown as %r", member.name, nick)
+        await self.gateway.dispatch(
+            "GUILD_MEMBER_UPDATE",
+            {**self.world.member_payload(member), "guild_id": str(self.world.guild_id)})
+
     async def leave_voice(self, user_id: int) -> None:
         member = self.world.member(user_id)
         member.voice_channel_id = None

@@ -41,9 +41,8 @@ from aiohttp import WSMsgType, web
 
 from bot.sim.dave_group import DaveGroup, DaveGroupError, Delivery, SimulatedMember
 from bot.sim.discord.state import World
+from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
 from bot.voice.crypto import TransportCipher
-from bot.voice.opus import OpusEncoder
-from bot.voice.rtp import audio_level_extension, build_rtp_header
 
 _log = logging.getLogger(__name__)
 
