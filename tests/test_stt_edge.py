@@ -282,6 +282,7 @@ async def test_a_15_s_session_limit_loses_and_doubles_nothing_and_silence_is_not
                                       reconnect_initial_delay=0.01, reconnect_max_delay=0.05))
         result = await replay(clips, config, speed=0)
         audio_bytes = server.total_audio_bytes
+        assert server.session_limits_hit >= 1  # the limit did cut sessions short
     said = sorted((s.speaker, s.text) for s in result.segments)
     assert said == sorted((name, text) for name, lines in TRACKS.items() for _, text in lines)
     assert result.errors == []
