@@ -1,14 +1,21 @@
-"""``python -m bench [--quick] [--rows 1,2,3,4,mem,script,speech] [--no-install]``: Markdown tables,
-then one JSON line ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
+"""``python -m bench [--quick] [--rows 1,2,2e,3,4,mem,script,speech] [--no-install]``: Markdown
+tables, then one JSON line
+``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
+
+Steadiness: compared contenders run interleaved within every repeat (same packets, alternating
+order), and every ratio is the median of per-repeat ratios, printed with its (min..max) spread.
+Row 2 pins the loopback STT server and this process to different CPUs (on a machine with two or
+more), so the server's CPU is not counted as the client's latency.
 
 N: concurrent speakers one core sustains for receive + convert + upstream emit at 100 ms chunks
 (1 s / (50 x product µs per packet + client CPU per session-second of row 2)), AES-GCM with DAVE
 on (what Discord negotiates today). R: the product's receive path over the floor on the same
-packets. L: p99 of what is added on top of filling one chunk: row 2's send lag plus one
-packet's receive time.
+packets (median of per-repeat ratios). L: p99 of what is added on top of filling one chunk:
+row 2's send lag plus one packet's receive time.
 
-``--quick`` (under 45 s): 10 s of speech, 3 repeats, two packet sets, row 2 at 200 sessions
-for 3 s, peers only if their venvs already exist; no rows 3 and memory.
+``--quick`` (under 45 s): 10 s of speech, 15 repeats (peers 9), two packet sets, row 2 at 250
+sessions for 2.4 s per send path and row 2e at 250 speakers for 1.2 s per variant (variants
+interleaved), peers only if their venvs already exist; no rows 3 and memory.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any
@@ -28,6 +36,10 @@ from bench.receive import Timing, row1
 from bot.voice.crypto import MODE_AES256_GCM, MODE_XCHACHA20
 
 log = logging.getLogger("bench")
+
+#: Sessions per process the README sizes a bot for (and ``stt.max_sessions`` defaults to): row 2
+#: and the headline latency are measured at this count.
+SIZING = 250
 
 
 def cpu_model() -> str:
@@ -51,11 +63,15 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _ratio(median: float, spread: tuple[float, float]) -> str:
+    return f"{median:.2f}x ({spread[0]:.2f}..{spread[1]:.2f})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced rows 1, 2, 4 (< 45 s)")
-    parser.add_argument("--rows", default="1,2,3,4,mem,script,speech",
-                        help="comma-separated subset of 1,2,3,4,mem,script,speech "
+    parser.add_argument("--rows", default="1,2,2e,3,4,mem,script,speech",
+                        help="comma-separated subset of 1,2,2e,3,4,mem,script,speech "
                              "(default: all)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not create the peers' venvs (skip peers without one)")
@@ -63,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    rows = {"1", "2", "4", "script"} if args.quick else set(args.rows.split(","))
+    rows = {"1", "2", "2e", "4", "script"} if args.quick else set(args.rows.split(","))
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
-    repeats = 3 if quick else 7
+    repeats = 15
     print(f"# cantobot bench{' (quick)' if quick else ''}\n")
     print(f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
@@ -86,16 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     by = {(t.name, t.label): t for t in timings}
     headline = "aes-gcm, DAVE on"
     product = by.get(("product", headline))
+    lean = by.get(("lean (prototype)", headline))
     floor = by.get(("floor", headline))
-    floor_ratio = product.us_per_packet / floor.us_per_packet if product and floor else None
+    floor_ratio = product.ratio if product and floor else None
 
     if "1" in rows and timings:
         print("## 1. Receive path per speaker (decrypt -> DAVE -> jitter -> Opus to 16 kHz mono "
               "-> 100 ms chunks)\n")
         print(table(
-            ["packets", "µs / packet (min..max)", "CPU % of a core per speaker",
-             "speakers / core (receive only)"],
+            ["packets", "µs / packet (min..max)", "ratio to floor (min..max)",
+             "CPU % of a core per speaker", "speakers / core (receive only)"],
             [[t.label, f"{_f(t.us_per_packet)} ({_f(t.spread[0])}..{_f(t.spread[1])})",
+              _ratio(t.ratio, t.ratio_spread),
               _f(t.core_percent_per_speaker, 2), _f(t.speakers_per_core, 0)]
              for t in timings if t.name == "product"]))
         print()
@@ -103,17 +121,59 @@ def main(argv: list[str] | None = None) -> int:
     upstream: list[Any] = []
     if "2" in rows:
         from bench.upstream import row2
-        counts = (200,) if quick else (50, 200, 500)
-        upstream = asyncio.run(row2(counts, 3.0 if quick else 10.0))
+        counts = (SIZING,) if quick else (50, SIZING, 500)
+        upstream = asyncio.run(row2(counts, 2.4 if quick else 12.0,
+                                    repeats=2 if quick else 4))
+        pinned = bool(upstream) and upstream[0].pinned
         print("## 2. Upstream: N SttSessions, 100 ms chunks, loopback Socket.IO server "
               "(another process)\n")
+        print(("Server and client pinned to different CPUs (os.sched_setaffinity), so the "
+               "server's CPU is not the client's latency. " if pinned else
+               "Server and client NOT pinned (fewer than 2 CPUs or no sched_setaffinity): the "
+               "server's CPU competes with the client's. ") +
+              "Send paths interleaved on the same sessions: product = SttSession.send_audio; "
+              "batched = the prototype in bench/uplink.py (one flush task per loop iteration "
+              "writes pre-encoded frames).\n")
         print(table(
-            ["sessions", "client CPU % of a core", "µs CPU / session-second",
-             "server CPU %", "send lag p50 / p99 / max (ms)", "chunks arrived"],
-            [[str(u.sessions), _f(u.cpu_percent), _f(u.us_per_session_second, 0),
+            ["sessions", "send path", "client CPU % of a core", "µs CPU / session-second",
+             "CPU vs product per round", "server CPU %", "send lag p50 / p99 / max (ms)",
+             "p99 per round (ms)", "chunks arrived"],
+            [[str(u.sessions), u.variant, _f(u.cpu_percent), _f(u.us_per_session_second, 0),
+              (_ratio(statistics.median(u.cpu_ratios),
+                      (min(u.cpu_ratios), max(u.cpu_ratios)))
+               if u.cpu_ratios and u.variant != "product" else "-"),
               _f(u.server_cpu_percent), f"{_f(u.lag_p50_ms, 2)} / {_f(u.lag_p99_ms, 2)} / "
-              f"{_f(u.lag_max_ms, 2)}", f"{u.chunks_arrived}/{u.chunks_sent}"]
+              f"{_f(u.lag_max_ms, 2)}", " ".join(_f(x, 1) for x in u.lag_p99_per_round),
+              f"{u.chunks_arrived}/{u.chunks_sent}"]
              for u in upstream]))
+        print()
+
+    e2e: list[Any] = []
+    if "2e" in rows:
+        from bench.e2e import row2e
+        e2e = asyncio.run(row2e(rec, (SIZING,), 1.2 if quick else 8.0,
+                                repeats=2 if quick else 4))
+        print(f"## 2e. End to end in one process: {SIZING} speakers' packets -> VoiceReceiver "
+              "-> Chunker -> SttSession -> loopback server (pinned as in row 2; AES-GCM, "
+              "DAVE off; UDP reads not included)\n")
+        print("product: as shipped. batched: the send path of bench/uplink.py. lean+batched: "
+              "also the receive fast path of bench/lean.py (no per-packet Python objects). "
+              "Prototypes are not shipped; they measure proposed changes. CPU is per second of "
+              "audio handled; lag runs from the moment the chunk's last packet was due.\n")
+        print(table(
+            ["speakers", "send path", "process CPU % of a core", "µs CPU / speaker-second",
+             "speakers / core", "CPU vs product per round",
+             "packet due -> chunk at server p50 / p99 / max (ms)", "p99 per round (ms)",
+             "chunks arrived", "real time kept"],
+            [[str(e.speakers), e.variant, _f(e.cpu_percent), _f(e.us_per_speaker_second, 0),
+              _f(e.speakers_per_core, 0),
+              (_ratio(statistics.median(e.cpu_ratios), (min(e.cpu_ratios), max(e.cpu_ratios)))
+               if e.cpu_ratios and e.variant != "product" else "-"),
+              f"{_f(e.lag_p50_ms, 2)} / {_f(e.lag_p99_ms, 2)} / {_f(e.lag_max_ms, 2)}",
+              " ".join(_f(x, 1) for x in e.lag_p99_per_round),
+              f"{e.chunks_arrived}/{e.chunks_sent}",
+              "yes" if e.behind_s < 0.05 else f"no ({e.behind_s:.2f} s behind)"]
+             for e in e2e]))
         print()
 
     whole: list[Any] = []
@@ -142,20 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peers import run_peers
         peer_set = next((s for s in sets if s.mode == MODE_XCHACHA20 and not s.dave), None)
         if peer_set is not None:
-            peers = run_peers(peer_set, repeats, install=not (quick or args.no_install))
+            peers = run_peers(peer_set, 9 if quick else repeats,
+                              install=not (quick or args.no_install))
         print("## 4. The floor and the peers, same packets\n")
         rows4 = []
         for s in sets:
-            f = by[("floor", s.label)]
-            for name in ("floor", "floor 48k stereo", "product", "plain"):
+            for name in ("floor", "floor 48k stereo", "product", "lean (prototype)", "plain"):
                 t = by[(name, s.label)]
                 rows4.append([s.label, name, _f(t.us_per_packet),
-                              f"{t.us_per_packet / f.us_per_packet:.2f}x"])
+                              _ratio(t.ratio, t.ratio_spread)])
             if s is peer_set:
                 for p in peers:
                     rows4.append([s.label, f"{p.flavor} {p.version} (48 kHz stereo out)",
-                                  _f(p.us_per_packet), f"{p.us_per_packet / f.us_per_packet:.2f}x"])
-        print(table(["packets", "contender", "µs / packet", "ratio to floor"], rows4))
+                                  _f(p.us_per_packet), _ratio(p.ratio, p.ratio_spread) +
+                                  " vs its own in-process floor"])
+        print(table(["packets", "contender", "µs / packet (median)",
+                     "ratio to floor, median of per-repeat ratios (min..max)"], rows4))
         print("\nfloor: transport AEAD (+ davey) + ctypes opus_decode straight to 16 kHz mono "
               "into a preallocated buffer. plain: discord.py opus.Decoder (48 kHz stereo) + numpy "
               "downmix + soxr stream resample to 16 kHz. Peers: their own rtp decode, "
@@ -202,24 +264,47 @@ def main(argv: list[str] | None = None) -> int:
         print()
 
     speakers_per_core = latency = None
-    up = next((u for u in upstream if u.sessions == 200), upstream[-1] if upstream else None)
+    up = next((u for u in upstream if u.sessions == SIZING and u.variant == "product"),
+              upstream[0] if upstream else None)
+    batched = next((u for u in upstream if u.sessions == SIZING and u.variant == "batched"),
+                   None)
     if product is not None and up is not None:
         per_speaker_us = product.us_per_packet * 50 + up.us_per_session_second
         speakers_per_core = 1e6 / per_speaker_us
         latency = up.lag_p99_ms + product.us_per_packet / 1000
         print("## Targets\n")
         print(table(["target", "measured", "met"], [
-            ["≥ 300 speakers / core (receive + convert + emit, 100 ms chunks)",
+            ["≥ 400 speakers / core (receive + convert + emit, 100 ms chunks; rows 1 + 2 added)",
              f"{speakers_per_core:.0f} ({per_speaker_us / 1000:.2f} ms CPU per speaker-second"
              f" = {_f(product.us_per_packet * 50 / 1000, 2)} receive + "
              f"{_f(up.us_per_session_second / 1000, 2)} upstream at {up.sessions} sessions)",
-             "yes" if speakers_per_core >= 300 else "no"],
+             "yes" if speakers_per_core >= 400 else "no"],
+            *([["(prototype) the same with the batched send path of bench/uplink.py",
+                f"{1e6 / (product.us_per_packet * 50 + batched.us_per_session_second):.0f} "
+                f"({_f(batched.us_per_session_second / 1000, 2)} ms upstream)",
+                "not shipped"]] if batched else []),
+            *([["(prototype) lean receive path of bench/lean.py + the batched send path",
+                f"{1e6 / (lean.us_per_packet * 50 + batched.us_per_session_second):.0f} "
+                f"({_f(lean.us_per_packet * 50 / 1000, 2)} ms receive, "
+                f"{_ratio(lean.ratio, lean.ratio_spread)} the floor)",
+                "not shipped"]] if batched and lean else []),
             ["receive path ≤ 1.5x the libopus floor",
-             f"{floor_ratio:.2f}x" if floor_ratio else "?",
+             _ratio(floor_ratio, product.ratio_spread) if floor_ratio else "?",
              "yes" if floor_ratio and floor_ratio <= 1.5 else "no"],
             ["audio at the STT socket ≤ one chunk + 5 ms after its packet",
-             f"one chunk + {latency:.2f} ms (p99, {up.sessions} sessions)",
+             f"one chunk + {latency:.2f} ms (p99, {up.sessions} sessions"
+             f"{', pinned' if up.pinned else ''})",
              "yes" if latency <= 5 else "no"],
+            *([["(prototype) the same with the batched send path",
+                f"one chunk + {batched.lag_p99_ms + product.us_per_packet / 1000:.2f} ms",
+                "not shipped"]] if batched else []),
+            *([[f"end to end (row 2e, {e.variant}, {e.speakers} speakers in one process): "
+                 "≥ 400 speakers / core; ≤ one chunk + 5 ms p99",
+                 f"{e.speakers_per_core:.0f} / core; one chunk + {e.lag_p99_ms:.2f} ms"
+                 f"{'' if e.behind_s < 0.05 else ' (fell behind real time)'}",
+                 ("yes" if e.speakers_per_core >= 400 and e.lag_p99_ms <= 5 else "no")
+                 + ("" if e.variant == "product" else " (prototype, not shipped)")]
+               for e in e2e]),
             *([["commit -> Discord request ≤ 50 ms p99",
                 f"{max(w['p99_ms'] for w in whole):.1f} ms", "yes" if max(
                     w["p99_ms"] for w in whole) <= 50 else "no"]] if whole else []),
@@ -227,10 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print(f"Wall time: {time.monotonic() - started:.1f} s; load average at end "
           f"{os.getloadavg()[0]:.2f}\n")
+    e2e_product = next((e for e in e2e if e.variant == "product"), None)
     print(json.dumps({
         "speakers_per_core": round(speakers_per_core) if speakers_per_core else None,
         "floor_ratio": round(floor_ratio, 3) if floor_ratio else None,
+        "floor_ratio_spread": ([round(x, 3) for x in product.ratio_spread]
+                               if floor_ratio and product else None),
         "added_latency_ms_p99": round(latency, 2) if latency is not None else None,
+        "e2e_speakers_per_core": round(e2e_product.speakers_per_core) if e2e_product else None,
+        "e2e_latency_ms_p99": round(e2e_product.lag_p99_ms, 2) if e2e_product else None,
     }), flush=True)
     return 0
 

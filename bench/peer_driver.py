@@ -7,11 +7,21 @@ so it imports nothing from cantobot. FLAVOR is ``voice-recv`` (discord-ext-voice
 buffer and ``discord.opus.Decoder`` (48 kHz stereo PCM, their sinks' input). Their reader and
 router threads only move packets between these calls; they are replaced by a plain loop here,
 with stand-ins for the voice client objects the decoder consults for a member lookup.
-Output: ``{"flavor", "us_per_packet", "runs", "samples"}``; no DAVE (packets must be DAVE-off).
+Output: ``{"flavor", "us_per_packet", "runs", "samples", "floor_runs", "ratios"}``; no DAVE
+(packets must be DAVE-off).
+
+Steadiness: the bench's floor (the same XChaCha20 call, then ``opus_decode`` through ctypes
+straight to 16 kHz mono into one preallocated buffer, no errcheck) runs in *this* process too,
+alternating with the peer within every repeat (peer, floor, floor, peer, ...), and the figure
+that counts is the median of the per-repeat ratios ``peer / floor``: both sides see the same
+process and the same moment of the machine, which a ratio across processes would not.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import statistics
 import struct
@@ -21,7 +31,16 @@ from types import SimpleNamespace
 from typing import Any
 
 _US = 1e6
+#: The clock contenders are timed with: this thread's CPU time, not wall time. On a machine
+#: shared with other work, wall time counts the moments another process had the CPU, which
+#: land on one contender's pass and not the other's; CPU time counts only our own work.
+CLOCK = time.thread_time
 USER_ID = 1000
+#: The bench's packets: 12-byte RTP header + 4-byte extension header in the clear, then the
+#: encrypted 8-byte extension body before the Opus payload, and a 4-byte nonce suffix at the end.
+HEADER_BYTES = 16
+EXT_BODY_BYTES = 8
+FLOOR_RATE = 16000
 
 
 def read_packets(path: str) -> list[bytes]:
@@ -77,7 +96,7 @@ def pipeline(flavor: str, mode: str, key: bytes) -> Any:
         decryptor = make_decryptor(vc)
         decoders: dict[int, Any] = {}
         samples = 0
-        started = time.perf_counter()
+        started = CLOCK()
         for data in packets:
             packet = decode_rtp(data)
             packet.decrypted_data = decryptor.decrypt_rtp(packet)
@@ -90,21 +109,84 @@ def pipeline(flavor: str, mode: str, key: bytes) -> Any:
         for dec in decoders.values():
             while (out := dec.pop_data()) is not None:
                 samples += len(out.pcm) // 4
-        return time.perf_counter() - started, samples
+        return CLOCK() - started, samples
 
     return run
+
+
+def floor(key: bytes) -> Any:
+    """The bench's floor for XChaCha20 without DAVE (see bench.receive.floor_runner)."""
+    import discord.opus
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt as decrypt
+
+    if not discord.opus.is_loaded():
+        discord.opus._load_default()
+    # A handle of our own on the same libopus: discord.py's functions carry errcheck wrappers.
+    lib = ctypes.CDLL(discord.opus._lib._name)
+    lib.opus_decoder_create.argtypes = [ctypes.c_int32, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.c_int)]
+    lib.opus_decoder_create.restype = ctypes.c_void_p
+    lib.opus_decode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32,
+                                ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.opus_decode.restype = ctypes.c_int
+    lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+    lib.opus_decoder_destroy.restype = None
+    pad = bytes(20)
+    frame = FLOOR_RATE // 50
+
+    def run(packets: list[bytes]) -> tuple[float, int]:
+        err = ctypes.c_int(0)
+        state = lib.opus_decoder_create(FLOOR_RATE, 1, ctypes.byref(err))
+        buf = (ctypes.c_int16 * (frame * 6))()
+        ptr, cap = ctypes.addressof(buf), frame * 6
+        decode = lib.opus_decode
+        total = 0
+        started = CLOCK()
+        for data in packets:
+            plain = decrypt(data[HEADER_BYTES:-4], data[:HEADER_BYTES], data[-4:] + pad, key)
+            payload = plain[EXT_BODY_BYTES:]
+            total += decode(state, payload, len(payload), ptr, cap, 0)
+        elapsed = CLOCK() - started
+        lib.opus_decoder_destroy(state)
+        if total != len(packets) * frame:
+            raise RuntimeError(f"floor decoded {total} samples, expected {len(packets) * frame}")
+        return elapsed, total
+
+    return run
+
+
+def _timed(run: Any, packets: list[bytes]) -> tuple[float, int]:
+    gc.collect()
+    gc.disable()
+    try:
+        seconds, samples = run(packets)
+    finally:
+        gc.enable()
+    return seconds / len(packets) * _US, samples
 
 
 def main() -> None:
     flavor, path, mode, key_hex, repeats = sys.argv[1:6]
     packets = read_packets(path)
-    run = pipeline(flavor, mode, bytes.fromhex(key_hex))
-    runs, samples = [], 0
-    for _ in range(int(repeats)):
-        seconds, samples = run(packets)
-        runs.append(seconds / len(packets) * _US)
+    key = bytes.fromhex(key_hex)
+    run = pipeline(flavor, mode, key)
+    base = floor(key)
+    runs: list[float] = []
+    floor_runs: list[float] = []
+    samples = 0
+    for r in range(int(repeats)):
+        if r % 2 == 0:
+            us, samples = _timed(run, packets)
+            f, _ = _timed(base, packets)
+        else:
+            f, _ = _timed(base, packets)
+            us, samples = _timed(run, packets)
+        runs.append(us)
+        floor_runs.append(f)
+    ratios = [a / b for a, b in zip(runs, floor_runs, strict=True)]
     print(json.dumps({"flavor": flavor, "us_per_packet": statistics.median(runs),
-                      "runs": runs, "samples": samples, "packets": len(packets)}))
+                      "runs": runs, "floor_runs": floor_runs, "ratios": ratios,
+                      "samples": samples, "packets": len(packets)}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,9 @@ class PeerResult:
     us_per_packet: float
     samples: int
     packets: int
+    #: Median (min, max) of per-repeat ratios to the floor run alternately in the peer's process.
+    ratio: float = 0.0
+    ratio_spread: tuple[float, float] = (0.0, 0.0)
 
 
 def python_of(peer: Peer) -> Path:
@@ -110,6 +114,8 @@ def run_peers(packets: PacketSet, repeats: int, *, install: bool) -> list[PeerRe
                 log.warning("peer %s failed: %s", peer.flavor, exc)
                 continue
             data = json.loads(proc.stdout.strip().splitlines()[-1])
+            ratios = data["ratios"]
             out.append(PeerResult(peer.flavor, _version(peer), data["us_per_packet"],
-                                  data["samples"], data["packets"]))
+                                  data["samples"], data["packets"],
+                                  statistics.median(ratios), (min(ratios), max(ratios))))
     return out

@@ -1,7 +1,7 @@
 """Row 1 and the in-process part of row 4: the receive path per packet, against the floor.
 
 Every contender gets the same datagrams (freshly DAVE-encrypted per repeat: davey rejects a
-replayed frame, as it must) and is timed over the whole stream with ``time.perf_counter``; the
+replayed frame, as it must) and is timed over the whole stream in thread CPU time; the
 figure is the median over repeats of µs per 20 ms packet. Each pass first checks that every
 packet became audio (a contender that silently drops packets would look fast).
 
@@ -22,6 +22,7 @@ Contenders:
 from __future__ import annotations
 
 import ctypes
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -60,17 +61,28 @@ EXT_BODY_BYTES: Final = EXTENSION_BODY_BYTES
 _PAD12 = bytes(8)
 _PAD24 = bytes(20)
 _US: Final = 1e6
+#: The clock contenders are timed with: this thread's CPU time, not wall time. On a machine
+#: shared with other work, wall time counts the moments another process had the CPU, which
+#: land on one contender's pass and not the other's; CPU time counts only our own work.
+CLOCK = time.thread_time
 
 
 @dataclass(frozen=True)
 class Timing:
-    """µs per packet (median over repeats) and the spread, for one contender on one input."""
+    """µs per packet (median over repeats) and the spread, for one contender on one input.
+
+    ``ratio``: the median over repeats of (this contender's time / the floor's time in the same
+    repeat), ``ratio_spread`` its (min, max): measured back to back on the same packets, a slow
+    patch of the machine cancels out of the ratio, which is why the ratio, not the µs, is what
+    the bench compares."""
 
     name: str
     label: str
     us_per_packet: float
     spread: tuple[float, float]
     packets: int
+    ratio: float = 0.0
+    ratio_spread: tuple[float, float] = (0.0, 0.0)
 
     @property
     def core_percent_per_speaker(self) -> float:
@@ -128,13 +140,13 @@ def run_product(packets: PacketSet) -> float:
     datagrams = packets.datagrams
     handle, tick = receiver.handle_packet, receiver.tick
     per_tick = max(1, round(TICK_SECONDS * PACKETS_PER_SECOND * n_speakers))
-    started = time.perf_counter()
+    started = CLOCK()
     for i, (_k, data) in enumerate(datagrams):
         now = i / n_speakers / PACKETS_PER_SECOND
         handle(data, now)
         if i % per_tick == per_tick - 1:
             tick(now)
-    elapsed = time.perf_counter() - started
+    elapsed = CLOCK() - started
     frames = len(datagrams) // n_speakers
     expected = n_speakers * (frames * FRAME_SAMPLES // 3 // (STT_RATE * CHUNK_MS // 1000))
     bad = {k: v for k, v in receiver.counters().as_dict().items()
@@ -175,14 +187,14 @@ def floor_runner(rate: int, channels: int) -> Runner:
             session, audio = packets.call.session, davey.MediaType.audio
             dave_decrypt = session.decrypt
         total = 0
-        started = time.perf_counter()
+        started = CLOCK()
         for k, data in packets.datagrams:
             plain = decrypt(data[-4:], data[HEADER_BYTES:-4], data[:HEADER_BYTES])
             payload = plain[EXT_BODY_BYTES:]
             if dave_decrypt is not None:
                 payload = dave_decrypt(users[k], audio, payload)
             total += decode(states[k], payload, len(payload), ptr, cap, 0)
-        elapsed = time.perf_counter() - started
+        elapsed = CLOCK() - started
         for st in states:
             lib.opus_decoder_destroy(st)
         if total != len(packets.datagrams) * frame:
@@ -212,7 +224,7 @@ def run_plain(packets: PacketSet) -> float:
         session, audio = packets.call.session, davey.MediaType.audio
         dave_decrypt = session.decrypt
     out = 0
-    started = time.perf_counter()
+    started = CLOCK()
     for k, data in packets.datagrams:
         plain = decrypt(data[-4:], data[HEADER_BYTES:-4], data[:HEADER_BYTES])
         payload = plain[EXT_BODY_BYTES:]
@@ -225,33 +237,93 @@ def run_plain(packets: PacketSet) -> float:
         x = np.clip(np.rint(resampled * 32768), -32768, 32767).astype(np.int16)
         out += len(x)
         chunkers[k].push(x)
-    elapsed = time.perf_counter() - started
+    elapsed = CLOCK() - started
     if out < len(packets.datagrams) * 320 * 0.9:
         raise RuntimeError("plain approach produced too little audio")
     return elapsed
 
 
+# --- prototype: no per-packet Python objects (bench/lean.py) ---------------------------------
+
+
+def run_lean(packets: PacketSet) -> float:
+    """Seconds for :class:`bench.lean.LeanReceiver` over the stream; checks nothing is lost."""
+    from bench.lean import LeanReceiver
+
+    chunks = 0
+
+    def on_chunk(_user: int, _pcm: bytes) -> None:
+        nonlocal chunks
+        chunks += 1
+
+    session = packets.call.session if packets.call is not None else None
+    receiver = LeanReceiver(mode=packets.mode, secret_key=packets.secret_key,
+                            users={s.ssrc: s.user_id for s in packets.speakers},
+                            on_chunk=on_chunk, rate=STT_RATE, chunk_ms=CHUNK_MS,
+                            dave_session=session)
+    n_speakers = len(packets.speakers)
+    handle = receiver.handle_packet
+    started = CLOCK()
+    for i, (_k, data) in enumerate(packets.datagrams):
+        handle(data, i / n_speakers / PACKETS_PER_SECOND)
+    elapsed = CLOCK() - started
+    receiver.close()
+    frames = len(packets.datagrams) // n_speakers
+    expected = n_speakers * (frames * FRAME_SAMPLES // 3 // (STT_RATE * CHUNK_MS // 1000))
+    if chunks < expected or receiver.out_of_order:
+        raise RuntimeError(f"lean prototype lost audio: {chunks}/{expected} chunks")
+    return elapsed
+
+
 CONTENDERS: Final[dict[str, Runner]] = {
     "product": run_product,
+    "lean (prototype)": run_lean,
     "floor": floor_runner(STT_RATE, 1),
     "floor 48k stereo": floor_runner(48000, 2),
     "plain": run_plain,
 }
 
 
+def ratio_stats(ratios: list[float]) -> tuple[float, tuple[float, float]]:
+    """Median and (min, max) of per-repeat ratios."""
+    return statistics.median(ratios), (min(ratios), max(ratios))
+
+
+def _timed(runner: Runner, packets: PacketSet) -> float:
+    """µs per packet for one pass, with the cyclic GC off (a collection landing inside one
+    contender's pass but not the other's would be noise, not a difference between them)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return runner(packets) / len(packets.datagrams) * _US
+    finally:
+        gc.enable()
+
+
 def row1(rec: Recording, sets: list[PacketSet], repeats: int,
-         contenders: tuple[str, ...] = tuple(CONTENDERS)) -> list[Timing]:
-    """Every contender on every packet set (mode x DAVE); repeats are interleaved across the
-    contenders so that a slow patch of the machine hits all of them alike."""
+         contenders: tuple[str, ...] = tuple(CONTENDERS),
+         reference: str = "floor") -> list[Timing]:
+    """Every contender on every packet set (mode x DAVE), interleaved.
+
+    Within one repeat each contender runs once on the same packets, back to back, in an order
+    that alternates between repeats (A B C, C B A, ...) so that neither a warm cache nor a drift
+    of the machine's speed favours whoever runs first. A contender's ratio to ``reference`` is
+    taken per repeat, and its figure is the median of those ratios (with their spread)."""
+    order = list(contenders)
+    if reference not in order:
+        order.append(reference)
     runs: dict[tuple[int, str], list[float]] = {}
-    for _ in range(repeats):
+    for r in range(repeats):
         for i, packets in enumerate(sets):
-            for name in contenders:
+            for name in (order if r % 2 == 0 else order[::-1]):
                 fresh = _fresh(rec, packets)
-                us = CONTENDERS[name](fresh) / len(fresh.datagrams) * _US
-                runs.setdefault((i, name), []).append(us)
-    return [
-        Timing(name, sets[i].label, statistics.median(v), (min(v), max(v)),
-               len(sets[i].datagrams))
-        for (i, name), v in runs.items()
-    ]
+                runs.setdefault((i, name), []).append(_timed(CONTENDERS[name], fresh))
+    out = []
+    for (i, name), v in runs.items():
+        if name not in contenders:
+            continue
+        ref = runs[(i, reference)]
+        ratio, ratio_spread = ratio_stats([a / b for a, b in zip(v, ref, strict=True)])
+        out.append(Timing(name, sets[i].label, statistics.median(v), (min(v), max(v)),
+                          len(sets[i].datagrams), ratio, ratio_spread))
+    return out

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+import soundfile
 
-from bot.audio.files import AudioClip
+from bot.audio.files import open_track
 from bot.config import Config, load_config, with_overrides
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
@@ -66,14 +69,17 @@ def _config(url: str, tail_ms: int | None) -> Config:
 async def _replay(tail_ms: int | None) -> SpeechRow:
     from bot.replay import replay
 
-    clips = []
-    for name, lines in TRACKS.items():
-        mono = (speech_track(lines, RATE, 60.0) * 16000).astype(np.int16)
-        clips.append((name, AudioClip(mono.reshape(-1, 1), RATE)))
     starts = {(n, text): t for n, lines in TRACKS.items() for t, text in lines}
-    async with FakeSttServer(KEY) as server:
-        result = await replay(clips, _config(server.url, tail_ms), speed=REPLAY_SPEED)
-        sent = server.total_audio_bytes / 2 / RATE
+    with tempfile.TemporaryDirectory() as folder:
+        tracks = []
+        for name, lines in TRACKS.items():
+            mono = (speech_track(lines, RATE, 60.0) * 16000).astype(np.int16)
+            path = os.path.join(folder, f"{name}.wav")
+            soundfile.write(path, mono, RATE)
+            tracks.append(open_track(path, name))
+        async with FakeSttServer(KEY) as server:
+            result = await replay(tracks, _config(server.url, tail_ms), speed=REPLAY_SPEED)
+            sent = server.total_audio_bytes / 2 / RATE
     errors = [abs(s.start - starts[(s.speaker, s.text)]) for s in result.segments
               if (s.speaker, s.text) in starts]
     return SpeechRow("replay: 2 x 60 s tracks, pauses 5-14 s", _label(tail_ms),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import gc
 import json
 import logging
 import os
@@ -60,6 +62,12 @@ class UpstreamResult:
     chunks_sent: int
     chunks_arrived: int
     fd_limit: int
+    variant: str = "product"
+    #: Per round: this variant's client CPU over the first variant's in the same round.
+    cpu_ratios: tuple[float, ...] = ()
+    lag_p99_per_round: tuple[float, ...] = ()
+    #: Server and client were pinned to different CPUs.
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,60 @@ def _chunk(session: int, index: int, audio: bytes) -> bytes:
     return _HEAD.pack(session, index) + audio[_HEAD.size:]
 
 
+#: The send paths row 2 compares: the product's (``SttSession.send_audio``) and the batched
+#: prototype (:class:`bench.uplink.BatchedUplink`).
+VARIANTS: Final = ("product", "batched")
+#: Pause between interleaved phases, not measured: chunks of the last phase land meanwhile.
+SETTLE_S: Final = 0.2
+
+
+@dataclass(frozen=True)
+class _Phase:
+    variant: str
+    cpu: float
+    server_cpu: float
+    wall: float
+    wall0: float
+
+
+def pin(pid: int, cpu: int) -> bool:
+    """Pin ``pid`` (0: the calling thread) to one CPU; False where that is not possible."""
+    if not hasattr(os, "sched_setaffinity") or cpu not in os.sched_getaffinity(0):
+        return False
+    try:
+        os.sched_setaffinity(pid, {cpu})
+    except OSError:
+        return False
+    return True
+
+
+def cpus() -> list[int]:
+    """The CPUs this process may run on (sorted)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 async def run_upstream(server: ChunkServer, sessions: int, seconds: float,
-                       audio: bytes | None = None) -> UpstreamResult:
-    """``sessions`` SttSessions streaming for ``seconds`` (after a warm-up) to ``server``."""
+                       audio: bytes | None = None, *, variants: tuple[str, ...] = ("product",),
+                       repeats: int = 1) -> UpstreamResult:
+    """``sessions`` SttSessions streaming for ``seconds`` (after a warm-up) to ``server``.
+
+    With several ``variants`` the send paths take turns on the same sessions and connections
+    (``repeats`` rounds of A B / B A, each ``seconds / repeats`` long) and the result carries
+    one :class:`UpstreamResult` per variant in ``by_variant`` (the first variant's is returned,
+    its ``cpu_ratios`` the per-round CPU of each variant over the first's)."""
+    results = await run_variants(server, sessions, seconds, audio, variants=variants,
+                                 repeats=repeats)
+    return results[variants[0]]
+
+
+async def run_variants(server: ChunkServer, sessions: int, seconds: float,
+                       audio: bytes | None = None, *, variants: tuple[str, ...] = VARIANTS,
+                       repeats: int = 3) -> dict[str, UpstreamResult]:
+    """The send ``variants`` interleaved on the same sessions; see :func:`run_upstream`."""
+    from bench.uplink import BatchedUplink
+
     url = server.url
     fd_limit = raise_fd_limit()
     if fd_limit < 2 * sessions + 64:
@@ -121,79 +180,145 @@ async def run_upstream(server: ChunkServer, sessions: int, seconds: float,
 
     clients = [SttSession(url=url, api_key="bench", sample_rate=STT_RATE, speaker=f"s{i}",
                           on_event=on_event) for i in range(sessions)]
+    uplink = BatchedUplink()
+    sent_at: dict[tuple[int, int], tuple[float, int]] = {}  # chunk -> (send time, phase no.)
+    phases: list[_Phase] = []
+    index = [0] * sessions
+    period = CHUNK_MS / 1000
+    phase_offset = [period * i / sessions for i in range(sessions)]
+
+    async def play(variant: str, seconds: float, warmup: float) -> None:
+        """Hand every session one chunk per 100 ms for ``warmup + seconds``; measure the last
+        ``seconds``."""
+        if variant == "product":
+            def send(s: int, chunk: bytes) -> None:
+                clients[s].send_audio(chunk)
+        elif variant == "batched":
+            def send(s: int, chunk: bytes) -> None:
+                uplink.send_audio(clients[s], chunk)
+        else:
+            raise ValueError(f"unknown send variant {variant!r}")
+        gc.collect()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.01
+        first = index[:]
+        measure_from = t0 + warmup
+        end = measure_from + seconds
+        cpu0 = wall0 = server_cpu0 = 0.0
+        measuring = False
+        number = len(phases)
+        while True:
+            now = time.monotonic()
+            if not measuring and now >= measure_from:
+                measuring, cpu0, wall0 = True, time.process_time(), now
+                server_cpu0 = server.cpu_seconds()
+            if now >= end:
+                break
+            for s in range(sessions):
+                due = t0 + phase_offset[s] + (index[s] - first[s]) * period
+                while due <= now:
+                    k = index[s]
+                    chunk = _chunk(s, k, audio)
+                    sent_at[(s, k)] = (time.monotonic(), number if measuring else -1)
+                    send(s, chunk)
+                    index[s] = k + 1
+                    due += period
+            await asyncio.sleep(DRIVER_TICK_S)
+        cpu = time.process_time() - cpu0
+        server_cpu = server.cpu_seconds() - server_cpu0
+        phases.append(_Phase(variant, cpu, server_cpu, time.monotonic() - wall0, wall0))
+        await asyncio.sleep(SETTLE_S)
+
     try:
         for i in range(0, sessions, START_BATCH):
             await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
         async with aiohttp.ClientSession() as http:
-            sent_at: dict[tuple[int, int], float] = {}
-            period = CHUNK_MS / 1000
-            loop = asyncio.get_running_loop()
-            t0 = loop.time() + 0.05
-            phase = [period * i / sessions for i in range(sessions)]
-            index = [0] * sessions
-            measure_from = t0 + WARMUP_S
-            end = measure_from + seconds
-            cpu0 = wall0 = server_cpu0 = 0.0
-            measuring = False
-            while True:
-                now = time.monotonic()
-                if not measuring and now >= measure_from:
-                    measuring, cpu0, wall0 = True, time.process_time(), now
-                    server_cpu0 = server.cpu_seconds()
-                if now >= end:
-                    break
-                for s in range(sessions):
-                    due = t0 + phase[s] + index[s] * period
-                    while due <= now:
-                        chunk = _chunk(s, index[s], audio)
-                        sent_at[(s, index[s])] = time.monotonic()
-                        clients[s].send_audio(chunk)
-                        index[s] += 1
-                        due += period
-                await asyncio.sleep(DRIVER_TICK_S)
-            cpu = time.process_time() - cpu0
-            server_cpu = server.cpu_seconds() - server_cpu0
-            wall = time.monotonic() - wall0
+            await play(variants[0], 0.0, WARMUP_S)  # connections and caches warm, not counted
+            phases.clear()
+            for r in range(repeats):
+                for variant in (variants if r % 2 == 0 else variants[::-1]):
+                    await play(variant, seconds / repeats, 0.0)
             await asyncio.sleep(0.5)  # let the last chunks land
+            await uplink.aclose()
             async with http.get(f"{url}/results") as resp:
                 arrivals = (await resp.json())["arrivals"]
             await (await http.get(f"{url}/reset")).release()
     finally:
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
-    lags = []
+    lags: dict[int, list[float]] = {i: [] for i in range(len(phases))}
     for s, k, at in arrivals:
-        t = sent_at.get((s, k))
-        if t is not None and wall0 <= t <= wall0 + wall:
-            lags.append((at - t) * 1000)
-    sent_in_window = sum(1 for t in sent_at.values() if wall0 <= t <= wall0 + wall)
-    lags.sort()
-    if not lags:
-        raise RuntimeError("no chunk arrived at the server")
-    return UpstreamResult(
-        sessions=sessions,
-        seconds=wall,
-        cpu_percent=cpu / wall * 100,
-        server_cpu_percent=server_cpu / wall * 100,
-        us_per_session_second=cpu / (sessions * wall) * 1e6,
-        lag_p50_ms=statistics.median(lags),
-        lag_p99_ms=lags[min(len(lags) - 1, int(0.99 * len(lags)))],
-        lag_max_ms=lags[-1],
-        chunks_sent=sent_in_window,
-        chunks_arrived=len(lags),
-        fd_limit=fd_limit,
-    )
+        t, number = sent_at.get((s, k), (0.0, -1))
+        if number >= 0:
+            lags[number].append((at - t) * 1000)
+    sent: dict[int, int] = {i: 0 for i in range(len(phases))}
+    for _t, number in sent_at.values():
+        if number >= 0:
+            sent[number] += 1
+    out: dict[str, UpstreamResult] = {}
+    # CPU per session-second of audio actually handed over (a driver that fell behind sent
+    # fewer chunks than sessions x wall time).
+    def cost(i: int) -> float:
+        return phases[i].cpu / max(1, sent[i]) * (1000 / CHUNK_MS)
+
+    base_cpu = [cost(i) for i, ph in enumerate(phases) if ph.variant == variants[0]]
+    for variant in variants:
+        mine = [i for i, ph in enumerate(phases) if ph.variant == variant]
+        pooled = sorted(x for i in mine for x in lags[i])
+        if not pooled:
+            raise RuntimeError(f"no chunk of the {variant} phases arrived at the server")
+        wall = sum(phases[i].wall for i in mine)
+        costs = [cost(i) for i in mine]
+        cpu_rate = statistics.median(phases[i].cpu / phases[i].wall for i in mine)
+        server_rate = statistics.median(phases[i].server_cpu / phases[i].wall for i in mine)
+        p99s = [_p99(sorted(lags[i])) for i in mine if lags[i]]
+        out[variant] = UpstreamResult(
+            sessions=sessions,
+            seconds=wall,
+            cpu_percent=cpu_rate * 100,
+            server_cpu_percent=server_rate * 100,
+            us_per_session_second=statistics.median(costs) * 1e6,
+            lag_p50_ms=statistics.median(pooled),
+            lag_p99_ms=_p99(pooled),
+            lag_max_ms=pooled[-1],
+            chunks_sent=sum(sent[i] for i in mine),
+            chunks_arrived=len(pooled),
+            fd_limit=fd_limit,
+            variant=variant,
+            cpu_ratios=tuple(a / b for a, b in zip(costs, base_cpu, strict=True)),
+            lag_p99_per_round=tuple(p99s),
+        )
+    return out
 
 
-async def row2(counts: tuple[int, ...], seconds: float) -> list[UpstreamResult]:
+def _p99(sorted_lags: list[float]) -> float:
+    return sorted_lags[min(len(sorted_lags) - 1, int(0.99 * len(sorted_lags)))]
+
+
+async def row2(counts: tuple[int, ...], seconds: float, *, repeats: int = 3,
+               variants: tuple[str, ...] = VARIANTS) -> list[UpstreamResult]:
+    """Row 2 with the loopback server pinned to one CPU and this process to another (when the
+    machine has two), so the server's CPU does not show up as the client's latency; every
+    session count runs the send ``variants`` interleaved. Affinity is restored afterwards."""
     out = []
-    async with chunk_server() as server:
-        for n in counts:
-            out.append(await run_upstream(server, n, seconds))
-            log.info("upstream %d sessions: %s", n, out[-1])
+    allowed = cpus()
+    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    pinned = False
+    try:
+        async with chunk_server() as server:
+            if len(allowed) >= 2:
+                pinned = pin(server.pid, allowed[-1]) and pin(0, allowed[0])
+            for n in counts:
+                by = await run_variants(server, n, seconds, variants=variants, repeats=repeats)
+                for r in by.values():
+                    out.append(dataclasses.replace(r, pinned=pinned))
+                log.info("upstream %d sessions: %s", n, by)
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
     return out
 
 
 if __name__ == "__main__":
     counts = tuple(int(a) for a in sys.argv[1:]) or (50,)
-    for r in asyncio.run(row2(counts, 5.0)):
+    for r in asyncio.run(row2(counts, 6.0)):
         print(json.dumps(r.__dict__))

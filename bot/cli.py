@@ -45,6 +45,19 @@ def _speaker_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _late_arg(text: str) -> tuple[str, float]:
+    name, sep, seconds = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME=SECONDS, got {text!r}")
+    try:
+        delay = float(seconds) if sep else 2.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=SECONDS, got {text!r}") from None
+    if not 0 <= delay < 3600:
+        raise argparse.ArgumentTypeError("SECONDS must be from 0 up to an hour")
+    return name, delay
+
+
 def _speed_arg(text: str) -> float:
     try:
         value = float(text)
@@ -107,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", type=float, default=0.0, metavar="PCT",
                    help="drop this percentage of RTP packets at random")
     p.add_argument("--jsonl", action="store_true", help="every posted message as JSON lines")
+    p.add_argument("--member-dave", choices=("libdave", "davey"), default="libdave",
+                   help="DAVE library the simulated members run: libdave (Discord's own, "
+                        "default; needs the sim extra) or davey (the bot's)")
+    p.add_argument("--join-late", metavar="NAME[=SECONDS]", type=_late_arg, action="append",
+                   default=[], help="this speaker joins the call SECONDS (default 2) after the "
+                                    "others start speaking (a DAVE re-key mid-meeting)")
 
     p = sub.add_parser("demo", help="offline demo: local Discord + local STT, no token or key")
     p.add_argument("--jsonl", action="store_true")

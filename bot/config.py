@@ -104,7 +104,10 @@ class SttConfig:
     max_buffer_seconds: float = field(default=120.0, metadata=_range(1, 3600))
     reconnect_initial_delay: float = field(default=0.5, metadata=_range(0.01, 60))
     reconnect_max_delay: float = field(default=30.0, metadata=_range(0.1, 3600))
-    max_sessions: int = field(default=500, metadata=_range(1, None))
+    #: STT sessions one process runs at once; further speakers wait in order. 250: what one
+    #: process (one event loop, about one core) holds in real time with the headroom the
+    #: latency target needs -- ``python -m bench`` (rows 2 and 2e) measures it at this count.
+    max_sessions: int = field(default=250, metadata=_range(1, None))
     #: Silence sent after speech so that the upstream hears the pause that makes it commit the
     #: sentence; longer silence is not sent (it would be paid for). See README "Speech, not
     #: silence" for the default. The tail ends earlier once the commit arrives. 0 sends every

@@ -26,6 +26,7 @@ from bot.sim.dave_group import (
     DaveGroupError,
     Delivery,
     ExternalSender,
+    LibdaveMember,
     Op,
     SimulatedMember,
     commit_info,
@@ -743,3 +744,49 @@ def test_the_session_is_looked_up_on_every_frame_never_cached(group: DaveGroup) 
 )
 def test_failure_reasons_are_davey_s_innermost_error_name(message: str, reason: str) -> None:
     assert failure_reason(ValueError(message)) == reason
+
+
+# --- Discord's libdave in the members, davey in the bot (issue 12, item 4) ------------------
+
+
+@pytest.mark.parametrize("bot_first", [True, False], ids=["bot-commits", "bot-welcomed"])
+def test_libdave_members_and_a_davey_bot_agree_on_keys_codes_and_silence_frames(
+    group: DaveGroup, bot: WireBot, bot_first: bool
+) -> None:
+    alice, bob = LibdaveMember(ALICE, CHANNEL), LibdaveMember(BOB, CHANNEL)
+    if bot_first:
+        bot_joins(group, bot)
+        member_joins(group, bot, alice)
+        member_joins(group, bot, bob)
+        assert [who for who, _, _ in group.history] == [BOT, BOT]
+    else:
+        member_joins(group, None, alice)  # libdave members found the group (one commits)
+        member_joins(group, None, bob)
+        bot_joins(group, bot)  # and welcome the davey bot into it
+        assert bot.received == ["op 25", "op 30", "op 22"]
+    assert bot.session is not None
+    assert group.epoch == bot.session.epoch == alice.epoch == bob.epoch == 2
+    receiver = receiver_for(bot)
+    # The voice privacy code clients show: libdave's displayable code of the epoch authenticator.
+    assert alice.privacy_code is not None
+    assert receiver.privacy_code() == alice.privacy_code == bob.privacy_code
+    assert_decrypts(receiver, ALICE, speak(alice, OpusTalker(220)))
+    assert_decrypts(receiver, BOB, speak(bob, OpusTalker(330)))
+    # libdave encrypts the Opus silence frame too (davey would send it plain).
+    silence = alice.encrypt_opus(OPUS_SILENCE_FRAME)
+    assert silence != OPUS_SILENCE_FRAME and silence.endswith(DAVE_MAGIC_MARKER)
+    assert receiver.decrypt(ALICE, silence) == OPUS_SILENCE_FRAME
+
+    carol = LibdaveMember(CAROL, CHANNEL)  # joins mid-call: Add, the bot's commit, a welcome
+    in_flight = speak(alice, OpusTalker(220))
+    member_joins(group, bot, carol)
+    assert group.epoch == 3 == bot.session.epoch == carol.epoch == alice.epoch
+    assert receiver.privacy_code() == alice.privacy_code == carol.privacy_code
+    assert_decrypts(receiver, ALICE, in_flight)  # sent under the old key, still readable
+    assert_decrypts(receiver, CAROL, speak(carol, OpusTalker(440)))
+    deliver(group, bot, group.leave(BOB))  # a Remove, the bot's commit
+    assert group.epoch == 4 == alice.epoch and group.members.count(BOB) == 0
+    assert receiver.privacy_code() == alice.privacy_code
+    assert_decrypts(receiver, ALICE, speak(alice, OpusTalker(220)))
+    assert not receiver.stats
+    assert not (alice.failures or bob.failures or carol.failures)

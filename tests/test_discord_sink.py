@@ -94,7 +94,9 @@ async def local_discord(
         finally:
             await client.close()
             if runner is not None:
-                with contextlib.suppress(Exception):
+                # connect() returns once the client is closed; any error it ended with fails
+                # the test instead of vanishing here.
+                async with asyncio.timeout(10):
                     await runner
             Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
 

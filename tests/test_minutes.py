@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import srt
+import webvtt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bot.storage import open_storage_at
 from bot.transcript.format import MAX_MESSAGE_CHARS
 from bot.transcript.minutes import (
     BAR_WIDTH,
+    MAX_RENDER_SECONDS,
     from_json,
     meeting_title,
     minutes_files,
@@ -377,3 +382,71 @@ def test_titles_read_channel_and_date_or_the_title_given() -> None:
     assert len(meeting_title("x" * 300, at)) <= 100 and len(meeting_title("", at, "y" * 300)) == 100
     hk = datetime(2026, 12, 1, 21, 50, tzinfo=timezone(timedelta(hours=8)))
     assert meeting_title("會議室", hk) == "會議室 · 2026-12-01 13:50 UTC"
+# --- rendering never raises for anything storage can hold (issue 12, item 5) ----------------
+
+#: Text storage can hold: any Unicode except lone surrogates (not encodable as UTF-8).
+_stored_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+_any_time = st.floats(0, 1.7e308, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def _stored_segment(draw: st.DrawFn) -> Segment:
+    start = draw(_any_time)
+    end = max(start, draw(st.one_of(_any_time, st.just(start))))
+    words = draw(st.lists(st.builds(lambda t, a, b: Word(t, min(a, b), max(a, b)),
+                                    _stored_text, _any_time, _any_time), max_size=3))
+    return Segment(draw(_stored_text), draw(_stored_text), start, end, tuple(words))
+
+
+def _store_and_load(title: str, segs: list[Segment], path: Path) -> Minutes:
+    async def run() -> Minutes:
+        storage = await open_storage_at(str(path))
+        try:
+            mid = await storage.start_meeting(guild_id=1, text_channel_id=2, voice_channel_id=3,
+                                              title=title, started_at=T0)
+            for s in segs:
+                await storage.add_line(mid, s)
+            await storage.end_meeting(mid, T0 + timedelta(seconds=5))
+            return await storage.minutes(mid)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+def _shown_ms(seconds: float) -> int:
+    return round(min(seconds, MAX_RENDER_SECONDS) * 1000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(title=_stored_text, segs=st.lists(_stored_segment(), max_size=6))
+def test_every_format_renders_and_parses_back_for_anything_storage_holds(
+    title: str, segs: list[Segment], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    m = _store_and_load(title, segs, tmp_path_factory.mktemp("db") / "m.sqlite3")
+    ordered = m.sorted().segments
+    to_markdown(m)
+    summary_text(m)
+    assert from_json(to_json(m)) == m.sorted()
+    subs = list(srt.parse(to_srt(m)))
+    assert [(round(x.start.total_seconds() * 1000), round(x.end.total_seconds() * 1000))
+            for x in subs] == [(_shown_ms(s.start), _shown_ms(s.end)) for s in ordered]
+    assert all(x.content.strip() for x in subs)
+    cues = webvtt.from_string(to_vtt(m)).captions
+    assert [(_vtt_ms(c.start), _vtt_ms(c.end)) for c in cues] == [
+        (_shown_ms(s.start), _shown_ms(s.end)) for s in ordered
+    ]
+    assert all(c.voice is not None and c.text for c in cues)
+
+
+def _vtt_ms(stamp: str) -> int:
+    h, m, rest = stamp.split(":")
+    s, ms = rest.split(".")
+    return ((int(h) * 60 + int(m)) * 60 + int(s)) * 1000 + int(ms)
+
+
+def test_a_word_time_of_1e306_renders_every_format_at_the_cap() -> None:
+    m = meeting(Segment("bob", "hi", 1e306, 1e306, (Word("hi", 1e306, 1e306),)))
+    assert "999999:00:00,000 --> 999999:00:00,000" in to_srt(m)
+    assert "999999:00:00.000 --> 999999:00:00.000" in to_vtt(m)
+    assert "999999:00:00" in to_markdown(m)

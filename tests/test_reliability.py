@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +68,6 @@ def track(*texts: str, gap: float = GAP, lead: float = GAP) -> np.ndarray:
     mono = speech_track(lines, 48000, duration=t + gap)
     pcm = np.clip(mono * 32767 * 0.5, -32768, 32767).astype(np.int16)
     return np.repeat(pcm[:, None], 2, axis=1)
-
-
-def seconds_until(texts: Iterable[str], index: int, fraction: float = 0.5) -> float:
-    """When, from the start of :func:`track`, ``fraction`` of sentence ``index`` has been said."""
-    texts = list(texts)
-    t = GAP
-    for text in texts[:index]:
-        t += utterance_duration(text) + GAP
-    return t + fraction * utterance_duration(texts[index])
 
 
 async def until(condition: Callable[[], bool], limit: float = WAIT) -> None:
@@ -146,24 +138,57 @@ class Rig:
             await stop.wait_followups(1)
 
 
+class TracebackLog(logging.Handler):
+    """Collects every log record that carries a traceback while the bot runs, except those
+    whose message starts with one of ``expected`` (a fault the test causes on purpose)."""
+
+    def __init__(self, expected: tuple[str, ...] = ()) -> None:
+        super().__init__(logging.DEBUG)
+        self.expected = expected
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (record.exc_info or record.stack_info) and not (
+            self.expected and record.getMessage().startswith(self.expected)
+        ):
+            self.records.append(record)
+
+    def report(self) -> str:
+        return "\n".join(logging.Formatter().format(r) for r in self.records)
+
+
 @contextlib.asynccontextmanager
-async def logged_in_bot(config: Config) -> AsyncIterator[CantoBot]:
+async def logged_in_bot(
+    config: Config, expected_tracebacks: tuple[str, ...] = ()
+) -> AsyncIterator[CantoBot]:
+    """The bot logged in to LocalDiscord; on the way out it must stop by itself (no error from
+    its task) and must not have logged any traceback (an unexpected exception anywhere)."""
     redirect_discord(config)
     bot = CantoBot(config)
     # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready;
     # LocalDiscord sends its one guild at once, so waiting that long only slows the suite.
     bot._connection.guild_ready_timeout = 0.05
+    tracebacks = TracebackLog(expected_tracebacks)
+    logging.getLogger().addHandler(tracebacks)
     task = asyncio.create_task(bot.start(config.discord.token.reveal()), name="bot")
+    failed = False
     try:
         await until(lambda: bot.is_ready() or task.done())
         if task.done():
             task.result()
         yield bot
+    except BaseException:
+        failed = True
+        raise
     finally:
-        await bot.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        try:
+            await bot.close()
+            async with asyncio.timeout(WAIT):
+                await task  # bot.start returns once closed; anything it raises fails the test
+        finally:
+            logging.getLogger().removeHandler(tracebacks)
+    if not failed:
+        assert not tracebacks.records, f"unexpected traceback(s) in the log:\n{tracebacks.report()}"
 
 
 @contextlib.asynccontextmanager
@@ -174,6 +199,7 @@ async def rig(
     dave: bool = False,
     start: bool = True,
     stt_key: str = KEY,
+    expected_tracebacks: tuple[str, ...] = (),
     **sections: dict[str, Any],
 ) -> AsyncIterator[Rig]:
     """LocalDiscord + STT fake + the real bot, all members in voice, a meeting LIVE."""
@@ -183,7 +209,7 @@ async def rig(
             LocalDiscord(human_names=(HOST, *names), moderators=(HOST,), dave=dave) as fake,
         ):
             cfg = bot_config(make_config(stt, **sections), fake, str(tmp_path / "bot.sqlite3"))
-            async with logged_in_bot(cfg) as bot:
+            async with logged_in_bot(cfg, expected_tracebacks) as bot:
                 ids = fake.member_ids
                 for name in (HOST, *names):
                     await fake.member_join_voice(ids[name])
@@ -201,7 +227,10 @@ async def test_stt_restart_mid_sentence_loses_and_doubles_nothing(tmp_path: Path
     async with rig(tmp_path) as r:
         speaking = asyncio.gather(r.speak("alice", track(*alice)),
                                   r.speak("bob", track(*bob, lead=1.2)))
-        await asyncio.sleep(seconds_until(alice, 1))  # alice is in the middle of her 2nd line
+        # Restart when the fake has decoded the start of alice's 2nd line but not its end.
+        await until(lambda: any(p.startswith(alice[1][0])
+                                for rec in r.stt.records.values() for p in rec.partials))
+        assert alice[1] not in r.stt.heard_texts, "the restart must hit alice mid-sentence"
         sessions_before = len(r.stt.records)
         await r.stt.restart()
         await speaking
@@ -351,8 +380,14 @@ async def voice_session_renewed(r: Rig, old: object, limit: float = WAIT) -> Non
 
 # 4006 is a full voice reconnect: new socket, IP discovery, session. It used to take ~30 s
 # (discord.py's reader thread slept in select on the closed socket); see _WakingSocketReader.
-# Now ~9 s, but in 2 of ~20 runs under full-suite load the new session still did not arrive
-# within 15 s (cause not found), so CI runs it only when asked to.
+# Now ~9 s, but under load the new session sometimes does not arrive within 15 s (cause not
+# pinned down, issue 12 item 13). Seen once with DEBUG logs: the loopback voice server received
+# the bot's IP discovery on the new socket and answered, yet discord.py's discover_ip never got
+# the answer ("Received ip discovery packet" missing for 14 s, until the test gave up), so the
+# handshake stalled after op 2 READY; the suspect is the socket reader thread (bot/voice/client.py
+# _WakingSocketReader / discord.py SocketReader). With the reader instrumented (8 runs, 4 in
+# parallel) every reconnect woke it onto the new socket and the stall did not recur. So CI runs
+# this case only when asked to.
 FULL_VOICE_RECONNECT = pytest.mark.skipif(
     not os.environ.get("CANTOBOT_SLOW_TESTS"),
     reason="a rare second stall of the full voice reconnect under load is not yet understood; "
@@ -365,7 +400,11 @@ FULL_VOICE_RECONNECT = pytest.mark.skipif(
 async def test_voice_reconnects_and_resumes_keep_transcribing(tmp_path: Path, fault: str) -> None:
     # A move to another channel (4014 + new gateway voice updates) is tested below.
     alice = ["之前", "之後"]
-    async with rig(tmp_path, names=("alice",)) as r:
+    # discord.py logs its reconnect after an unhandled close code (4006) with the traceback,
+    # and its socket reader's read of the swapped socket ("safe to ignore") with one too.
+    expected = (("Disconnected from voice... Reconnecting", "Error reading from socket")
+                if fault.endswith("4006") else ())
+    async with rig(tmp_path, names=("alice",), expected_tracebacks=expected) as r:
         await r.speak("alice", track(alice[0]))
         await r.wait_lines({"alice": alice[:1]})
         conn = r.discord.voice.connection
@@ -525,7 +564,9 @@ async def test_signal_mid_meeting_flushes_every_session_posts_minutes_and_exits_
         # only stop-session (the fake then commits what it heard) brings them in.
         await asyncio.gather(fake.speak(ids["alice"], track(*alice, gap=0.05)),
                              fake.speak(ids["bob"], track(*bob, gap=0.05, lead=2.0)))
-        await asyncio.sleep(0.2)  # the last packets reach the bot
+        # The fake has heard "再見" to its end marker: its commit waits for a pause that the
+        # signal (sent in the same loop turn as this check) comes before.
+        await until(lambda: "再見" in stt.heard_texts)
         assert "再見" not in stt.committed_texts
         proc.send_signal(sig)
         async with asyncio.timeout(WAIT):

@@ -33,9 +33,11 @@ import soundfile
 from bot.cli import build_parser
 from bot.config import ENV_OVERRIDES, Config, load_config, with_overrides
 from bot.errors import CantobotError
+from bot.sim.dave_group import LibdaveMember
 from bot.sim.discord.state import PostedMessage
 from bot.sim.simulate import DEMO_SCRIPT, SAMPLE_RATE, Simulation, tone_pcm
 from bot.sim.stt_server import FakeSttServer
+from bot.sim.tonecode import utterance_duration
 from bot.voice.receiver import VoiceReceiver
 
 API_KEY = "e2e-key"
@@ -443,3 +445,106 @@ def test_demo_takes_the_script_and_jyutping_choices_and_refuses_others() -> None
         None, None)  # the config defaults apply
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--script", "traditional"])
+
+
+# -- Discord's own DAVE (libdave) in the members, davey in the bot (issue 12, item 4) ------------
+
+
+def assert_privacy_codes_match(sim: Simulation) -> None:
+    """The bot's voice privacy code is the one every libdave member computes for the epoch:
+    ``generate_displayable_code(get_last_epoch_authenticator(), 30, 5)``."""
+    meeting_now = sim.meeting
+    assert meeting_now is not None
+    status = meeting_now.status()
+    assert status.e2ee and status.privacy_code
+    codes = {}
+    for uid, mv in sim.discord.voice.members.items():
+        assert isinstance(mv.dave, LibdaveMember), "members run libdave"
+        codes[uid] = mv.dave.privacy_code
+    assert codes and set(codes.values()) == {status.privacy_code.replace(" ", "")}, codes
+
+
+@pytest.mark.parametrize("mode", [AES, XCHACHA], ids=["aes-gcm", "xchacha"])
+@pytest.mark.parametrize("flow", ["group-exists", "bot-commits"])
+async def test_libdave_members_rekey_for_a_late_joiner_and_a_leaver_without_losing_words(
+    config: Config, flow: str, mode: str
+) -> None:
+    alice, bob = [(0.3, "開會"), (5.5, "預算")], [(0.8, "收到"), (6.0, "明白")]
+    carol, alice_after = [(0.5, "我嚟咗")], [(0.2, "再見")]
+    first_lines_end = max(start for start, _ in (alice[0], bob[0])) + utterance_duration("收到")
+    async with meeting(config, members=("alice", "bob", "carol"), modes=(mode,), dave=True,
+                       seed=11, member_dave="libdave") as sim:
+        group = sim.discord.voice.group
+        bot = sim.discord.bot_user_id
+        if flow == "group-exists":  # the members' group exists; the bot is welcomed into it
+            await sim.join(sim.host, "alice", "bob")
+            formed = len(group.history)
+            await sim.start()
+            assert group.history[formed - 1][0] != bot
+            assert OP_MLS_WELCOME in ops_to_bot(sim)
+        else:  # the bot arrives with the host alone, founds the group and commits every Add
+            await sim.start()
+            await sim.join("alice", "bob")
+            assert group.history and all(who == bot for who, _, _ in group.history)
+            assert ops_from_bot(sim).count(OP_MLS_COMMIT_WELCOME) == len(group.history)
+        assert_privacy_codes_match(sim)
+        epoch = group.epoch
+        assert epoch is not None
+
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        rekeyed_after = 0.0
+
+        async def carol_joins_late() -> None:
+            nonlocal rekeyed_after
+            await asyncio.sleep(first_lines_end + 0.3)  # between everyone's 1st and 2nd lines
+            await sim.join("carol")  # Add proposal, the bot's commit, welcome, new epoch
+            rekeyed_after = loop.time() - began
+            await sim.speak("carol", tone_pcm(carol))
+
+        await asyncio.gather(sim.speak("alice", tone_pcm(alice, duration=8.5)),
+                             sim.speak("bob", tone_pcm(bob, duration=9.0)), carol_joins_late())
+        assert group.epoch == epoch + 1 and group.history[-1][0] == bot
+        # The re-key fell between each speaker's two lines: words on both sides count below.
+        assert first_lines_end < rekeyed_after < alice[1][0], rekeyed_after
+        assert_privacy_codes_match(sim)
+
+        await sim.leave("bob")  # Remove proposal, the bot's commit, another epoch
+        assert group.epoch == epoch + 2 and sim.member_id("bob") not in group.members
+        assert_privacy_codes_match(sim)
+        await sim.speak("alice", tone_pcm(alice_after))
+        receiver_stats = dict(sim.meeting.receiver.stats) if sim.meeting is not None else {}
+        await sim.stop()
+
+        assert_transcript(sim, said(sim, "alice", alice) + said(sim, "bob", bob)
+                          + said(sim, "carol", carol) + said(sim, "alice", alice_after, nth=1))
+        # libdave encrypts even the Opus silence frames; none failed to decrypt in the bot.
+        assert receiver_stats.get("dave_failed", 0) == 0, receiver_stats
+        assert all(not m.dave.failures for m in sim.discord.voice.members.values()
+                   if isinstance(m.dave, LibdaveMember))
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+async def test_without_the_sim_extra_simulate_and_demo_name_it_in_one_line(
+    tmp_path: Path, command: str
+) -> None:
+    """An install without dave.py (no ``sim`` extra): one line saying what to install."""
+    blocker = tmp_path / "site" / "dave"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('dave.py is not installed')\n")
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, tone_pcm([(0.2, "你好")])[:, 0], SAMPLE_RATE)
+    args = ["demo"] if command == "demo" else [
+        "simulate", "--speaker", f"alice={wav}", "--stt-url", "http://127.0.0.1:9",
+        "--api-key", API_KEY]
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env.get("PYTHONPATH", "")])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    async with asyncio.timeout(CLI_TIMEOUT):
+        out, err = await proc.communicate()
+    lines = [line for line in err.decode().splitlines() if line.startswith("cantobot:")]
+    assert proc.returncode == 1 and out == b"", err.decode()
+    assert len(lines) == 1 and "pip install 'cantobot[sim]'" in lines[0], err.decode()
+    assert "Traceback" not in err.decode()

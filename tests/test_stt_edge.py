@@ -11,11 +11,13 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 
-from bot.audio.files import AudioClip
+from bot.audio.files import TrackSource, open_track
 from bot.config import Config, Secret, SttConfig
 from bot.errors import SttAuthError, SttSessionError
 from bot.replay import replay
@@ -269,13 +271,17 @@ TRACKS = {
 }
 
 
-def clip(lines: list[tuple[float, str]], duration: float = 60.0) -> AudioClip:
+def clip(folder: Path, name: str, lines: list[tuple[float, str]],
+         duration: float = 60.0) -> TrackSource:
     mono = (speech_track(lines, RATE, duration) * 16000).astype(np.int16)
-    return AudioClip(mono.reshape(-1, 1), RATE)
+    soundfile.write(folder / f"{name}.wav", mono, RATE)
+    return open_track(str(folder / f"{name}.wav"), name)
 
 
-async def test_a_15_s_session_limit_loses_and_doubles_nothing_and_silence_is_not_sent() -> None:
-    clips = [(name, clip(lines)) for name, lines in TRACKS.items()]
+async def test_a_15_s_session_limit_loses_and_doubles_nothing_and_silence_is_not_sent(
+    tmp_path: Path,
+) -> None:
+    clips = [clip(tmp_path, name, lines) for name, lines in TRACKS.items()]
     async with FakeSttServer(KEY) as server:
         server.session_limit_seconds = 15.0
         config = Config(stt=SttConfig(url=server.url, api_key=Secret(KEY), stop_timeout=5.0,
@@ -298,8 +304,8 @@ async def test_a_15_s_session_limit_loses_and_doubles_nothing_and_silence_is_not
     assert audio_bytes / 2 / RATE <= speech_s + 9 * (PRE_ROLL_S + 2.0) + 0.5
 
 
-async def test_a_replay_that_gives_up_says_whose_speech_and_how_long() -> None:
-    clips = [("alice", clip([(0.1, "預算OK")], duration=3.0))]
+async def test_a_replay_that_gives_up_says_whose_speech_and_how_long(tmp_path: Path) -> None:
+    clips = [clip(tmp_path, "alice", [(0.1, "預算OK")], duration=3.0)]
     async with FakeSttServer(KEY) as server:
         config = Config(stt=SttConfig(url=server.url, api_key=Secret(KEY), stop_timeout=0.5,
                                       reconnect_initial_delay=0.01, reconnect_max_delay=0.05))
@@ -341,3 +347,36 @@ async def test_a_permanent_error_stops_every_later_start_of_the_meeting() -> Non
     losses = {e.speaker: e.error.seconds for e in events.states()
               if isinstance(e.error, SttAudioLost)}
     assert set(losses) == {"alice", "bob"} and all(s > 1.0 for s in losses.values())
+
+
+def test_a_replay_amends_the_line_of_its_ref_not_the_first_with_the_same_text() -> None:
+    """A speaker says the same thing twice; only the second gets word times. Matching by
+    (speaker, text) gave the first line the second one's time (issue 13's LineRef amend)."""
+    from bot.replay import ReplayResult
+    from bot.stt.events import LineRef
+    from bot.transcript.model import Segment, Word
+
+    result = ReplayResult()
+    first, second = LineRef("alice", 1), LineRef("alice", 2)
+    result.add(first, Segment("alice", "好", 1.0, 1.5))
+    result.add(second, Segment("alice", "好", 9.0, 9.5))
+    result.amend(second, Segment("alice", "好", 9.1, 9.4, (Word("好", 9.1, 9.4),)))
+    assert [(s.start, bool(s.words)) for s in result.segments] == [(1.0, False), (9.1, True)]
+
+
+def test_word_times_are_bounded_by_the_audio_this_upstream_session_was_sent() -> None:
+    """Issue 12 item 5 through the session: the bound is the audio actually sent on this
+    upstream clock (skipped silence excluded) plus the protocol's margin."""
+    from bot.stt.protocol import WORD_TIME_MARGIN_S
+
+    c = gated(tail=0.5)
+    feed(c, quiet(30.0) + tone(1.0) + quiet(3.0))  # 30 s of silence never reach the upstream
+    send_all(c)
+    assert c.upstream_seconds() == pytest.approx(PRE_ROLL_S + 1.0 + 0.5, abs=0.03)
+    (line,), _ = c.receive(timed("遠", 0.2, 1e306))
+    bound = c.upstream_seconds() + WORD_TIME_MARGIN_S
+    assert line.segment.words[0].end == pytest.approx(  # clamped, then mapped to the stream
+        c._seconds(c.upstream_to_stream(bound)))
+    assert line.segment.end < 34.0
+    (late,), _ = c.receive(timed("後", 1e306, 1e306))  # after everything sent: dropped
+    assert late.segment.words == () and late.segment.end < 34.0

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from bot.errors import SttError
 from bot.stt.protocol import (
     MAX_TEXT_CHARS,
+    MAX_WORD_TIME_S,
+    WORD_TIME_MARGIN_S,
     CommittedTranscript,
     PartialTranscript,
     ProtocolError,
@@ -78,6 +80,38 @@ def test_timestamped_transcript_keeps_words_and_drops_spacing() -> None:
     assert parse_transcript_message(payload) == TimestampedTranscript(
         "hello world", (WordTiming("hello", 0.5, 0.9), WordTiming("world", 1.0, 1.4))
     )
+
+
+def _stamped(*words: tuple[str, float, float]) -> dict[str, object]:
+    return {
+        "message_type": "committed_transcript_with_timestamps",
+        "text": " ".join(w for w, _, _ in words),
+        "words": [{"text": w, "start": a, "end": b, "type": "word"} for w, a, b in words],
+    }
+
+
+def test_word_times_past_the_audio_sent_are_dropped_or_clamped() -> None:
+    """Issue 12 item 5: a finite but absurd time (1e306) never leaves the protocol edge."""
+    payload = _stamped(("ok", 1.0, 1.5), ("long", 2.0, 1e306), ("late", 1e306, 1e306))
+    bound = 10.0 + WORD_TIME_MARGIN_S
+    assert parse_transcript_message(payload, audio_seconds=10.0) == TimestampedTranscript(
+        "ok long late", (WordTiming("ok", 1.0, 1.5), WordTiming("long", 2.0, bound))
+    )
+    # A caller that cannot say how much audio it sent still gets the day-long hard bound.
+    event = parse_transcript_message(payload)
+    assert isinstance(event, TimestampedTranscript)
+    assert [w.text for w in event.words] == ["ok", "long"]
+    assert event.words[1].end == MAX_WORD_TIME_S
+
+
+@given(st.floats(0, 1e308), st.floats(0, 1e308), st.none() | st.floats(0, 1e6))
+def test_no_parsed_word_time_exceeds_the_bound(a: float, b: float, sent: float | None) -> None:
+    start, end = min(a, b), max(a, b)
+    event = parse_transcript_message(_stamped(("w", start, end)), audio_seconds=sent)
+    assert isinstance(event, TimestampedTranscript)
+    bound = MAX_WORD_TIME_S if sent is None else min(MAX_WORD_TIME_S, sent + WORD_TIME_MARGIN_S)
+    assert all(0 <= w.start <= w.end <= bound for w in event.words)
+    assert len(event.words) == (1 if start <= bound else 0)
 
 
 def test_unknown_message_types_are_ignored_not_errors() -> None:

@@ -418,9 +418,18 @@ async def test_old_meetings_are_purged_earlier_minutes_reposted_and_an_empty_cal
             await storage.close()
 
         async with h.running(config) as bot:
-            await h.wait_for(lambda: bool(h.bot), "the bot")
-            kept = [m.id for m in await bot.storage.meetings(h.discord.guild_id)]
-            assert kept == [recent], "the 40-day-old meeting is deleted at start"
+            # The purge runs at start, concurrently with login: wait for it (bounded), as
+            # "h.bot is set" was true from the first moment and synchronised nothing.
+            await h.wait_for(bot.is_ready, "the bot to log in")
+            kept: list[int] = []
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    # noqa below: storage offers no event for "the purge ran"
+                    while (kept := [m.id for m in await bot.storage.meetings(  # noqa: ASYNC110
+                            h.discord.guild_id)]) != [recent]:
+                        await asyncio.sleep(0.02)
+            except TimeoutError:
+                raise AssertionError(f"the 40-day-old meeting is kept at start: {kept}") from None
 
             gone = await h.invoke("transcribe minutes", {"session": old})
             assert h.answer(gone) == f"No meeting #{old} in this server that you can read."

@@ -63,6 +63,7 @@ import hashlib
 import json
 import logging
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -74,6 +75,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bot.errors import VoiceError
+
+try:  # Discord's libdave (the dave.py binding): only simulated members use it ("sim" extra)
+    import dave as libdave
+except ImportError:  # pragma: no cover - depends on the install
+    libdave = None  # type: ignore[assignment]
 
 _log = logging.getLogger(__name__)
 
@@ -362,8 +368,68 @@ def proposal_ref(proposal_message: bytes) -> bytes:
 # --- call members simulated in process ---------------------------------------------------
 
 
-class SimulatedMember:
-    """Another person in the call, behaving like a real DAVE client (its own davey session)."""
+class DaveMember(ABC):
+    """Another person in the call, behaving like a real DAVE client in this process.
+
+    :class:`DaveGroup` talks to members only through these methods, so any DAVE implementation
+    can stand in: :class:`SimulatedMember` (davey, the bot's library) or :class:`LibdaveMember`
+    (libdave, what Discord's own clients run).
+    """
+
+    #: Which library this member's DAVE runs on (``--member-dave``).
+    kind: str
+    user_id: int
+    channel_id: int
+    #: The call's protocol version as this client knows it (0 after a downgrade).
+    protocol_version: int
+
+    @abstractmethod
+    def key_package(self, external_sender: bytes) -> bytes:
+        """Take op 25 (the external sender) and answer with a key package (op 26)."""
+
+    @abstractmethod
+    def on_proposals(
+        self, body: bytes, recognized: set[int]
+    ) -> tuple[bytes, bytes | None] | None:
+        """Op 27 ``body`` (operation-type byte first): our (commit, welcome), or None.
+        ``recognized``: the user ids in the call (a real client checks Adds against them)."""
+
+    @abstractmethod
+    def on_commit(self, commit: bytes) -> None:
+        """Op 29: apply the winning commit (ours included)."""
+
+    @abstractmethod
+    def on_welcome(self, welcome: bytes, recognized: set[int], epoch: int | None) -> None:
+        """Op 30: join the group at ``epoch`` (as Discord saw the commit)."""
+
+    @abstractmethod
+    def reinit(self, protocol_version: int) -> None:
+        """Op 24: start over with a new group (after DAVE was switched back on)."""
+
+    def execute_transition(self) -> None:  # noqa: B027 - davey switches keys by itself
+        """Op 22: the transition every client is ready for happens now (send with new keys)."""
+
+    @property
+    @abstractmethod
+    def epoch(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def privacy_code(self) -> str | None:
+        """The voice privacy code this client would show for the current epoch."""
+
+    @abstractmethod
+    def encrypt_opus(self, frame: bytes) -> bytes:
+        """What this member puts in its RTP payload: DAVE-encrypted once ready, else plain."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(user_id={self.user_id}, epoch={self.epoch})"
+
+
+class SimulatedMember(DaveMember):
+    """A call member on davey (the library the bot uses), its own ``DaveSession``."""
+
+    kind = "davey"
 
     def __init__(self, user_id: int, channel_id: int) -> None:
         self.user_id = user_id
@@ -372,14 +438,184 @@ class SimulatedMember:
         #: The call's protocol version as this client knows it (0 after a downgrade).
         self.protocol_version = DAVE_PROTOCOL_VERSION
 
+    def key_package(self, external_sender: bytes) -> bytes:
+        self.session.set_external_sender(external_sender)
+        return bytes(self.session.get_serialized_key_package())
+
+    def on_proposals(
+        self, body: bytes, recognized: set[int]
+    ) -> tuple[bytes, bytes | None] | None:
+        optype = (davey.ProposalsOperationType.append if body[0] == PROPOSALS_APPEND
+                  else davey.ProposalsOperationType.revoke)
+        result = self.session.process_proposals(optype, body[1:])
+        if result is None:
+            return None
+        return bytes(result.commit), None if result.welcome is None else bytes(result.welcome)
+
+    def on_commit(self, commit: bytes) -> None:
+        self.session.process_commit(commit)
+
+    def on_welcome(self, welcome: bytes, recognized: set[int], epoch: int | None) -> None:
+        self.session.process_welcome(welcome)
+
+    def reinit(self, protocol_version: int) -> None:
+        self.session.reinit(protocol_version, self.user_id, self.channel_id)
+
+    @property
+    def epoch(self) -> int | None:
+        return int(self.session.epoch) if self.session.epoch is not None else None
+
+    @property
+    def privacy_code(self) -> str | None:
+        return str(self.session.voice_privacy_code) if self.session.ready else None
+
     def encrypt_opus(self, frame: bytes) -> bytes:
-        """What this member puts in its RTP payload: DAVE-encrypted once ready, else plaintext."""
         if self.protocol_version == 0 or not self.session.ready:
             return frame  # as discord.py's send side does without ``can_encrypt``
-        return self.session.encrypt_opus(frame)
+        return bytes(self.session.encrypt_opus(frame))
 
-    def __repr__(self) -> str:
-        return f"SimulatedMember(user_id={self.user_id}, epoch={self.session.epoch})"
+
+#: ``--member-dave`` values: the DAVE library simulated members run.
+MEMBER_DAVE_KINDS = ("libdave", "davey")
+#: What to install for libdave members (the ``dave.py`` binding lives in the ``sim`` extra).
+LIBDAVE_MISSING = (
+    "libdave members need the dave.py package: pip install 'cantobot[sim]' "
+    "(or pass --member-dave davey)"
+)
+
+
+def libdave_available() -> bool:
+    """True when Discord's libdave binding (``dave.py``, import ``dave``) is installed."""
+    return libdave is not None
+
+
+class LibdaveMember(DaveMember):
+    """A call member running Discord's own libdave (C++, via the ``dave.py`` binding), as the
+    official clients do, so the bot's davey session is tested against the real thing.
+
+    libdave's API differs from davey's in ways this adapter absorbs: ``process_proposals``
+    takes the op 27 body *with* its operation-type byte and returns ``commit || welcome``
+    (the op 28 payload); ``process_commit`` answers only roster changes (or a RejectType);
+    media goes through a separate :class:`dave.Encryptor` fed the session's key ratchet after
+    every epoch change. Unlike davey, libdave encrypts the Opus silence frame too.
+    """
+
+    kind = "libdave"
+    #: The Encryptor picks the codec by SSRC; one stream per member, so one fixed value.
+    _SSRC = 1
+
+    def __init__(self, user_id: int, channel_id: int) -> None:
+        if libdave is None:
+            raise DaveGroupError(LIBDAVE_MISSING)
+        self.user_id = user_id
+        self.channel_id = channel_id
+        self.protocol_version = DAVE_PROTOCOL_VERSION
+        #: libdave's MLS failure reports, (source, reason), oldest first.
+        self.failures: list[tuple[str, str]] = []
+        self._epoch: int | None = None
+        self._new_session(DAVE_PROTOCOL_VERSION)
+
+    def _new_session(self, protocol_version: int) -> None:
+        assert libdave is not None
+        self.session = libdave.Session(self._on_failure)
+        self.session.init(protocol_version, self.channel_id, str(self.user_id))
+        self.encryptor = libdave.Encryptor()
+        self.encryptor.assign_ssrc_to_codec(self._SSRC, libdave.Codec.opus)
+        self._staged: libdave.IKeyRatchet | None = None
+        self._epoch = None
+
+    def _on_failure(self, source: str, reason: str) -> None:
+        _log.warning("libdave member %d: MLS failure in %s: %s", self.user_id, source, reason)
+        self.failures.append((source, reason))
+
+    def _recognized(self, user_ids: set[int]) -> set[str]:
+        return {str(u) for u in user_ids | {self.user_id}}
+
+    def key_package(self, external_sender: bytes) -> bytes:
+        self.session.set_external_sender(external_sender)
+        kp = self.session.get_marshalled_key_package()
+        if kp is None:
+            raise DaveGroupError(f"libdave member {self.user_id} made no key package")
+        return bytes(kp)
+
+    def on_proposals(
+        self, body: bytes, recognized: set[int]
+    ) -> tuple[bytes, bytes | None] | None:
+        out = self.session.process_proposals(body, self._recognized(recognized))
+        if not out:
+            return None
+        return split_commit_welcome(bytes(out))
+
+    def _rekey(self, epoch: int | None) -> None:
+        """Stage the new epoch's key: like Discord's clients, the encryptor switches to it
+        only when the transition executes (op 22), when every receiver holds it too."""
+        ratchet = self.session.get_key_ratchet(str(self.user_id))
+        if ratchet is None:
+            raise DaveGroupError(f"libdave member {self.user_id} has no key after the commit")
+        self._staged = ratchet
+        self._epoch = epoch
+
+    def execute_transition(self) -> None:
+        if self._staged is not None:
+            self.encryptor.set_key_ratchet(self._staged)
+            self.encryptor.set_passthrough_mode(False)
+            self._staged = None
+
+    def on_commit(self, commit: bytes) -> None:
+        result = self.session.process_commit(commit)
+        if not isinstance(result, dict):
+            raise DaveGroupError(
+                f"libdave member {self.user_id} rejected a commit ({result.name}): "
+                f"{self.failures[-1] if self.failures else 'no reason given'}"
+            )
+        self._rekey(commit_info(commit).epoch + 1)
+
+    def on_welcome(self, welcome: bytes, recognized: set[int], epoch: int | None) -> None:
+        roster = self.session.process_welcome(welcome, self._recognized(recognized))
+        if roster is None:
+            raise DaveGroupError(
+                f"libdave member {self.user_id} rejected a welcome: "
+                f"{self.failures[-1] if self.failures else 'no reason given'}"
+            )
+        self._rekey(epoch)
+
+    def reinit(self, protocol_version: int) -> None:
+        self._new_session(protocol_version)
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    @property
+    def ready(self) -> bool:
+        return self.session.has_established_group() and self.encryptor.has_key_ratchet()
+
+    @property
+    def privacy_code(self) -> str | None:
+        """``generate_displayable_code(last epoch authenticator, 30, 5)``, as clients show."""
+        assert libdave is not None
+        auth = self.session.get_last_epoch_authenticator()
+        if not auth or not self.ready:
+            return None
+        return libdave.generate_displayable_code(auth, 30, 5)
+
+    def encrypt_opus(self, frame: bytes) -> bytes:
+        assert libdave is not None
+        if self.protocol_version == 0 or not self.ready:
+            return frame
+        out = self.encryptor.encrypt(libdave.MediaType.audio, self._SSRC, frame)
+        if out is None:
+            raise DaveGroupError(f"libdave member {self.user_id} could not encrypt a frame")
+        return bytes(out)
+
+
+def make_member(kind: str, user_id: int, channel_id: int) -> DaveMember:
+    """A simulated member whose DAVE runs on ``kind`` (one of :data:`MEMBER_DAVE_KINDS`)."""
+    if kind == "libdave":
+        return LibdaveMember(user_id, channel_id)
+    if kind == "davey":
+        return SimulatedMember(user_id, channel_id)
+    raise ValueError(f"member DAVE must be one of {', '.join(MEMBER_DAVE_KINDS)}, not {kind!r}")
 
 
 # --- Discord's bookkeeping for one call ------------------------------------------------------
@@ -388,7 +624,7 @@ class SimulatedMember:
 @dataclass
 class _Participant:
     user_id: int
-    member: SimulatedMember | None  # None: a wire client (the bot)
+    member: DaveMember | None  # None: a wire client (the bot)
     key_package: bytes | None = None
     in_group: bool = False
 
@@ -478,7 +714,7 @@ class DaveGroup:
             return []
         return [(user_id, _binary(Op.MLS_EXTERNAL_SENDER, self.sender.package()))]
 
-    def add_member(self, member: SimulatedMember) -> list[Delivery]:
+    def add_member(self, member: DaveMember) -> list[Delivery]:
         """A simulated member joins: it takes op 25 and sends its key package, in process."""
         if member.user_id in self._participants:
             raise DaveGroupError(f"user {member.user_id} joined twice")
@@ -488,8 +724,7 @@ class DaveGroup:
         member.protocol_version = self.protocol_version
         if self.protocol_version == 0:
             return []
-        member.session.set_external_sender(self.sender.package())
-        return self.on_key_package(member.user_id, member.session.get_serialized_key_package())
+        return self.on_key_package(member.user_id, member.key_package(self.sender.package()))
 
     def on_key_package(self, user_id: int, key_package: bytes) -> list[Delivery]:
         """Op 26: queue an Add for this client (a fresh key package replaces an older one)."""
@@ -568,10 +803,8 @@ class DaveGroup:
                 out.append((uid, dict(prepare)))
                 out.append((uid, _binary(Op.MLS_EXTERNAL_SENDER, self.sender.package())))
                 continue
-            session = p.member.session
-            session.reinit(DAVE_PROTOCOL_VERSION, uid, self.channel_id)
-            session.set_external_sender(self.sender.package())
-            p.key_package = session.get_serialized_key_package()
+            p.member.reinit(DAVE_PROTOCOL_VERSION)
+            p.key_package = p.member.key_package(self.sender.package())
         return out + self._pump()
 
     # -- the machinery --
@@ -642,11 +875,9 @@ class DaveGroup:
             if p.member is None:
                 out.append((uid, frame))
                 continue
-            result = p.member.session.process_proposals(
-                davey.ProposalsOperationType.append, frame[2:]
-            )
+            result = p.member.on_proposals(frame[1:], set(self._participants))
             if result is not None:
-                rnd.fallbacks[uid] = (result.commit, result.welcome)
+                rnd.fallbacks[uid] = result
         if not any(self._is_wire(u) for u in rnd.recipients):
             if not rnd.fallbacks:
                 raise DaveGroupError("no member committed the proposals")  # a davey surprise
@@ -746,11 +977,10 @@ class DaveGroup:
             t.waiting.add(uid)
             t.notified.append(uid)
             return [(uid, _binary(op, payload))]
-        session = p.member.session
         if op == Op.MLS_WELCOME:
-            session.process_welcome(payload[2:])
+            p.member.on_welcome(payload[2:], set(self._participants), self.epoch)
         else:
-            session.process_commit(payload[2:])
+            p.member.on_commit(payload[2:])
         return []
 
     def _prepare_transition(self, protocol_version: int) -> list[Delivery]:
@@ -779,6 +1009,9 @@ class DaveGroup:
         del self._transitions[tid]
         if t.protocol_version != self.protocol_version:
             self._set_protocol_version(t.protocol_version)
+        for p in self._participants.values():
+            if p.member is not None and p.in_group:
+                p.member.execute_transition()
         msg = {"op": int(Op.DAVE_EXECUTE_TRANSITION), "d": {"transition_id": tid}}
         return [(u, dict(msg)) for u in t.notified if u in self._participants]
 

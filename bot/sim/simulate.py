@@ -42,6 +42,7 @@ from bot.audio.files import AudioClip, read_audio
 from bot.config import Config, load_config, with_overrides
 from bot.errors import CantobotError
 from bot.meeting import Meeting, MeetingState
+from bot.sim.dave_group import LIBDAVE_MISSING, MEMBER_DAVE_KINDS, libdave_available
 from bot.sim.discord.server import LocalDiscord
 from bot.sim.discord.state import PostedMessage
 from bot.sim.stt_server import FakeSttServer
@@ -206,12 +207,17 @@ class Simulation:
         speaking_late: bool = False,
         on_message: Callable[[PostedMessage], None] | None = None,
         storage_path: str | None = None,
+        member_dave: str = "libdave",
     ) -> None:
         names = tuple(members)
         if len(set(names)) != len(names):
             raise SimulationError("speaker names must be unique")
         if not 0.0 <= loss < 100.0:
             raise SimulationError("--loss must be a percentage from 0 up to (not including) 100")
+        if member_dave not in MEMBER_DAVE_KINDS:
+            raise SimulationError(f"--member-dave must be one of {', '.join(MEMBER_DAVE_KINDS)}")
+        if dave and member_dave == "libdave" and not libdave_available():
+            raise SimulationError(LIBDAVE_MISSING)
         if host in names:
             host = f"{host}-1"
         self.config = config
@@ -224,6 +230,8 @@ class Simulation:
         self.speaking_late = speaking_late
         self.on_message = on_message
         self.storage_path = storage_path
+        #: The DAVE library the simulated members run ("libdave": Discord's own).
+        self.member_dave = member_dave
         #: Every ``speak`` so far, in the order they began.
         self.spoken: list[Spoken] = []
         #: When the current (or last) meeting started, as the bot recorded it.
@@ -251,6 +259,7 @@ class Simulation:
                     speaking_late=self.speaking_late,
                     on_message=self._record,
                     rng=rng,
+                    member_dave=self.member_dave,
                     **kwargs,
                 )
             )
@@ -462,14 +471,22 @@ async def simulate(
     seed: int | None = None,
     on_message: Callable[[PostedMessage], None] | None = None,
     storage_path: str | None = None,
+    member_dave: str = "libdave",
+    late: Mapping[str, float] | None = None,
 ) -> list[PostedMessage]:
     """Run one meeting end to end; returns every message the bot posted or edited.
 
     Every member is in the call before the bot joins (so with DAVE they already share a group
-    and the bot is welcomed into it); they speak concurrently; ``loss`` is a percentage.
+    and the bot is welcomed into it), except the ``late`` ones: each joins that many seconds
+    after the others start speaking (with DAVE: an Add, a commit, a welcome and a new epoch
+    while the others talk), then speaks. ``loss`` is a percentage.
     """
     if not speakers:
         raise SimulationError("nothing to simulate: give --speaker NAME=FILE")
+    late = dict(late or {})
+    unknown = set(late) - {s.name for s in speakers}
+    if unknown:
+        raise SimulationError(f"--join-late names no --speaker: {', '.join(sorted(unknown))}")
     async with Simulation(
         config,
         members=[s.name for s in speakers],
@@ -479,11 +496,22 @@ async def simulate(
         seed=seed,
         on_message=on_message,
         storage_path=storage_path,
+        member_dave=member_dave,
     ) as sim:
-        await sim.join(sim.host, *sim.names)
+        await sim.join(sim.host, *(n for n in sim.names if n not in late))
         await sim.start(threads=threads, captions=captions)
-        log.info("simulation: %d member(s) speaking", len(speakers))
-        await sim.speak_together({s.name: s.pcm for s in speakers})
+        log.info("simulation: %d member(s) speaking", len(speakers) - len(late))
+
+        async def turn(s: SimSpeaker) -> None:
+            if s.name in late:
+                await asyncio.sleep(late[s.name])
+                epoch = sim.discord.voice.group.epoch
+                await sim.join(s.name)
+                log.info("simulation: %s joined late (DAVE epoch %s -> %s)", s.name, epoch,
+                         sim.discord.voice.group.epoch)
+            await sim.speak(s.name, s.pcm)
+
+        await asyncio.gather(*(turn(s) for s in speakers))
         await sim.stop()
         return sim.messages
 
@@ -510,6 +538,8 @@ async def run_simulate(args: argparse.Namespace, config: Config) -> int:
         dave=args.dave,
         loss=args.loss,
         on_message=show,
+        member_dave=args.member_dave,
+        late=dict(args.join_late),
     )
     return 0
 

@@ -60,6 +60,8 @@ class SidRecord:
     session_stops: int = 0
     committed: list[str] = field(default_factory=list)
     partials: list[str] = field(default_factory=list)
+    #: Sentences heard to their end marker (before their commit pause), in order.
+    heard: list[str] = field(default_factory=list)
     disconnected: bool = False
     #: ``time.monotonic()`` at each audio chunk's arrival (same clock as the test's).
     chunk_times: list[float] = field(default_factory=list)
@@ -73,6 +75,7 @@ class _Live:
     rate: int = 0
     chunks_in_session: int = 0
     samples_in_session: int = 0
+    pending_seen: int = -1  # commits so far when the current pending sentence was first seen
 
 
 class FakeSttServer:
@@ -111,6 +114,9 @@ class FakeSttServer:
         #: stop-session, like a recogniser that is slow to finalise.
         self.hold_commits = False
         self._held: list[tuple[str, Utterance]] = []
+        # Decode tone codes only in the first this-many seconds of each session's audio (None:
+        # all of it); later audio is counted, not decoded, so hours of it pass quickly.
+        self.decode_seconds: float | None = None
         self._runner: web.AppRunner | None = None
         self._sio: socketio.AsyncServer | None = None
         self._live: dict[str, _Live] = {}
@@ -172,6 +178,11 @@ class FakeSttServer:
     def committed_texts(self) -> list[str]:
         """Every committed sentence, all connections, in connection order."""
         return [text for record in self.records.values() for text in record.committed]
+
+    @property
+    def heard_texts(self) -> list[str]:
+        """Every sentence heard to its end, committed yet or not, across connections."""
+        return [text for r in self.records.values() for text in r.heard]
 
     @property
     def total_audio_bytes(self) -> int:
@@ -287,8 +298,14 @@ class FakeSttServer:
         record.chunk_rates.add(rate)
         live.chunks_in_session += 1
         live.samples_in_session += len(pcm) // 2
-        for event in live.decoder.feed(np.frombuffer(pcm, dtype="<i2")):
-            await self._emit_decoded(sio, sid, event)
+        if self.decode_seconds is None or live.samples_in_session <= self.decode_seconds * rate:
+            for event in live.decoder.feed(np.frombuffer(pcm, dtype="<i2")):
+                await self._emit_decoded(sio, sid, event)
+            pending = live.decoder.pending if live.decoder is not None else None
+            # A new pending sentence: none was pending, or the one that was has been committed.
+            if pending is not None and live.pending_seen != len(record.committed):
+                record.heard.append(pending)
+            live.pending_seen = len(record.committed) if pending is not None else -1
         await self._maybe_fault(sio, sid, live)
 
     async def _upstream_error(self, sio: socketio.AsyncServer, sid: str, live: _Live,

@@ -314,6 +314,11 @@ class ToneDecoder:
         return (self._buf_start + len(self._buf)) / self.sample_rate
 
     @property
+    def pending(self) -> str | None:
+        """Text of an utterance heard to its end marker, waiting for its commit pause."""
+        return self._pending.text if self._pending is not None else None
+
+    @property
     def receiving(self) -> bool:
         """True while an utterance is being heard or waits for its commit."""
         return self._state is _State.RECEIVING or self._pending is not None

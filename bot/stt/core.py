@@ -510,7 +510,9 @@ class SttCore:
         A malformed message is counted, logged and ignored.
         """
         try:
-            event = p.parse_transcript_message(payload)
+            # Word times are bounded by the audio this upstream session was actually sent
+            # (skipped silence is not on its clock), plus the protocol's margin.
+            event = p.parse_transcript_message(payload, audio_seconds=self.upstream_seconds())
         except p.ProtocolError as exc:
             self.stats.protocol_errors += 1
             log.warning("stt[%s] ignored a malformed transcript message: %s", self.speaker, exc)

@@ -16,6 +16,10 @@ Error policy for what the server sends (it is outside our control):
 * a known type with missing/mistyped fields, non-finite or negative times, or text longer than
   :data:`MAX_TEXT_CHARS` -> :class:`ProtocolError`, which the session counts and logs (one bad
   message must not end a meeting's transcript, but it must not go unnoticed either);
+* finite word times past the audio actually sent cannot be true: a word that starts after the
+  bound (``audio_seconds`` + :data:`WORD_TIME_MARGIN_S`, or :data:`MAX_WORD_TIME_S` when the
+  caller does not know) is dropped, and an end past it is clamped to it, so no absurd time
+  (``1e306``) reaches storage, SRT/WebVTT rendering or a sample-position computation;
 * ``session-closed`` / ``session-error`` payloads never raise: they already announce a failure,
   so a mangled one still yields a usable code / message.
 """
@@ -34,6 +38,7 @@ __all__ = [
     "AUDIO_CHUNK",
     "CLOSE_NORMAL",
     "MAX_TEXT_CHARS",
+    "MAX_WORD_TIME_S",
     "SESSION_CLOSED",
     "SESSION_ERROR",
     "SESSION_STARTED",
@@ -52,14 +57,17 @@ __all__ = [
     "TimestampedTranscript",
     "TranscriptEvent",
     "TranscriptMessagePayload",
+    "WORD_TIME_MARGIN_S",
     "WordPayload",
     "WordTiming",
     "audio_chunk",
+    "audio_chunk_event_json",
     "decode_audio_chunk",
     "parse_session_closed",
     "parse_session_error",
     "parse_transcript_message",
     "start_session",
+    "word_time_bound",
 ]
 
 #: Socket.IO path and auth header, from the API reference's "Connection" table.
@@ -86,6 +94,12 @@ MAX_TEXT_CHARS: Final = 10_000
 MAX_WORDS: Final = 10_000
 #: Error / close-reason strings are cut to this for logs and user messages.
 MAX_REASON_CHARS: Final = 500
+#: Word times may run this far past the audio the session sent (upstream rounding, a word
+#: that ends in the last chunk) before they are clamped.
+WORD_TIME_MARGIN_S: Final = 2.0
+#: No STT session runs a day; a word time beyond this is dropped even when the caller cannot
+#: say how much audio it sent.
+MAX_WORD_TIME_S: Final = 86_400.0
 
 MessageType = Literal[
     "session_started",
@@ -193,6 +207,21 @@ def audio_chunk(pcm: bytes, rate: int) -> AudioChunkPayload:
     return {"audio_base_64": base64.b64encode(pcm).decode("ascii"), "sample_rate": rate}
 
 
+def audio_chunk_event_json(pcm: bytes, rate: int) -> str:
+    """``json.dumps([AUDIO_CHUNK, audio_chunk(pcm, rate)])`` without the JSON encoder.
+
+    The Socket.IO event as JSON text (prefix ``"42"`` for an Engine.IO message of the default
+    namespace): a send path writing frames itself skips python-socketio's ``json.dumps`` of a
+    ~4 KB string per chunk. Plain concatenation is exact because base64's alphabet and the
+    event name need no JSON escaping.
+    """
+    _check_rate(rate)
+    if len(pcm) % 2:
+        raise ValueError(f"16-bit PCM must have an even byte count, got {len(pcm)}")
+    return ('["' + AUDIO_CHUNK + '",{"audio_base_64":"' + base64.b64encode(pcm).decode("ascii")
+            + '","sample_rate":' + str(rate) + "}]")
+
+
 def decode_audio_chunk(payload: object) -> tuple[bytes, int]:
     """Server side of :func:`audio_chunk`: (pcm, rate); :class:`ProtocolError` if malformed."""
     if not isinstance(payload, dict):
@@ -232,7 +261,14 @@ def _time(value: object, what: str) -> float:
     return t
 
 
-def _words(raw: object) -> tuple[WordTiming, ...]:
+def word_time_bound(audio_seconds: float | None) -> float:
+    """Latest plausible word time in a session that has been sent ``audio_seconds`` of audio."""
+    if audio_seconds is None or not math.isfinite(audio_seconds):
+        return MAX_WORD_TIME_S
+    return min(MAX_WORD_TIME_S, max(0.0, audio_seconds) + WORD_TIME_MARGIN_S)
+
+
+def _words(raw: object, bound: float) -> tuple[WordTiming, ...]:
     if not isinstance(raw, list):
         raise ProtocolError("timestamped transcript without a 'words' list")
     if len(raw) > MAX_WORDS:
@@ -250,14 +286,20 @@ def _words(raw: object) -> tuple[WordTiming, ...]:
         start, end = _time(item.get("start"), "start"), _time(item.get("end"), "end")
         if end < start:
             raise ProtocolError(f"word {text!r} ends ({end}) before it starts ({start})")
-        words.append(WordTiming(text, start, end))
+        if start > bound:
+            continue  # said after the audio we sent: not a time of ours, drop the word
+        words.append(WordTiming(text, start, min(end, bound)))
     return tuple(words)
 
 
-def parse_transcript_message(payload: object) -> TranscriptEvent | None:
+def parse_transcript_message(
+    payload: object, *, audio_seconds: float | None = None
+) -> TranscriptEvent | None:
     """A ``transcript-message`` payload as an event; ``None`` for an unknown message type.
 
-    Raises :class:`ProtocolError` for a malformed message of a known type (see module doc).
+    ``audio_seconds``: how much audio this STT session has been sent; word times are bounded
+    by it (see module doc). Raises :class:`ProtocolError` for a malformed message of a known
+    type (see module doc).
     """
     if not isinstance(payload, dict):
         raise ProtocolError(f"transcript-message is not an object: {type(payload).__name__}")
@@ -273,7 +315,8 @@ def parse_transcript_message(payload: object) -> TranscriptEvent | None:
         return CommittedTranscript(_text(payload, "committed_transcript"))
     if kind == "committed_transcript_with_timestamps":
         text = _text(payload, "committed_transcript_with_timestamps")
-        return TimestampedTranscript(text, _words(payload.get("words")))
+        words = _words(payload.get("words"), word_time_bound(audio_seconds))
+        return TimestampedTranscript(text, words)
     if not isinstance(kind, str):
         raise ProtocolError("transcript-message without a string 'message_type'")
     return None

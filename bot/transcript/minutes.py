@@ -55,9 +55,20 @@ def _cue_text(text: str) -> str:
     return line
 
 
+#: Latest time a subtitle cue shows (999 999 h). Storage holds any finite time >= 0 and
+#: rendering minutes must never raise (``round(1e306 * 1000)`` overflows); no real meeting
+#: comes near this, and WebVTT readers take at most 10 hour digits.
+MAX_RENDER_SECONDS = 999_999 * 3600.0
+
+
+def _renderable(seconds: float) -> float:
+    """``seconds`` within [0, MAX_RENDER_SECONDS] (NaN -> 0): what every writer prints."""
+    return min(max(seconds, 0.0), MAX_RENDER_SECONDS) if seconds == seconds else 0.0
+
+
 def _clock(seconds: float, sep: str) -> str:
     """``HH:MM:SS<sep>mmm`` as used by SRT (``,``) and WebVTT (``.``)."""
-    ms = round(seconds * 1000)
+    ms = round(_renderable(seconds) * 1000)
     hours, ms = divmod(ms, 3_600_000)
     minutes, ms = divmod(ms, 60_000)
     secs, ms = divmod(ms, 1000)
@@ -96,14 +107,14 @@ def to_markdown(m: Minutes, readability: Readability = PLAIN) -> str:
     stamp: Callable[[float], str] = _hms if long_meeting else format_timestamp
     lines = [f"# {_markdown_text(m.title) or 'Meeting'}", ""]
     lines.append(f"- **Date:** {_date(m.started_at)}")
-    lines.append(f"- **Duration:** {format_timestamp(m.duration)}")
+    lines.append(f"- **Duration:** {format_timestamp(_renderable(m.duration))}")
     names = ", ".join(_markdown_text(p) for p in m.participants) or "nobody spoke"
     lines.append(f"- **Participants:** {names}")
     lines.append("")
     for s in m.segments:
         reading = read_line(_one_line(s.text), readability)
         speaker, text = _markdown_text(s.speaker), _markdown_text(reading.text)
-        lines.append(f"**[{stamp(s.start)}] {speaker}:** {text}")
+        lines.append(f"**[{stamp(_renderable(s.start))}] {speaker}:** {text}")
         if reading.jyutping:
             lines[-1] += "\\"  # CommonMark hard line break
             lines.append(f"*{_markdown_text(reading.jyutping)}*")
@@ -280,11 +291,12 @@ def talk_time_lines(m: Minutes) -> list[str]:
     order = sorted(lines_by, key=lambda name: -talk_by[name])  # stable: ties keep first speech
     out = []
     for name in order:
-        share = talk_by[name] / total if total > 0 else 0.0
+        share = talk_by[name] / total if 0 < total < math.inf else 0.0
         n = lines_by[name]
         out.append(
             f"`{talk_bar(share)}` {round(share * 100):d}% {escape(_one_line(name))}:"
-            f" {n} line{'s' if n != 1 else ''}, {format_timestamp(talk_by[name])} talking"
+            f" {n} line{'s' if n != 1 else ''},"
+            f" {format_timestamp(_renderable(talk_by[name]))} talking"
         )
     return out
 
@@ -307,9 +319,10 @@ def summary_text(m: Minutes) -> str:
     """
     lines_by = m.lines_per_speaker
     count = len(lines_by)
+    length = format_timestamp(_renderable(m.duration))
     head = [
         f"**Minutes: {escape(_one_line(m.title)) or 'Meeting'}**",
-        f"{format_timestamp(m.duration)} · {count} participant{'s' if count != 1 else ''}"
+        f"{length} · {count} participant{'s' if count != 1 else ''}"
         f" · {sum(lines_by.values())} lines",
     ]
     body = talk_time_lines(m)[:SUMMARY_MAX_SPEAKERS]

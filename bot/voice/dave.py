@@ -15,7 +15,8 @@ Decision per frame (mirroring discord.py's send side, whose ``can_encrypt`` is
 ``protocol_version != 0 and session is not None and session.ready``):
 
 - protocol version 0, or no session: the frame is plain Opus; returned as is;
-- the Opus silence frame ``F8 FF FE``: never encrypted by senders; returned as is;
+- the plain Opus silence frame ``F8 FF FE`` (davey senders leave it so; libdave, which Discord's
+  clients run, encrypts it like any frame, and that one is decrypted below): returned as is;
 - session not ready (no group yet): counted as ``NotReady``, dropped;
 - otherwise ``session.decrypt``: davey itself passes plaintext through while passthrough is on
   (set by discord.py around transitions: op 21 to version 0, upgrades, resets) and raises
@@ -34,8 +35,8 @@ import davey
 
 _log = logging.getLogger(__name__)
 
-#: The 3-byte Opus frame senders emit for silence; DAVE leaves it unencrypted
-#: (daveprotocol.com, "Opus silence packets"; davey's ``encrypt_opus`` passes it unchanged).
+#: The 3-byte Opus frame senders emit for silence; davey's ``encrypt_opus`` passes it unchanged,
+#: libdave (Discord's clients) encrypts it (tests/test_simulate.py runs libdave members).
 OPUS_SILENCE_FRAME = b"\xf8\xff\xfe"
 #: Every DAVE-encrypted frame ends with this 2-byte magic marker (daveprotocol.com, frame format).
 DAVE_MAGIC_MARKER = b"\xfa\xfa"

@@ -70,6 +70,7 @@ class LocalDiscord:
         user_ids: dict[str, int] | None = None,
         recommended_shards: int = 1,
         snowflakes: SnowflakeFactory | None = None,
+        member_dave: str = "libdave",
     ) -> None:
         self.token = token or f"local.{secrets.token_urlsafe(24)}"
         self.world = World(
@@ -87,7 +88,8 @@ class LocalDiscord:
         )
         self.rest.recommended_shards = recommended_shards
         self.voice = VoiceServer(
-            self.world, modes=modes, dave=dave, speaking_late=speaking_late, rng=rng
+            self.world, modes=modes, dave=dave, speaking_late=speaking_late, rng=rng,
+            member_dave=member_dave,
         )
         self.gateway = Gateway(
             self.world,

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp import WSMsgType, web
 
-from bot.sim.dave_group import DaveGroup, DaveGroupError, Delivery, SimulatedMember
+from bot.sim.dave_group import DaveGroup, DaveGroupError, DaveMember, Delivery, make_member
 from bot.sim.discord.state import World
 from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
 from bot.voice.crypto import TransportCipher
@@ -216,7 +216,7 @@ class MemberVoice:
     ssrc: int
     sequence: int
     timestamp: int
-    dave: SimulatedMember | None = None
+    dave: DaveMember | None = None
     nonce: int = 0
     packets_sent: int = 0
     octets_sent: int = 0
@@ -252,12 +252,15 @@ class VoiceServer:
         speaking_late: bool = False,
         rng: random.Random | None = None,
         dave_commit_timeout: float = DAVE_COMMIT_TIMEOUT,
+        member_dave: str = "libdave",
     ) -> None:
         if not modes:
             raise ValueError("offer at least one encryption mode")
         self.world = world
         self.modes = tuple(modes)
         self.dave = dave
+        #: The DAVE library simulated members run: "libdave" (Discord's) or "davey".
+        self.member_dave = member_dave
         self.speaking_late = speaking_late
         self._rng = rng or random.Random()
         #: The call: the voice channel the bot is in (see :meth:`move_bot`).
@@ -384,7 +387,7 @@ class VoiceServer:
         conn = self.connection
         if conn is not None and conn.cipher is not None:
             await conn.send_json(OP_CLIENTS_CONNECT, {"user_ids": [str(user_id)]})
-        mv.dave = SimulatedMember(user_id, self.channel_id)
+        mv.dave = make_member(self.member_dave, user_id, self.channel_id)
         await self._deliver(self.group.add_member(mv.dave))
 
     async def move_bot(self, channel_id: int, session_id: str, token: str) -> None:
@@ -401,7 +404,7 @@ class VoiceServer:
         for member in self.world.members.values():
             if not member.bot and member.voice_channel_id == channel_id:
                 mv = self.member_voice(member.user_id)
-                mv.dave = SimulatedMember(member.user_id, channel_id)
+                mv.dave = make_member(self.member_dave, member.user_id, channel_id)
                 await self._deliver(self.group.add_member(mv.dave))
         if old is not None and not old.ws.closed:
             await old.ws.close(code=CLOSE_DISCONNECTED)

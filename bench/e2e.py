@@ -1,0 +1,287 @@
+"""Row 2e: receive + convert + upstream for N speakers in ONE process, end to end.
+
+Row 1 times the receive path alone and row 2 the upstream alone; a bot does both on one event
+loop, and the receive work (~75 % of it) delays the sends. Here N speakers' datagrams are
+handed to one :class:`bot.voice.receiver.VoiceReceiver` at the times they would arrive (each
+speaker one packet per 20 ms, the speakers' phases spread over the 20 ms; the driver wakes every
+millisecond), the decoded 16 kHz audio goes through a :class:`bot.audio.convert.Chunker` per
+speaker into that speaker's real :class:`bot.stt.session.SttSession`, which streams it to
+:mod:`bench.chunk_server` in another process (pinned to another CPU when there are two).
+
+Measured per send path (``product``: ``SttSession.send_audio``; ``batched``: the prototype in
+:mod:`bench.uplink`), interleaved on the same sessions: this process's CPU per speaker-second
+(everything: receive, convert, upstream, driver) -> speakers per core without any adding up,
+and the lag from the moment the packet completing a chunk was due (its arrival time) to the
+chunk's arrival at the server: what "audio at the STT socket <= one chunk + 5 ms after its
+packet" asks for. Not included: the UDP socket reads (``recvfrom`` and asyncio's
+``datagram_received`` per packet), so real CPU is somewhat higher. DAVE is off here (a 250-member
+MLS group takes minutes to form); row 1 shows what DAVE adds per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import statistics
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from bench.lean import LeanReceiver
+from bench.media import PACKETS_PER_SECOND, Recording, make_packets
+from bench.upstream import ChunkServer, _p99
+from bot.audio.convert import Chunker
+from bot.stt.session import SttEvent, SttSession
+from bot.voice.crypto import MODE_AES256_GCM
+from bot.voice.receiver import VoiceReceiver
+
+log = logging.getLogger(__name__)
+
+STT_RATE: Final = 16000
+CHUNK_MS: Final = 100
+TICK_SECONDS: Final = 0.05
+DRIVER_SLEEP_S: Final = 0.001
+START_BATCH: Final = 50
+WARMUP_S: Final = 1.0
+_HEAD = struct.Struct("<II")
+_PACKET_S: Final = 1 / PACKETS_PER_SECOND
+#: product: VoiceReceiver -> Chunker -> SttSession.send_audio; batched: the same into
+#: bench.uplink.BatchedUplink; lean+batched: bench.lean.LeanReceiver (chunks straight out of
+#: libopus) into BatchedUplink. Each phase gets a fresh receiver and chunkers (a receiver that
+#: sat out a phase would see the other phases' packets as lost and conceal them).
+VARIANTS: Final = ("product", "batched", "lean+batched")
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    speakers: int
+    variant: str
+    seconds: float
+    cpu_percent: float  # of one core: the whole process
+    us_per_speaker_second: float
+    lag_p50_ms: float
+    lag_p99_ms: float
+    lag_max_ms: float
+    chunks_sent: int
+    chunks_arrived: int
+    #: Most the driver was behind schedule at the end of one of this variant's phases (s): more
+    #: than a few ms means the process could not keep up.
+    behind_s: float
+    cpu_ratios: tuple[float, ...] = ()
+    lag_p99_per_round: tuple[float, ...] = field(default_factory=tuple)
+
+    @property
+    def speakers_per_core(self) -> float:
+        return 1e6 / self.us_per_speaker_second
+
+
+async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: float, *,
+                  variants: tuple[str, ...] = VARIANTS, repeats: int = 2,
+                  mode: str = MODE_AES256_GCM) -> dict[str, E2EResult]:
+    """``speakers`` speakers end to end, ``seconds`` measured per variant (split into
+    ``repeats`` rounds of the ``variants`` in alternating order) after a warm-up; see the
+    module docstring. The recording must cover warm-up + seconds x variants."""
+    from bench.uplink import BatchedUplink
+
+    frames_needed = int((WARMUP_S + seconds * len(variants) + 0.5) * PACKETS_PER_SECOND)
+    if len(rec.opus) < frames_needed:
+        raise ValueError(f"recording too short: {len(rec.opus)} frames, need {frames_needed}")
+    packets = make_packets(rec.opus[:frames_needed], rec.levels[:frames_needed], mode=mode,
+                           dave=False, speakers=speakers)
+    datagrams = [d for _k, d in packets.datagrams]
+    index_of = {s.user_id: i for i, s in enumerate(packets.speakers)}
+    events = 0
+
+    def on_event(_e: SttEvent) -> None:
+        nonlocal events
+        events += 1
+
+    clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
+                          speaker=f"s{i}", on_event=on_event) for i in range(speakers)]
+    uplink = BatchedUplink()
+    chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
+    counters = [0] * speakers
+    sent_at: dict[tuple[int, int], tuple[float, int]] = {}
+    phase_no = -1
+    current_due = 0.0
+    variant = variants[0]
+
+    def on_chunk(user_id: int, chunk: bytes) -> None:
+        s = index_of[user_id]
+        k = counters[s]
+        counters[s] = k + 1
+        sent_at[(s, k)] = (current_due, phase_no)
+        data = _HEAD.pack(s, k) + chunk[_HEAD.size:]
+        if variant == "product":
+            clients[s].send_audio(data)
+        else:
+            uplink.send_audio(clients[s], data)
+
+    def on_audio(user_id: int, pcm: np.ndarray) -> None:
+        for chunk in chunkers[index_of[user_id]].push(pcm):
+            on_chunk(user_id, chunk)
+
+    def new_receiver(v: str) -> VoiceReceiver | LeanReceiver:
+        nonlocal chunkers
+        chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
+        if v == "lean+batched":
+            return LeanReceiver(mode=packets.mode, secret_key=packets.secret_key,
+                                users={sp.ssrc: sp.user_id for sp in packets.speakers},
+                                on_chunk=on_chunk, rate=STT_RATE, chunk_ms=CHUNK_MS)
+        r = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio,
+                          on_idle=lambda _u: None, is_ignored=lambda _u: False)
+        r.set_transport(packets.mode, packets.secret_key)
+        for sp in packets.speakers:
+            r.on_speaking(sp.user_id, sp.ssrc, 0.0)
+        return r
+
+    problems: dict[str, int] = {}
+
+    phases: list[tuple[str, float, float, int]] = []  # (variant, cpu, wall, packets handled)
+    try:
+        for i in range(0, speakers, START_BATCH):
+            await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
+        plan = [(variants[0], WARMUP_S, False)]
+        for r in range(repeats):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
+                plan.append((v, seconds / repeats, True))
+        gc.collect()
+        t0 = time.monotonic() + 0.01
+        step = _PACKET_S / speakers
+        pos = 0
+        next_tick = t0 + TICK_SECONDS
+        behind: dict[int, float] = {}
+        receiver: VoiceReceiver | LeanReceiver | None = None
+        for v, length, measured in plan:
+            _close(receiver, problems)
+            receiver = new_receiver(v)
+            handle, tick = receiver.handle_packet, receiver.tick
+            variant = v
+            phase_no = len(phases) if measured else -1
+            # Each phase gets its own wall time; a backlog left by the previous phase is
+            # re-timed (not dropped) so that it is not charged to this one.
+            start = time.monotonic()
+            phase_end = start + length
+            if pos < len(datagrams) and t0 + pos * step < start:
+                t0 = start - pos * step
+            cpu0, wall0, pos0 = time.process_time(), time.monotonic(), pos
+            while True:
+                now = time.monotonic()
+                if now >= phase_end:
+                    break
+                while pos < len(datagrams):
+                    due = t0 + pos * step
+                    if due > now:
+                        break
+                    current_due = due
+                    handle(datagrams[pos], now)
+                    pos += 1
+                if now >= next_tick:
+                    current_due = now
+                    tick(now)
+                    next_tick += TICK_SECONDS
+                await asyncio.sleep(DRIVER_SLEEP_S)
+            late = max(0.0, time.monotonic() - (t0 + pos * step))
+            log.info("phase %s: pos %d of %d, behind %.3f", v, pos, len(datagrams), late)
+            if measured:
+                behind[len(phases)] = late
+                phases.append((v, time.process_time() - cpu0, time.monotonic() - wall0,
+                               pos - pos0))
+        _close(receiver, problems)
+        await asyncio.sleep(0.5)
+        await uplink.aclose()
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/results") as resp:
+                arrivals = (await resp.json())["arrivals"]
+            await (await http.get(f"{server.url}/reset")).release()
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+    lags: dict[int, list[float]] = {i: [] for i in range(len(phases))}
+    for s, k, at in arrivals:
+        t, number = sent_at.get((s, k), (0.0, -1))
+        if number >= 0:
+            lags[number].append((at - t) * 1000)
+    sent = {i: 0 for i in range(len(phases))}
+    for _t, number in sent_at.values():
+        if number >= 0:
+            sent[number] += 1
+    # CPU per second of audio handled (not per wall second): a process that falls behind has
+    # handled less audio than the wall time, and its cost per speaker-second must say so.
+    def cost(ph: tuple[str, float, float, int]) -> float:
+        return ph[1] / max(1, ph[3]) * PACKETS_PER_SECOND
+
+    base = [cost(ph) for ph in phases if ph[0] == variants[0]]
+    out = {}
+    for v in variants:
+        mine = [i for i, ph in enumerate(phases) if ph[0] == v]
+        pooled = sorted(x for i in mine for x in lags[i])
+        if not pooled:
+            raise RuntimeError(f"no chunk of the {v} phases arrived")
+        costs = [cost(phases[i]) for i in mine]
+        rate = statistics.median(phases[i][1] / phases[i][2] for i in mine)
+        out[v] = E2EResult(
+            speakers=speakers, variant=v, seconds=sum(phases[i][2] for i in mine),
+            cpu_percent=rate * 100, us_per_speaker_second=statistics.median(costs) * 1e6,
+            lag_p50_ms=statistics.median(pooled), lag_p99_ms=_p99(pooled),
+            lag_max_ms=pooled[-1], chunks_sent=sum(sent[i] for i in mine),
+            chunks_arrived=len(pooled), behind_s=max(behind[i] for i in mine),
+            cpu_ratios=tuple(a / b for a, b in zip(costs, base, strict=True)),
+            lag_p99_per_round=tuple(_p99(sorted(lags[i])) for i in mine if lags[i]),
+        )
+    if problems:
+        log.warning("receivers counted problems: %s", problems)
+    return out
+
+
+def _close(receiver: VoiceReceiver | LeanReceiver | None, problems: dict[str, int]) -> None:
+    """End a phase's receiver, adding up what it counted as wrong (nothing, on these packets)."""
+    if isinstance(receiver, VoiceReceiver):
+        for k, n in receiver.counters().as_dict().items():
+            if k not in ("received", "decoded", "waiting") and n:
+                problems[k] = problems.get(k, 0) + n
+    elif receiver is not None:
+        if receiver.out_of_order:
+            problems["out_of_order"] = problems.get("out_of_order", 0) + receiver.out_of_order
+        receiver.close()
+
+
+async def row2e(rec: Recording, counts: tuple[int, ...], seconds: float, *,
+                repeats: int = 2) -> list[E2EResult]:
+    """:func:`run_e2e` per speaker count, server and this process pinned as in row 2."""
+    import os
+
+    from bench.upstream import chunk_server, cpus, pin
+
+    out: list[E2EResult] = []
+    allowed = cpus()
+    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    try:
+        async with chunk_server() as server:
+            if len(allowed) >= 2:
+                pin(server.pid, allowed[-1])
+                pin(0, allowed[0])
+            for n in counts:
+                by = await run_e2e(server, rec, n, seconds, repeats=repeats)
+                out.extend(by.values())
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from bench.media import record
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    secs = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
+    for r in asyncio.run(row2e(record(WARMUP_S + len(VARIANTS) * secs + 1), (n,), secs)):
+        print(json.dumps({**r.__dict__, "speakers_per_core": round(r.speakers_per_core)}))
