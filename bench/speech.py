@@ -7,7 +7,8 @@ with ``stt.silence_tail_ms: 0`` (every sample streamed, the old behaviour) and w
 * live: ``cantobot demo``'s meeting (the loopback Discord, the real bot, the STT fake), in
   real time: two members, four tone-coded sentences;
 * replay: two 60 s tracks with 5-14 s pauses between nine short sentences, through the same
-  :func:`bot.replay.replay` as ``cantobot replay`` (paced at ``REPLAY_SPEED`` x real time).
+  :func:`bot.replay.replay` as ``cantobot replay`` (paced at ``REPLAY_SPEED`` x real time);
+  the two tracks are written as WAV files and read back as ``cantobot replay`` reads them.
 
 "Speech" is the length of the tone-coded sentences; "sent" is what the fake STT server
 received (re-sends after a reconnect included). For the replay the row also gives the largest
@@ -34,9 +35,10 @@ log = logging.getLogger("bench")
 
 KEY = "bench-key"
 RATE = 16000
-#: Replay pace: fast enough for a bench, slow enough that commits arrive while the tail streams
-#: (at --speed 0 the whole tail is sent before any commit can cut it).
-REPLAY_SPEED = 4.0
+#: Replay pace: real time, ``cantobot replay``'s default and a live meeting's pace. Faster, the
+#: tail races ahead of the commit that would cut it short (measured on this 2-core machine under
+#: load: 1.34-1.53x at 4x; at ``--speed 0`` every sentence sends its whole tail).
+REPLAY_SPEED = 1.0
 TRACKS: dict[str, list[tuple[float, str]]] = {
     "alice": [(2.0, "開會"), (14.0, "預算"), (27.0, "好"), (41.0, "散會"), (55.0, "拜拜")],
     "bob": [(6.0, "收到"), (21.0, "OK"), (35.0, "明白"), (49.0, "再見")],

@@ -380,3 +380,13 @@ def test_word_times_are_bounded_by_the_audio_this_upstream_session_was_sent() ->
     assert line.segment.end < 34.0
     (late,), _ = c.receive(timed("後", 1e306, 1e306))  # after everything sent: dropped
     assert late.segment.words == () and late.segment.end < 34.0
+
+
+def test_a_long_silent_chunk_leaves_only_the_pre_roll_before_speech() -> None:
+    c = gated(tail=0.5)
+    c.append(quiet(5.0))  # one big chunk (chunk_ms may be up to 1000; a file's block)
+    c.append(tone(1.0) + quiet(2.0))
+    assert send_all(c) / 2 / RATE == pytest.approx(PRE_ROLL_S + 1.0 + 0.5, abs=0.03)
+    # Skipped: the silence before the pre-roll, and after the tail all but the last 200 ms
+    # (held in case speech follows).
+    assert c.stats.skipped_seconds == pytest.approx(5.0 + 1.5 - 2 * PRE_ROLL_S, abs=0.03)

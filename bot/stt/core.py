@@ -265,12 +265,20 @@ class SttCore:
         audio = np.frombuffer(pcm, dtype="<i2")
         frame, n = self._frame, len(audio)
         tail = self.tail_samples or 0
+        whole = n // frame * frame
+        blocks = audio[:whole].astype(np.float32).reshape(-1, frame)
+        loud = list(np.sqrt(np.mean(blocks * blocks, axis=1)) > VOICED_RMS)
+        if whole < n:  # a ragged last piece (the end of a track) is classified on its own
+            rest = audio[whole:].astype(np.float32)
+            loud.append(bool(np.sqrt(np.mean(rest * rest)) > VOICED_RMS))
+        if not any(loud) and self._tail_left <= 0:  # silence, the common case: one step
+            self._hold(at, bytes(pcm))
+            return
         run: int | None = None  # start (offset in pcm) of the run being kept
         lead = (0, b"")  # pre-roll of that run (held silence of earlier appends)
-        for s in range(0, n, frame):
+        for i, voiced in enumerate(loud):
+            s = i * frame
             e = min(n, s + frame)
-            block = audio[s:e].astype(np.float32)
-            voiced = float(np.sqrt(np.mean(block * block))) > VOICED_RMS
             if voiced:
                 self.stats.speech_seconds += (e - s) / self.sample_rate
                 if run is None:
@@ -299,15 +307,21 @@ class SttCore:
             self._push(at + s, body)
 
     def _hold(self, start: int, pcm: bytes) -> None:
+        """Keep the last PRE_ROLL_S of silence (a pre-roll if speech follows); older is
+        skipped, never sent."""
         self._pending.append((start, pcm))
         self._pending_samples += len(pcm) // BYTES_PER_SAMPLE
-        while self._pending:
-            first = len(self._pending[0][1]) // BYTES_PER_SAMPLE
-            if self._pending_samples - first < self.pre_roll_samples:
-                break
-            self._pending.popleft()
-            self._pending_samples -= first
-            self.stats.skipped_seconds += first / self.sample_rate
+        while self._pending and self._pending_samples > self.pre_roll_samples:
+            excess = self._pending_samples - self.pre_roll_samples
+            first_start, first = self._pending[0]
+            n = len(first) // BYTES_PER_SAMPLE
+            cut = min(n, excess)
+            if cut == n:
+                self._pending.popleft()
+            else:
+                self._pending[0] = (first_start + cut, first[cut * BYTES_PER_SAMPLE:])
+            self._pending_samples -= cut
+            self.stats.skipped_seconds += cut / self.sample_rate
 
     def _take_pending(self) -> tuple[int, bytes]:
         """Speech starts: the held silence just before it becomes its pre-roll."""
