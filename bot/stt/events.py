@@ -90,6 +90,11 @@ class StateChanged:
     error: CantobotError | None = None
 
 
+class SttSessionRenewed(SttSessionError):
+    """The upstream ended a session in the ordinary course (its time limit, inactivity): a new
+    one follows without telling anyone (no notice, no backoff)."""
+
+
 class SttAudioLost(SttSessionError):
     """A stop gave up with speech not transcribed: said for whom and how many seconds."""
 

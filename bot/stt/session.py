@@ -75,6 +75,7 @@ from bot.stt.events import (
     StateChanged,
     SttAudioLost,
     SttEvent,
+    SttSessionRenewed,
     SttState,
 )
 
@@ -98,11 +99,6 @@ log = logging.getLogger(__name__)
 HEALTHY_AFTER_S: Final = 10.0
 #: Bound on disconnecting one client (sending the Engine.IO close packet).
 DISCONNECT_TIMEOUT_S: Final = 2.0
-
-
-class _QuietRenewal(SttSessionError):
-    """The upstream ended a session in the ordinary course (its time limit, inactivity): a new
-    one follows without telling anyone."""
 
 
 class _LinkOwner(Protocol):
@@ -608,7 +604,7 @@ class SttSession:
                         break  # an upstream error no retry can fix (the session FAILED)
                     # The connection dropped while stopping: reconnect and re-send what is
                     # unconfirmed, as mid-session, within the same deadline.
-                    quiet = isinstance(exc, _QuietRenewal)
+                    quiet = isinstance(exc, SttSessionRenewed)
                     attempt += 0 if quiet else 1
                     log.log(logging.INFO if quiet else logging.WARNING,
                             "stt[%s] lost while stopping (%s); reconnecting", self.speaker, exc)
@@ -738,12 +734,12 @@ class SttSession:
             self._commits_at_limit = self.stats.commits
             log.info("stt[%s] upstream session limit reached; starting a new session",
                      self.speaker)
-            self._renew(link, _QuietRenewal(f"cantonese.ai: {detail}"), wait_for_speech=False)
+            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=False)
             return
         if code == INACTIVITY:
             log.info("stt[%s] upstream closed the session for inactivity; reopening when "
                      "speech resumes", self.speaker)
-            self._renew(link, _QuietRenewal(f"cantonese.ai: {detail}"), wait_for_speech=True)
+            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=True)
             return
         self.link_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
 
