@@ -411,7 +411,8 @@ class _Reconnector:
         if wait_for_speech:
             session._dormant = True
             session._audio.clear()
-            await session._audio.wait()
+            if session.core.unsent_samples <= 0:  # (speech may have come meanwhile)
+                await session._audio.wait()
             session._dormant = False
         while not session._shutting_down and session.state is SttState.RECONNECTING:
             if immediate:
@@ -540,8 +541,8 @@ class SttSession:
         if self._stop_requested or self.state is SttState.CLOSED or not pcm:
             return
         self.core.append(pcm)
-        if self.core.unsent_samples > 0:
-            self._audio.set()
+        if self._dormant and self.core.unsent_samples > 0:
+            self._audio.set()  # speech resumed: reopen
         self._sender.ready.set()
 
     @property
