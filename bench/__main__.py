@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--rows 1,2,3,4,mem,script] [--no-install]``: Markdown tables,
-then one JSON line ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
+"""``python -m bench [--quick] [--rows 1,2,2e,3,4,mem,script,speech] [--no-install]``: Markdown
+tables, then one JSON line
+``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
 
 Steadiness: compared contenders run interleaved within every repeat (same packets, alternating
 order), and every ratio is the median of per-repeat ratios, printed with its (min..max) spread.
@@ -69,8 +70,9 @@ def _ratio(median: float, spread: tuple[float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced rows 1, 2, 4 (< 45 s)")
-    parser.add_argument("--rows", default="1,2,2e,3,4,mem,script",
-                        help="comma-separated subset of 1,2,2e,3,4,mem,script (default: all)")
+    parser.add_argument("--rows", default="1,2,2e,3,4,mem,script,speech",
+                        help="comma-separated subset of 1,2,2e,3,4,mem,script,speech "
+                             "(default: all)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not create the peers' venvs (skip peers without one)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -245,6 +247,20 @@ def main(argv: list[str] | None = None) -> int:
             [[str(r.chars), r.mode, f"{r.p50_ms:.3f} / {r.p99_ms:.3f} / {r.max_ms:.3f}",
               f"{r.cpu_p50_ms:.3f} / {r.cpu_p99_ms:.3f}",
               "yes" if r.cpu_p99_ms <= TARGET_P99_MS else "no"] for r in script_rows]))
+        print()
+
+    if "speech" in rows and not quick:
+        from bench.speech import REPLAY_SPEED, row_speech
+        speech_rows = row_speech()
+        print("## Audio sent to the STT service ÷ speech (silence gating off = every sample; "
+              f"on = speech + 200 ms pre-roll + silence tail; replay at {REPLAY_SPEED:g}x)\n")
+        print(table(
+            ["input", "gating", "speech s", "sent s", "sent ÷ speech", "lines",
+             "worst line start − speech start"],
+            [[r.source, r.gating, _f(r.speech_s), _f(r.sent_s), f"{r.ratio:.2f}x",
+              f"{r.lines}/{r.expected_lines}",
+              "" if r.worst_time_error_s is None else f"{r.worst_time_error_s:.2f} s"]
+             for r in speech_rows]))
         print()
 
     speakers_per_core = latency = None

@@ -108,6 +108,11 @@ class SttConfig:
     #: process (one event loop, about one core) holds in real time with the headroom the
     #: latency target needs -- ``python -m bench`` (rows 2 and 2e) measures it at this count.
     max_sessions: int = field(default=250, metadata=_range(1, None))
+    #: Silence sent after speech so that the upstream hears the pause that makes it commit the
+    #: sentence; longer silence is not sent (it would be paid for). See README "Speech, not
+    #: silence" for the default. The tail ends earlier once the commit arrives. 0 sends every
+    #: sample, silence included (the old behaviour, kept for comparison in the bench).
+    silence_tail_ms: int = field(default=2000, metadata=_range(0, 10000))
     #: Allow plain http:// / ws:// to a host other than loopback (the API key goes in clear).
     allow_insecure: bool = False
 

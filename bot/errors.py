@@ -7,6 +7,8 @@
     │   │   ├── SttAuthError        401: the API key was rejected (permanent: never retried)
     │   │   ├── SttUnavailable      could not connect / dropped (transient: retried with backoff)
     │   │   ├── SttSessionError     session-error or session-closed with a non-1000 code
+    │   │   │   ├── SttSessionRenewed  (bot.stt.events) an ordinary end: a new session, quietly
+    │   │   │   └── SttAudioLost    (bot.stt.events) a stop gave up: whose speech, how long
     │   │   └── ProtocolError       (bot.stt.protocol) a malformed server message
     │   ├── VoiceError              Discord voice: malformed packets, decryption failures
     │   │   ├── MalformedPacket     (bot.voice.rtp) not an RTP packet we can read

@@ -27,7 +27,8 @@ import numpy as np
 from bot.audio.convert import Chunker, StreamConverter
 from bot.backoff import Backoff
 from bot.config import SttConfig
-from bot.stt.events import SpeakerKey
+from bot.stt.core import PERMANENT_ERRORS
+from bot.stt.events import SpeakerKey, StateChanged
 from bot.stt.session import StartGate, SttEvent, SttSession, SttState
 
 log = logging.getLogger(__name__)
@@ -134,12 +135,13 @@ class SpeakerStream:
         self._samples_fed = 0
         self._finished = False
         self._gate = gate
+        self._owner_on_event = on_event
         self.session = SttSession(
             url=config.url,
             api_key=config.api_key.reveal(),
             sample_rate=config.sample_rate,
             speaker=speaker,
-            on_event=on_event,
+            on_event=self._on_event,
             speaker_id=speaker_id,
             stream_offset=stream_offset,
             connect_timeout=config.connect_timeout,
@@ -150,7 +152,16 @@ class SpeakerStream:
             reconnect_max_delay=config.reconnect_max_delay,
             key=key,
             line_numbers=line_numbers,
+            silence_tail_s=config.silence_tail_ms / 1000 or None,
         )
+
+    def _on_event(self, event: SttEvent) -> None:
+        # A session that failed for good (quota, terms, key) closes the gate for the others.
+        if (isinstance(event, StateChanged) and event.state is SttState.FAILED
+                and getattr(event.error, "upstream_code", None) in PERMANENT_ERRORS
+                and event.error is not None and self._gate is not None):
+            self._gate.refuse(event.error)
+        self._owner_on_event(event)
 
     @property
     def waiting_for_slot(self) -> bool:

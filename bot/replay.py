@@ -30,6 +30,7 @@ from bot.config import Config
 from bot.errors import AudioInputError, CantobotError, SttAuthError, SttUnavailable
 from bot.pipeline import SpeakerStream, Transcriber
 from bot.stt.session import (
+    LineRef,
     SegmentCommitted,
     SegmentTimestamped,
     StateChanged,
@@ -58,15 +59,22 @@ class ReplayResult:
     #: Set when a stop request (SIGINT/SIGTERM) cut the replay short.
     interrupted: bool = False
 
-    def add(self, segment: Segment) -> None:
+    #: Where each committed line is in ``segments``, by the ref its session gave it.
+    _at: dict[LineRef, int] = field(default_factory=dict, repr=False)
+
+    def add(self, ref: LineRef, segment: Segment) -> None:
+        self._at[ref] = len(self.segments)
         self.segments.append(segment)
 
-    def amend(self, segment: Segment) -> None:
-        for i, old in enumerate(self.segments):
-            if old.speaker == segment.speaker and old.text == segment.text and not old.words:
-                self.segments[i] = segment
-                return
-        self.segments.append(segment)
+    def amend(self, ref: LineRef, segment: Segment) -> None:
+        """The timestamped twin of line ``ref`` replaces it (found by identity, never by its
+        text: a speaker may say the same thing twice)."""
+        i = self._at.get(ref)
+        if i is None:  # not a line of ours (a session gives each ref once): keep the words
+            self._at[ref] = len(self.segments)
+            self.segments.append(segment)
+        else:
+            self.segments[i] = segment
 
 
 def collect_tracks(speakers: list[tuple[str, str]], tracks: list[str]) -> list[TrackSource]:
@@ -184,11 +192,11 @@ async def replay(
 
     def on_event(event: SttEvent) -> None:
         if isinstance(event, SegmentCommitted):
-            result.add(event.segment)
+            result.add(event.ref, event.segment)
             if output is not None:
                 output.line(event.segment)
         elif isinstance(event, SegmentTimestamped):
-            result.amend(event.segment)
+            result.amend(event.ref, event.segment)
         elif isinstance(event, StateChanged) and event.error is not None:
             # Transient errors recovered by a reconnect do not fail the replay; only a session
             # that ends anywhere but CLOSED does, reported with the last error it saw.

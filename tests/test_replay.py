@@ -318,7 +318,9 @@ async def test_a_three_hour_six_track_zip_streams_with_flat_memory(tmp_path: Pat
         for i, name in enumerate(LONG_SPEAKERS, start=1):
             zf.write(flac, f"{i}-{name}.flac")
     config = tmp_path / "config.yaml"  # 8 kHz, 1 s chunks: hours of audio in few messages
-    config.write_text("stt:\n  sample_rate: 8000\n  chunk_ms: 1000\n")
+    # silence_tail_ms 0: every sample is streamed (no silence gating), so the memory of
+    # streaming hours of audio is what is measured here.
+    config.write_text("stt:\n  sample_rate: 8000\n  chunk_ms: 1000\n  silence_tail_ms: 0\n")
     total = len(LONG_SPEAKERS) * round(LONG_HOURS * 3600 * LONG_RATE) * 2  # bytes of PCM
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANTONESE_AI")}
     async with FakeSttServer(api_key=KEY) as stt:

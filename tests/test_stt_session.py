@@ -13,6 +13,7 @@ import pytest
 from bot.errors import SttAuthError, SttSessionError, SttUnavailable
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
+from bot.stt.events import SttAudioLost
 from bot.stt.session import (
     PartialText,
     SegmentCommitted,
@@ -191,7 +192,31 @@ async def test_plain_commits_only_get_times_estimated_from_the_audio_position(
     await session.stop()
     (line,) = rec.of(SegmentCommitted)
     assert line.segment.text == FIRST and line.segment.words == ()
-    assert 0.0 <= line.segment.start < line.segment.end
+    # Placed on the speech (after the 0.6 s of silence before it), not "since the last commit".
+    (start, text), = timeline(FIRST)
+    assert line.segment.start == pytest.approx(start, abs=0.05)
+    assert line.segment.end == pytest.approx(start + utterance_duration(text), abs=0.05)
+
+
+async def test_plain_commit_times_stay_on_the_speech_with_silence_skipped(
+    server: FakeSttServer,
+) -> None:
+    """The estimate across skipped silence and sentences (issue 12 item 12)."""
+    server.send_timestamps = False
+    rec = Recorder()
+    session = make_session(server.url, rec, stream_offset=50.0, silence_tail_s=0.8)
+    await session.start()
+    lines = timeline(FIRST, SECOND, THIRD, gap=4.0)
+    for chunk in chunks(pcm_of(lines, duration=lines[-1][0] + 6.0)):
+        session.send_audio(chunk)
+    await session.stop()
+    got = [e.segment for e in rec.of(SegmentCommitted)]
+    assert [s.text for s in got] == [FIRST, SECOND, THIRD]
+    for seg, (start, text) in zip(got, lines, strict=True):
+        assert seg.start == pytest.approx(50.0 + start, abs=0.05)
+        assert seg.end == pytest.approx(50.0 + start + utterance_duration(text), abs=0.05)
+    assert session.stats.seconds_sent < sum(utterance_duration(t) for t in
+                                            (FIRST, SECOND, THIRD)) * 1.6
 
 
 @pytest.mark.parametrize("fault", ["session-error", "close-1011", "server-drop"])
@@ -391,7 +416,11 @@ async def test_stop_while_the_server_stays_away_gives_up_within_its_timeout(
     await server.stop()  # gone for good: every reconnect attempt is refused
     await until(lambda: session.state is SttState.RECONNECTING)
     await session.stop()
-    assert session.state is SttState.CLOSED
-    assert rec.states[-2:] == [SttState.RECONNECTING, SttState.CLOSED]
-    assert "gave up: 0.1 s of audio were not transcribed" in caplog.text
-    assert session.stats.reconnects == 0
+    # A loss is never reported as a clean close: FAILED, with whose and how many seconds.
+    assert session.state is SttState.FAILED
+    assert rec.states[-2:] == [SttState.RECONNECTING, SttState.FAILED]
+    loss = rec.of(StateChanged)[-1].error
+    assert isinstance(loss, SttAudioLost) and loss.speaker == "alice"
+    assert loss.seconds == pytest.approx(0.1)
+    assert "gave up: 0.1 s of alice's speech could not be transcribed" in caplog.text
+    assert session.stats.reconnects == 0 and session.stats.lost_seconds == pytest.approx(0.1)

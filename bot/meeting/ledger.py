@@ -322,6 +322,7 @@ class Ledger:
     def upstream_trouble(self, error: CantobotError) -> None:
         self.upstream_error = error
         kind = "stt-auth" if isinstance(error, SttAuthError) else f"stt-{type(error).__name__}"
+        kind += getattr(error, "notice_key", "")  # a loss is said per speaker (SttAudioLost)
         # The STT server's words are outside text: one line, cut, no link or ping survives.
         text = (f"\N{WARNING SIGN} {outside(error.user_message, ERROR_BUDGET)}"
                 + ("" if error.permanent else " — retrying; nothing said is lost."))

@@ -97,6 +97,15 @@ class FakeSttServer:
         self.close_code = 1011
         self.drop_after_chunks: int | None = None
         self.drop_after_seconds: float | None = None  # of audio received in the session
+        #: Upstream ``{"message_type": "error", "error": CODE}`` sent (as a transcript-message)
+        #: after this many chunks of a session, then the session ends (fires once).
+        self.upstream_error: str | None = None
+        self.upstream_error_after_chunks = 1
+        #: Persistent: every session ends with ``session_time_limit_exceeded`` once it has
+        #: received this many seconds of audio (what was not committed is lost upstream).
+        self.session_limit_seconds: float | None = None
+        #: Sessions ended by that limit.
+        self.session_limits_hit = 0
         # Output shape knobs (persistent).
         self.send_plain = True  # committed_transcript
         self.send_timestamps = True  # committed_transcript_with_timestamps
@@ -305,9 +314,24 @@ class FakeSttServer:
             live.pending_seen = len(record.committed) if pending is not None else -1
         await self._maybe_fault(sio, sid, live)
 
+    async def _upstream_error(self, sio: socketio.AsyncServer, sid: str, live: _Live,
+                              code: str) -> None:
+        """The upstream's error message, then the end of its session (as ElevenLabs does)."""
+        live.decoder = None
+        await sio.emit(p.TRANSCRIPT_MESSAGE, {"message_type": "error", "error": code,
+                                              "message": f"fake upstream: {code}"}, to=sid)
+        await sio.emit(p.SESSION_CLOSED, {"code": 1008, "reason": code}, to=sid)
+
     async def _maybe_fault(self, sio: socketio.AsyncServer, sid: str, live: _Live) -> None:
         n = live.chunks_in_session
-        if self.error_after_chunks is not None and n >= self.error_after_chunks:
+        if self.upstream_error is not None and n >= self.upstream_error_after_chunks:
+            code, self.upstream_error = self.upstream_error, None
+            await self._upstream_error(sio, sid, live, code)
+        elif (self.session_limit_seconds is not None and live.rate
+              and live.samples_in_session / live.rate >= self.session_limit_seconds):
+            self.session_limits_hit += 1
+            await self._upstream_error(sio, sid, live, "session_time_limit_exceeded")
+        elif self.error_after_chunks is not None and n >= self.error_after_chunks:
             self.error_after_chunks = None
             live.decoder = None  # the upstream session is gone
             await sio.emit(p.SESSION_ERROR, {"error": "upstream transcription failed"}, to=sid)

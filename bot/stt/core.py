@@ -19,6 +19,19 @@ either may be missing). The first form makes the line and gets its :class:`LineR
 paired with it by this session (the server gives the two forms nothing else in common), amends
 that ref. Owners never pair anything themselves. A commit without word timestamps is placed in
 time by voice detection over the unconfirmed audio (:func:`voiced_span`).
+
+Speech, not silence (``silence_tail_s``; ``None`` sends everything): :meth:`SttCore.append`
+classifies 20 ms frames as speech or silence and keeps for sending only speech, the
+:data:`PRE_ROLL_S` before it and ``silence_tail_s`` after it (what the upstream needs to hear of
+a pause before it commits); longer silence never enters the buffer, so it is neither sent nor
+re-sent. The buffer therefore has gaps; the upstream hears the kept pieces back to back, and
+:meth:`SttCore.upstream_to_stream` maps its clock (seconds of audio sent in this upstream session)
+back to stream samples through the list of pieces sent, so every line keeps its meeting time.
+A new upstream session re-sends the unconfirmed audio from its first speech (less the pre-roll):
+the tail of an already committed sentence is not re-sent.
+
+Upstream errors (``{"message_type": "error", "error": CODE}``) are returned as
+:class:`UpstreamError`; the adapter decides what each code means (see :data:`PERMANENT_ERRORS`).
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -59,6 +72,26 @@ VOICED_RMS: Final = 330.0
 #: A pause this long ends a sentence; voiced stretches shorter than MIN_VOICED_S are ignored.
 SENTENCE_GAP_S: Final = 0.5
 MIN_VOICED_S: Final = 0.25
+#: Audio kept before the first speech frame: a word's onset is often below the RMS threshold
+#: (a soft consonant), and a recogniser wants a little lead-in. 200 ms = ten 20 ms frames.
+PRE_ROLL_S: Final = 0.2
+#: Upstream error codes (ElevenLabs realtime, relayed by cantonese.ai) that no retry can fix:
+#: the user must act (key, quota, terms). Each maps to what to do.
+PERMANENT_ERRORS: Final[dict[str, str]] = {
+    "auth_error": "cantonese.ai rejected the API key (auth_error): check stt.api_key, then "
+                  "restart the bot",
+    "quota_exceeded": "the cantonese.ai account has no quota left (quota_exceeded): add credit "
+                      "or raise the plan at cantonese.ai, then /transcribe start again",
+    "unaccepted_terms": "cantonese.ai's terms have not been accepted for this API key "
+                        "(unaccepted_terms): accept them in the cantonese.ai dashboard, then "
+                        "/transcribe start again",
+}
+#: The upstream ended the session after its maximum length: start a new one at once.
+SESSION_LIMIT: Final = "session_time_limit_exceeded"
+#: The upstream closed a session that heard too little: stay closed until speech resumes.
+INACTIVITY: Final = "insufficient_audio_activity"
+#: Codes that a bad chunk of ours causes: the chunk is logged.
+CHUNK_ERRORS: Final = frozenset({"chunk_size_exceeded", "input_error"})
 
 
 @dataclass
@@ -72,6 +105,30 @@ class SessionStats:
     protocol_errors: int = 0
     #: Lines committed (twins are not counted twice).
     commits: int = 0
+    #: Seconds of audio given to append, and of it classified as speech (20 ms frames).
+    seconds_in: float = 0.0
+    speech_seconds: float = 0.0
+    #: Seconds of silence never sent (outside pre-roll and tail).
+    skipped_seconds: float = 0.0
+    #: Seconds of speech a stop gave up on (never silent: see SttSession.stop).
+    lost_seconds: float = 0.0
+    #: Upstream ``error`` messages by code.
+    upstream_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def seconds_sent(self) -> float:
+        """Audio sent upstream, re-sends included (what the upstream hears and may bill)."""
+        return self.bytes_sent / BYTES_PER_SAMPLE / self._rate if self._rate else 0.0
+
+    _rate: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    """The upstream's ``{"message_type": "error", "error": CODE}``."""
+
+    code: str
+    message: str
 
 
 def voiced_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int] | None:
@@ -119,6 +176,7 @@ class SttCore:
         stream_offset: float = 0.0,
         max_buffer_seconds: float = 120.0,
         line_numbers: Iterator[int] | None = None,
+        silence_tail_s: float | None = None,
     ) -> None:
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
@@ -130,8 +188,26 @@ class SttCore:
         self.speaker_id = speaker_id
         self.stream_offset = stream_offset
         self.max_buffer_samples = max(1, round(max_buffer_seconds * sample_rate))
-        self.stats = SessionStats()
+        self.stats = SessionStats(_rate=sample_rate)
         self._buffer: deque[tuple[int, bytes]] = deque()  # (start sample, pcm), unconfirmed
+        self._buffered = 0  # samples in _buffer (it has gaps where silence was skipped)
+        #: Speech gating (see the module docstring); None: every sample is sent.
+        self.tail_samples = (None if silence_tail_s is None
+                             else max(0, round(silence_tail_s * sample_rate)))
+        self.pre_roll_samples = round(PRE_ROLL_S * sample_rate)
+        self._frame = max(1, sample_rate // 50)
+        self._pending: deque[tuple[int, bytes]] = deque()  # silence held for a pre-roll
+        self._pending_samples = 0
+        self._tail_left = 0
+        self._last_voiced_end = 0  # stream sample after the last speech frame
+        #: This upstream session's clock: (upstream sample, stream sample) where each run of
+        #: contiguous audio sent starts, and the upstream samples sent so far.
+        self._upmap: list[tuple[int, int]] = []
+        self._up_sent = 0
+        self._sent_end: int | None = None  # stream sample just after the last chunk sent
+        #: The last chunks sent (stream start, bytes): named in the log when the upstream
+        #: rejects a chunk (chunk_size_exceeded, input_error).
+        self.recent_chunks: deque[tuple[int, int]] = deque(maxlen=4)
         self.buf_start = 0  # first unconfirmed sample
         self.appended = 0  # samples given to append
         self.send_pos = 0  # next sample to send
@@ -146,27 +222,149 @@ class SttCore:
         self._early_twins: deque[str] = deque(maxlen=MAX_UNMATCHED)  # timestamped came first
         # send position when a plain commit came; confirmed unless its timestamped twin follows
         self._deferred_boundary: int | None = None
+        self.upstream_error: UpstreamError | None = None
 
     # -- audio -----------------------------------------------------------------------------------
 
     @property
     def unconfirmed_samples(self) -> int:
-        return self.appended - self.buf_start
+        """Audio kept until a commit confirms it (skipped silence is not counted)."""
+        return self._buffered
 
     @property
     def unsent_samples(self) -> int:
-        return self.appended - self.send_pos
+        """Buffered audio the cursor has not sent yet."""
+        total = 0
+        for start, pcm in reversed(self._buffer):
+            end = start + len(pcm) // BYTES_PER_SAMPLE
+            if end <= self.send_pos:
+                break
+            total += end - max(start, self.send_pos)
+        return total
 
     def append(self, pcm: bytes) -> None:
         """Queue mono int16 LE PCM (an even byte count; the adapter checks)."""
         if not pcm:
             return
-        self._buffer.append((self.appended, bytes(pcm)))
-        self.appended += len(pcm) // BYTES_PER_SAMPLE
+        n = len(pcm) // BYTES_PER_SAMPLE
+        at = self.appended
+        self.appended += n
+        self.stats.seconds_in += n / self.sample_rate
+        if self.tail_samples is None:
+            self._push(at, bytes(pcm))
+        else:
+            self._gate(at, pcm)
         self._enforce_bound()
 
+    def _gate(self, at: int, pcm: bytes) -> None:
+        """Keep speech, its pre-roll and its tail; hold silence for a possible pre-roll.
+
+        Each run kept of one append goes into the buffer as one piece (with its pre-roll), so
+        the chunks sent are never larger than the chunks given.
+        """
+        audio = np.frombuffer(pcm, dtype="<i2")
+        frame, n = self._frame, len(audio)
+        tail = self.tail_samples or 0
+        whole = n // frame * frame
+        blocks = audio[:whole].astype(np.float32).reshape(-1, frame)
+        loud = list(np.sqrt(np.mean(blocks * blocks, axis=1)) > VOICED_RMS)
+        if whole < n:  # a ragged last piece (the end of a track) is classified on its own
+            rest = audio[whole:].astype(np.float32)
+            loud.append(bool(np.sqrt(np.mean(rest * rest)) > VOICED_RMS))
+        if not any(loud) and self._tail_left <= 0:  # silence, the common case: one step
+            self._hold(at, bytes(pcm))
+            return
+        run: int | None = None  # start (offset in pcm) of the run being kept
+        lead = (0, b"")  # pre-roll of that run (held silence of earlier appends)
+        for i, voiced in enumerate(loud):
+            s = i * frame
+            e = min(n, s + frame)
+            if voiced:
+                self.stats.speech_seconds += (e - s) / self.sample_rate
+                if run is None:
+                    run = s
+                    if self._pending:
+                        lead = self._take_pending()
+                self._tail_left = tail
+                self._last_voiced_end = at + e
+            elif self._tail_left > 0:
+                if run is None:
+                    run = s
+                self._tail_left -= e - s
+            else:
+                if run is not None:
+                    self._push_run(at, run, s, pcm, lead)
+                    run, lead = None, (0, b"")
+                self._hold(at + s, bytes(pcm[s * 2: e * 2]))
+        if run is not None:
+            self._push_run(at, run, n, pcm, lead)
+
+    def _push_run(self, at: int, s: int, e: int, pcm: bytes, lead: tuple[int, bytes]) -> None:
+        body = bytes(pcm[s * BYTES_PER_SAMPLE: e * BYTES_PER_SAMPLE])
+        if lead[1]:
+            self._push(lead[0], lead[1] + body)  # the pre-roll ends where the run starts
+        else:
+            self._push(at + s, body)
+
+    def _hold(self, start: int, pcm: bytes) -> None:
+        """Keep the last PRE_ROLL_S of silence (a pre-roll if speech follows); older is
+        skipped, never sent."""
+        self._pending.append((start, pcm))
+        self._pending_samples += len(pcm) // BYTES_PER_SAMPLE
+        while self._pending and self._pending_samples > self.pre_roll_samples:
+            excess = self._pending_samples - self.pre_roll_samples
+            first_start, first = self._pending[0]
+            n = len(first) // BYTES_PER_SAMPLE
+            cut = min(n, excess)
+            if cut == n:
+                self._pending.popleft()
+            else:
+                self._pending[0] = (first_start + cut, first[cut * BYTES_PER_SAMPLE:])
+            self._pending_samples -= cut
+            self.stats.skipped_seconds += cut / self.sample_rate
+
+    def _take_pending(self) -> tuple[int, bytes]:
+        """Speech starts: the held silence just before it becomes its pre-roll."""
+        start = self._pending[0][0] if self._pending else 0
+        pcm = b"".join(piece for _, piece in self._pending)
+        self._pending.clear()
+        self._pending_samples = 0
+        return start, pcm
+
+    def _commit_heard(self) -> None:
+        """A commit after all speech went out: the upstream heard the pause it needed, so
+        the rest of the silence tail is not sent (``silence_tail_s`` is only its maximum)."""
+        if self.tail_samples is None or self._tail_left <= 0:
+            return
+        if self.send_pos < self._last_voiced_end:
+            return  # speech after the committed part is still on its way
+        self._tail_left = 0
+        while self._buffer:
+            start, pcm = self._buffer[-1]
+            n = len(pcm) // BYTES_PER_SAMPLE
+            if start >= self.send_pos:
+                self._buffer.pop()
+                self._buffered -= n
+                self.stats.skipped_seconds += n / self.sample_rate
+            elif start + n > self.send_pos:
+                keep = self.send_pos - start
+                self._buffer[-1] = (start, pcm[: keep * BYTES_PER_SAMPLE])
+                self._buffered -= n - keep
+                self.stats.skipped_seconds += (n - keep) / self.sample_rate
+                break
+            else:
+                break
+
+    def _push(self, start: int, pcm: bytes) -> None:
+        if pcm:
+            self._buffer.append((start, pcm))
+            self._buffered += len(pcm) // BYTES_PER_SAMPLE
+
     def next_chunk(self) -> tuple[int, bytes] | None:
-        """The next unsent piece of audio at the send cursor, at most MAX_CHUNK_BYTES."""
+        """The next unsent piece of audio at the send cursor, at most MAX_CHUNK_BYTES.
+
+        A cursor in a gap (skipped silence) moves on to the next piece kept.
+        """
         # Scan from the newest piece: the unsent tail is short while the unconfirmed head can
         # hold minutes of audio (a scan from the left cost O(buffer) per chunk sent).
         found: tuple[int, bytes] | None = None
@@ -177,6 +375,8 @@ class SttCore:
         if found is None:
             return None
         start, pcm = found
+        if start > self.send_pos:
+            self.send_pos = start  # skip the gap: that silence is never sent
         offset = (self.send_pos - start) * BYTES_PER_SAMPLE
         return self.send_pos, pcm[offset : offset + MAX_CHUNK_BYTES]
 
@@ -184,38 +384,114 @@ class SttCore:
         """The chunk at ``start`` went out; False if the cursor moved meanwhile (a restart)."""
         if self.send_pos != start:
             return False
-        self.send_pos = start + nbytes // BYTES_PER_SAMPLE
+        n = nbytes // BYTES_PER_SAMPLE
+        if self._sent_end != start:
+            self._upmap.append((self._up_sent, start))  # a new run on the upstream's clock
+        self._up_sent += n
+        self._sent_end = self.send_pos = start + n
         self.stats.chunks_sent += 1
         self.stats.bytes_sent += nbytes
+        self.recent_chunks.append((start, nbytes))
         return True
+
+    def upstream_to_stream(self, seconds: float) -> float:
+        """Stream sample (fractional) of a time on this upstream session's clock."""
+        t = seconds * self.sample_rate
+        base_up, base_stream = 0, self.origin
+        for up, stream in self._upmap:
+            if up > t:
+                break
+            base_up, base_stream = up, stream
+        return base_stream + (t - base_up)
+
+    def upstream_seconds(self) -> float:
+        """Audio sent in this upstream session (its clock's extent)."""
+        return self._up_sent / self.sample_rate
 
     def discard(self) -> None:
         """Forget every queued sample (an opt-out): none of it is sent, now or on a re-send."""
         self._trim_to(self.appended)
         self.send_pos = self.appended
+        self._pending.clear()  # the silence held for a pre-roll too
+        self._pending_samples = 0
+        self._tail_left = 0
 
     def restart(self) -> None:
-        """A new upstream session: re-send the unconfirmed audio; its clock starts there."""
-        self.origin = self.send_pos = self.buf_start
+        """A new upstream session: re-send the unconfirmed audio from its first speech."""
+        self.origin = self.send_pos = self._resend_from()
+        self._upmap = []
+        self._up_sent = 0
+        self._sent_end = None
         self._unmatched.clear()
         self._early_twins.clear()
+
+    def _resend_from(self) -> int:
+        """Where a re-send starts: the pre-roll before the first speech still unconfirmed."""
+        if self.tail_samples is None or not self._buffer:
+            return self.buf_start
+        first = self._buffer[0][0]
+        span = self._first_voiced(first)
+        if span is None:
+            # Only the silent tail of committed speech is left: nothing worth re-sending.
+            end = self._buffer[-1][0] + len(self._buffer[-1][1]) // BYTES_PER_SAMPLE
+            return max(self.buf_start, end)
+        return max(self.buf_start, span - self.pre_roll_samples)
+
+    def _first_voiced(self, lo: int) -> int | None:
+        frame = self._frame
+        for start, pcm in self._buffer:
+            audio = np.frombuffer(pcm, dtype="<i2")
+            skip = max(0, lo - start)
+            audio = audio[skip:]
+            k = len(audio) // frame
+            if k:
+                blocks = audio[: k * frame].astype(np.float32).reshape(k, frame)
+                loud = np.flatnonzero(np.sqrt(np.mean(blocks * blocks, axis=1)) > VOICED_RMS)
+                if len(loud):
+                    return start + skip + int(loud[0]) * frame
+        return None
+
+    def unconfirmed_speech_seconds(self) -> float:
+        """Unconfirmed audio from its first speech (less the pre-roll) to its last: silence
+        around it is no loss."""
+        if not self._buffer:
+            return 0.0
+        start = self._resend_from()
+        end = self.appended if self.tail_samples is None else self._last_voiced_end
+        kept = sum(max(0, min(end, s + len(pcm) // BYTES_PER_SAMPLE) - max(start, s))
+                   for s, pcm in self._buffer)
+        return kept / self.sample_rate
 
     def connection_lost(self) -> None:
         """No twin can come any more on this connection: confirm a waiting plain commit."""
         self._settle_deferred()
 
     def _enforce_bound(self) -> None:
-        excess = (self.appended - self.buf_start) - self.max_buffer_samples
+        excess = self._buffered - self.max_buffer_samples
         if excess <= 0:
             return
-        self._trim_to(self.buf_start + excess)
-        self.stats.dropped_seconds += excess / self.sample_rate
-        skipped = self.buf_start - self.send_pos
-        if skipped > 0:
+        dropped_unsent = 0
+        while excess > 0 and self._buffer:
+            start, pcm = self._buffer[0]
+            n = len(pcm) // BYTES_PER_SAMPLE
+            cut = min(n, excess)
+            unsent_from = max(start, self.send_pos)
+            dropped_unsent += max(0, min(start + cut, start + n) - unsent_from)
+            if cut == n:
+                self._buffer.popleft()
+            else:
+                self._buffer[0] = (start + cut, pcm[cut * BYTES_PER_SAMPLE:])
+            self._buffered -= cut
+            excess -= cut
+            self.buf_start = start + cut
+            self.stats.dropped_seconds += cut / self.sample_rate
+        if self.send_pos < self.buf_start:
             # Never-sent audio was dropped: the upstream hears a gap-free stream, so its clock
             # runs behind ours by the skipped samples from now on.
+            skipped = self.buf_start - self.send_pos
             self.send_pos = self.buf_start
-            self.origin += skipped
+            if not self._upmap:
+                self.origin += skipped
         if not self._dropped_logged:
             self._dropped_logged = True
             log.warning(
@@ -231,8 +507,10 @@ class SttCore:
             end = start + len(pcm) // BYTES_PER_SAMPLE
             if end <= sample:
                 self._buffer.popleft()
+                self._buffered -= end - start
             elif start < sample:
                 self._buffer[0] = (sample, pcm[(sample - start) * BYTES_PER_SAMPLE :])
+                self._buffered -= sample - start
                 break
             else:
                 break
@@ -246,10 +524,16 @@ class SttCore:
         A malformed message is counted, logged and ignored.
         """
         try:
-            event = p.parse_transcript_message(payload)
+            # Word times are bounded by the audio this upstream session was actually sent
+            # (skipped silence is not on its clock), plus the protocol's margin.
+            event = p.parse_transcript_message(payload, audio_seconds=self.upstream_seconds())
         except p.ProtocolError as exc:
             self.stats.protocol_errors += 1
             log.warning("stt[%s] ignored a malformed transcript message: %s", self.speaker, exc)
+            return [], None
+        if event is None and isinstance(payload, dict) and payload.get("message_type") == "error":
+            self._settle_deferred()
+            self._on_upstream_error(payload)
             return [], None
         if not isinstance(event, p.TimestampedTranscript):
             self._settle_deferred()  # the message after a plain commit was not its twin
@@ -263,6 +547,18 @@ class SttCore:
             return [self._on_timestamped_commit(event)], None
         return [], None
 
+    def _on_upstream_error(self, payload: dict[object, object]) -> None:
+        code, message = payload.get("error"), payload.get("message")
+        code = code[:64] if isinstance(code, str) and code else "unknown"
+        message = message[: p.MAX_REASON_CHARS] if isinstance(message, str) else ""
+        self.stats.upstream_errors[code] = self.stats.upstream_errors.get(code, 0) + 1
+        self.upstream_error = UpstreamError(code, message)
+
+    def take_error(self) -> UpstreamError | None:
+        """The upstream error message received last, once (the adapter acts on it)."""
+        error, self.upstream_error = self.upstream_error, None
+        return error
+
     def _seconds(self, sample: float) -> float:
         """Meeting time of a stream sample position."""
         return self.stream_offset + sample / self.sample_rate
@@ -271,35 +567,69 @@ class SttCore:
         self.stats.commits += 1
         return LineRef(self.key, next(self._line_numbers))
 
-    def _estimated_segment(self, text: str) -> Segment:
+    def _estimated_segment(self, text: str) -> tuple[Segment, int]:
         """Times of a commit without word timestamps: the voiced audio since the last commit.
 
         The unconfirmed buffer still holds that audio, so the first and last 20 ms frames above
         a speech threshold bound the sentence far better than "previous commit .. now" would
         (that would start every sentence at the end of the previous one, pauses included).
+        Returns the segment and the boundary it confirms: the end of that speech (audio sent
+        after it, when the sender runs ahead of the upstream, is not yet heard), else the send
+        position.
         """
         lo, hi = self._last_commit_end, self.send_pos
+        boundary = hi
         span = self._voiced_span(lo, hi)
         if span is not None:
             lo, hi = span
+            boundary = hi
         start = self._seconds(lo)
-        return Segment(self.speaker, text, start, max(start, self._seconds(hi)),
-                       speaker_id=self.speaker_id)
+        return (Segment(self.speaker, text, start, max(start, self._seconds(hi)),
+                        speaker_id=self.speaker_id), boundary)
 
     def _voiced_span(self, lo: int, hi: int) -> tuple[int, int] | None:
-        """:func:`voiced_span` of the buffered audio in stream samples [lo, hi)."""
-        pieces = [
-            (start, pcm) for start, pcm in self._buffer
-            if start < hi and start + len(pcm) // BYTES_PER_SAMPLE > lo
-        ]
-        if not pieces:
+        """:func:`voiced_span` of the buffered audio in stream samples [lo, hi).
+
+        Gaps (skipped silence) are read as a pause just long enough to end a sentence, and
+        positions are mapped back to stream samples.
+        """
+        parts: list[np.ndarray] = []
+        runs: list[tuple[int, int]] = []  # (offset in the joined audio, stream sample)
+        joined = 0
+        gap = round((SENTENCE_GAP_S + 0.04) * self.sample_rate)
+        prev_end: int | None = None
+        for start, pcm in self._buffer:
+            end = start + len(pcm) // BYTES_PER_SAMPLE
+            if end <= lo or start >= hi:
+                continue
+            a, b = max(lo, start), min(hi, end)
+            if prev_end is None or a > prev_end:
+                # Silence (at most a sentence gap) so that the joined audio keeps the stream's
+                # 20 ms frame grid: a speech onset is found where it is, not up to 19 ms early.
+                silence = 0 if prev_end is None else min(a - prev_end, gap)
+                silence += (a - (joined + silence)) % self._frame
+                parts.append(np.zeros(silence, dtype="<i2"))
+                joined += silence
+            runs.append((joined, a))
+            piece = np.frombuffer(pcm, dtype="<i2")[a - start: b - start]
+            parts.append(piece)
+            joined += len(piece)
+            prev_end = b
+        if not parts:
             return None
-        first = max(lo, pieces[0][0])
-        audio = np.frombuffer(b"".join(pcm for _, pcm in pieces), dtype="<i2")
-        span = voiced_span(audio[first - pieces[0][0]: hi - pieces[0][0]], self.sample_rate)
+        span = voiced_span(np.concatenate(parts), self.sample_rate)
         if span is None:
             return None
-        return first + span[0], first + span[1]
+
+        def to_stream(i: int) -> int:
+            offset, stream = runs[0]
+            for o, s in runs:
+                if o > i:
+                    break
+                offset, stream = o, s
+            return stream + (i - offset)
+
+        return to_stream(span[0]), to_stream(span[1] - 1) + 1
 
     def _settle_deferred(self) -> None:
         if self._deferred_boundary is not None:
@@ -315,11 +645,12 @@ class SttCore:
         if text in self._early_twins:
             self._early_twins.remove(text)  # the timestamped twin already made this line
             return []
-        segment = self._estimated_segment(text)
+        segment, boundary = self._estimated_segment(text)
+        self._commit_heard()
         ref = self._new_ref()
         self._unmatched.append((text, ref))
         # A timestamped twin, if one comes, is the next message and gives a precise boundary.
-        self._deferred_boundary = self.send_pos
+        self._deferred_boundary = boundary
         return [SegmentCommitted(segment, ref)]
 
     def _twin_of(self, text: str) -> LineRef | None:
@@ -331,15 +662,16 @@ class SttCore:
         return None
 
     def _on_timestamped_commit(self, event: p.TimestampedTranscript) -> SttEvent:
-        base = self.stream_offset + self.origin / self.sample_rate
-        words = tuple(Word(w.text, base + w.start, base + w.end) for w in event.words)
+        at = self.upstream_to_stream
+        words = tuple(Word(w.text, self._seconds(at(w.start)), self._seconds(at(w.end)))
+                      for w in event.words)
         if words:
             segment = Segment(self.speaker, event.text, words[0].start,
                               max(w.end for w in words), words, self.speaker_id)
-            boundary = self.origin + round(max(w.end for w in event.words) * self.sample_rate)
+            boundary = round(at(max(w.end for w in event.words)))
         else:
-            segment = self._estimated_segment(event.text)
-            boundary = self.send_pos
+            segment, boundary = self._estimated_segment(event.text)
+        self._commit_heard()
         ref = self._twin_of(event.text)
         if ref is not None:
             self._deferred_boundary = None

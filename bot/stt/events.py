@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from bot.errors import CantobotError
+from bot.errors import CantobotError, SttSessionError
 from bot.transcript.model import Segment
 
 #: What identifies a speaker to the owner: the Discord user id, else the speaker's name.
@@ -33,15 +33,17 @@ class SttState(enum.Enum):
 
 
 _S = SttState
-#: Legal transitions (anything else is a bug in the session).
+#: Legal transitions (anything else is a bug in the session). FAILED is also where a session
+#: ends whose stop gave up with speech not transcribed (a loss is never reported as CLOSED), and
+#: where an upstream error no retry can fix (quota, terms, key) puts a streaming session.
 TRANSITIONS: Final[dict[SttState, frozenset[SttState]]] = {
-    _S.IDLE: frozenset({_S.CONNECTING, _S.CLOSED}),
+    _S.IDLE: frozenset({_S.CONNECTING, _S.FAILED, _S.CLOSED}),
     _S.CONNECTING: frozenset({_S.STARTING, _S.FAILED, _S.CLOSED}),
     _S.STARTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
-    _S.STREAMING: frozenset({_S.RECONNECTING, _S.STOPPING, _S.CLOSED}),
+    _S.STREAMING: frozenset({_S.RECONNECTING, _S.STOPPING, _S.FAILED, _S.CLOSED}),
     _S.RECONNECTING: frozenset({_S.STREAMING, _S.FAILED, _S.CLOSED}),
     # A drop while stopping reconnects (within stop_timeout) so the last sentences are not lost.
-    _S.STOPPING: frozenset({_S.RECONNECTING, _S.CLOSED}),
+    _S.STOPPING: frozenset({_S.RECONNECTING, _S.FAILED, _S.CLOSED}),
     _S.FAILED: frozenset({_S.CONNECTING, _S.CLOSED}),
     _S.CLOSED: frozenset(),
 }
@@ -86,6 +88,25 @@ class StateChanged:
     speaker: str
     state: SttState
     error: CantobotError | None = None
+
+
+class SttSessionRenewed(SttSessionError):
+    """The upstream ended a session in the ordinary course (its time limit, inactivity): a new
+    one follows without telling anyone (no notice, no backoff)."""
+
+
+class SttAudioLost(SttSessionError):
+    """A stop gave up with speech not transcribed: said for whom and how many seconds."""
+
+    permanent = True
+
+    def __init__(self, speaker: str, seconds: float, why: str) -> None:
+        super().__init__(f"{seconds:.1f} s of {speaker}'s speech could not be transcribed "
+                         f"({why})", permanent=True)
+        self.speaker = speaker
+        self.seconds = seconds
+        #: Notices of losses are per speaker (one speaker's loss must not hide another's).
+        self.notice_key = f"loss-{speaker}"
 
 
 SttEvent = SegmentCommitted | SegmentTimestamped | PartialText | StateChanged

@@ -55,7 +55,16 @@ from bot.errors import (
 )
 from bot.lifecycle import change
 from bot.stt import protocol as p
-from bot.stt.core import BYTES_PER_SAMPLE, SessionStats, SttCore
+from bot.stt.core import (
+    BYTES_PER_SAMPLE,
+    CHUNK_ERRORS,
+    INACTIVITY,
+    PERMANENT_ERRORS,
+    SESSION_LIMIT,
+    SessionStats,
+    SttCore,
+    UpstreamError,
+)
 from bot.stt.events import (
     TRANSITIONS,
     LineRef,
@@ -64,7 +73,9 @@ from bot.stt.events import (
     SegmentTimestamped,
     SpeakerKey,
     StateChanged,
+    SttAudioLost,
     SttEvent,
+    SttSessionRenewed,
     SttState,
 )
 
@@ -272,10 +283,19 @@ class StartGate:
         self._clock = clock
         self._not_before = 0.0
         self._lock = asyncio.Lock()
+        #: An upstream error no retry can fix (quota, terms, key) seen by any of the sessions:
+        #: no further starts through this gate (the channel was told what to do).
+        self.refused: CantobotError | None = None
+
+    def refuse(self, error: CantobotError) -> None:
+        """Stop starting sessions: ``error`` needs a person to act, not a retry."""
+        if self.refused is None:
+            log.warning("stt: no more sessions start (%s)", error)
+        self.refused = error
 
     async def keep_starting(self, attempt: Callable[[], Awaitable[None]],
                             startable: Callable[[], bool], label: str) -> None:
-        while startable():
+        while startable() and self.refused is None:
             wait = self._not_before - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -372,20 +392,35 @@ class _Reconnector:
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    def begin(self, old: _Link | None, first_attempt: int | None = None) -> None:
-        self.task = asyncio.create_task(self._run(old, first_attempt),
-                                        name=f"stt-reconnect:{self._session.speaker}")
+    def begin(self, old: _Link | None, first_attempt: int | None = None, *,
+              immediate: bool = False, wait_for_speech: bool = False) -> None:
+        """``immediate``: the first attempt without a delay (the upstream ended a session in
+        the ordinary course); ``wait_for_speech``: not before new audio is queued."""
+        self.task = asyncio.create_task(
+            self._run(old, first_attempt, immediate, wait_for_speech),
+            name=f"stt-reconnect:{self._session.speaker}")
 
-    async def _run(self, old: _Link | None, first_attempt: int | None) -> None:
+    async def _run(self, old: _Link | None, first_attempt: int | None, immediate: bool,
+                   wait_for_speech: bool) -> None:
         session = self._session
         if old is not None:
             await session._drop_connection(old)
         if first_attempt is not None:
             self.backoff.reset()
             self.backoff.failures = first_attempt
-        while True:
-            delay = self.backoff.next()  # jittered: spreads a fleet's retries
-            attempt = self.backoff.failures
+        if wait_for_speech:
+            session._dormant = True
+            session._audio.clear()
+            if session.core.unsent_samples <= 0:  # (speech may have come meanwhile)
+                await session._audio.wait()
+            session._dormant = False
+        while not session._shutting_down and session.state is SttState.RECONNECTING:
+            if immediate:
+                immediate = False
+                delay, attempt = 0.0, self.backoff.failures
+            else:
+                delay = self.backoff.next()  # jittered: spreads a fleet's retries
+                attempt = self.backoff.failures
             log.info("stt[%s] reconnect attempt %d in %.2f s", session.speaker, attempt, delay)
             await asyncio.sleep(delay)
             try:
@@ -398,6 +433,10 @@ class _Reconnector:
                 log.info("stt[%s] reconnect attempt %d failed: %s", session.speaker, attempt,
                          exc)
                 continue
+            if session._shutting_down or session.state is not SttState.RECONNECTING:
+                if session.link is not None:
+                    await session._drop_connection(session.link)
+                return
             session.stats.reconnects += 1
             session._set_state(SttState.STREAMING)
             return
@@ -429,12 +468,14 @@ class SttSession:
         rng: random.Random | None = None,
         key: SpeakerKey | None = None,
         line_numbers: Iterator[int] | None = None,
+        silence_tail_s: float | None = None,
     ) -> None:
         self.core = SttCore(
             sample_rate=sample_rate, speaker=speaker,
             key=key if key is not None else speaker_id if speaker_id is not None else speaker,
             speaker_id=speaker_id, stream_offset=stream_offset,
             max_buffer_seconds=max_buffer_seconds, line_numbers=line_numbers,
+            silence_tail_s=silence_tail_s,
         )
         self.url = url
         self._api_key = api_key
@@ -453,11 +494,23 @@ class SttSession:
         self._reconnector = _Reconnector(self, self.backoff)
         self.state = SttState.IDLE
         self.stats = self.core.stats
+        #: The last error a state change reported (named when audio is lost).
+        self.last_error: CantobotError | None = None
         self.link: _Link | None = None
         self._streaming = asyncio.Event()
         self._sender = _Sender(self)
         self._stop_lock = asyncio.Lock()
         self._stop_requested = False
+        #: Set when audio is queued: a session closed for inactivity waits on it.
+        self._audio = asyncio.Event()
+        #: Closed by the upstream for inactivity, waiting for speech to reopen.
+        self._dormant = False
+        #: Commits counted when the upstream last ended a session at its time limit: a second
+        #: limit without a commit in between backs off (a re-send that alone reaches the limit
+        #: must not loop at full speed).
+        self._commits_at_limit: int | None = None
+        self._closing_links: set[asyncio.Task[None]] = set()
+        self._shutting_down = False
         self._discarded = False
 
     # -- public ------------------------------------------------------------------------------
@@ -488,6 +541,8 @@ class SttSession:
         if self._stop_requested or self.state is SttState.CLOSED or not pcm:
             return
         self.core.append(pcm)
+        if self._dormant and self.core.unsent_samples > 0:
+            self._audio.set()  # speech resumed: reopen
         self._sender.ready.set()
 
     @property
@@ -527,7 +582,10 @@ class SttSession:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (self.stop_timeout if within is None else within)
             clean = self.state in (SttState.IDLE, SttState.FAILED)
+            stopped = False  # the upstream committed everything and closed
             attempt = 0
+            if self._dormant and self.core.unsent_samples <= 0:
+                clean = stopped = True  # closed for inactivity: nothing left to transcribe
             while not clean and loop.time() < deadline:
                 if self.state is SttState.RECONNECTING:
                     with contextlib.suppress(TimeoutError):
@@ -537,28 +595,42 @@ class SttSession:
                 self._set_state(SttState.STOPPING)
                 try:
                     await self._drain_and_stop(deadline)
-                    clean = True
+                    clean = stopped = True
                 except TimeoutError:
                     log.warning("stt[%s] stop timed out waiting for the last commits",
                                 self.speaker)
                     break
                 except SttError as exc:
+                    if exc.permanent:
+                        break  # an upstream error no retry can fix (the session FAILED)
                     # The connection dropped while stopping: reconnect and re-send what is
                     # unconfirmed, as mid-session, within the same deadline.
-                    attempt += 1
-                    log.warning("stt[%s] lost while stopping (%s); reconnecting", self.speaker,
-                                exc)
+                    quiet = isinstance(exc, SttSessionRenewed)
+                    attempt += 0 if quiet else 1
+                    log.log(logging.INFO if quiet else logging.WARNING,
+                            "stt[%s] lost while stopping (%s); reconnecting", self.speaker, exc)
                     if self._reconnector.running:
                         continue
-                    self._set_state(SttState.RECONNECTING, exc)
-                    self._reconnector.begin(self.link, first_attempt=attempt - 1)
-            if not clean:
-                log.warning(
-                    "stt[%s] gave up: %.1f s of audio were not transcribed",
-                    self.speaker,
-                    self.core.unconfirmed_samples / self.sample_rate,
-                )
-            await self._shutdown()
+                    self._set_state(SttState.RECONNECTING, None if quiet else exc)
+                    self._reconnector.begin(self.link, first_attempt=max(0, attempt - 1),
+                                            immediate=quiet)
+            lost = 0.0 if stopped else self.core.unconfirmed_speech_seconds()
+            if lost > 0 and not self._discarded:
+                self._report_loss(lost)
+            await self._shutdown(SttState.FAILED if lost > 0 and not self._discarded
+                                 else SttState.CLOSED)
+
+    def _report_loss(self, seconds: float) -> None:
+        """A stop gave up with speech unconfirmed: say for whom and how long (log, event)."""
+        why = (self.last_error.user_message if self.last_error is not None
+               else "the speech-to-text service did not confirm it in time")
+        loss = SttAudioLost(self.speaker, seconds, why)
+        log.warning("stt[%s] gave up: %s", self.speaker, loss)
+        self.stats.lost_seconds += seconds
+        if self.state is SttState.FAILED:
+            self._emit(StateChanged(self.speaker, SttState.FAILED, loss))
+        else:
+            self._set_state(SttState.FAILED, loss)
 
     def discard(self) -> None:
         """Forget this speaker now (an opt-out): buffered audio is dropped unsent, nothing more
@@ -576,6 +648,8 @@ class SttSession:
     # -- state -------------------------------------------------------------------------------
 
     def _set_state(self, new: SttState, error: CantobotError | None = None) -> None:
+        if error is not None and not isinstance(error, SttAudioLost):
+            self.last_error = error
         if not change(TRANSITIONS, self.state, new, label=f"stt[{self.speaker}]", log=log,
                       why=error):
             return
@@ -634,6 +708,68 @@ class SttSession:
             link.session_id = session_id
         for event in events:
             self._emit(event)
+        error = self.core.take_error()
+        if error is not None and self.link is link:
+            self._upstream_error(link, error)
+
+    def _upstream_error(self, link: _Link, error: UpstreamError) -> None:
+        """An upstream ``error`` message, handled by what its code means (issue 12 item 16)."""
+        code = error.code
+        detail = f"{code}: {error.message}" if error.message else code
+        if code in CHUNK_ERRORS:
+            chunks = ", ".join(f"{start / self.sample_rate:.2f} s ({nbytes} bytes)"
+                               for start, nbytes in self.core.recent_chunks)
+            log.warning("stt[%s] the upstream rejected audio (%s); last chunks sent at stream "
+                        "time %s", self.speaker, detail, chunks or "none")
+        if code in PERMANENT_ERRORS:
+            text = PERMANENT_ERRORS[code]
+            exc: SttError = (SttAuthError(text) if code == "auth_error"
+                             else SttSessionError(text, permanent=True))
+            exc.upstream_code = code  # type: ignore[attr-defined]  # read by the StartGate's owner
+            log.error("stt[%s] %s", self.speaker, text)
+            self._fail(link, exc)
+            return
+        if code == SESSION_LIMIT and self._commits_at_limit != self.stats.commits:
+            # The upstream's session length ran out: a new session at once, re-sending what
+            # is unconfirmed; not trouble to report.
+            self._commits_at_limit = self.stats.commits
+            log.info("stt[%s] upstream session limit reached; starting a new session",
+                     self.speaker)
+            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=False)
+            return
+        if code == INACTIVITY:
+            log.info("stt[%s] upstream closed the session for inactivity; reopening when "
+                     "speech resumes", self.speaker)
+            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=True)
+            return
+        self.link_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
+
+    def _fail(self, link: _Link, error: SttError) -> None:
+        """An upstream error no retry can fix: FAILED, said once, no reconnect."""
+        link.fail(error)
+        self.core.connection_lost()
+        self._sender.drained.set()
+        if self.state in (SttState.STREAMING, SttState.STOPPING, SttState.RECONNECTING):
+            self._set_state(SttState.FAILED, error)
+        self._close_in_background(link)
+
+    def _renew(self, link: _Link, error: SttError, *, wait_for_speech: bool) -> None:
+        """A quiet new upstream session: at once, or once speech resumes (no notice)."""
+        link.fail(error)
+        self.core.connection_lost()
+        self._sender.drained.set()
+        if self.state is not SttState.STREAMING or self._stop_requested:
+            return  # a stop in progress reconnects by itself within its deadline
+        self._set_state(SttState.RECONNECTING)  # no error: nothing to tell the channel
+        self._reconnector.begin(link, immediate=True,
+                                wait_for_speech=wait_for_speech
+                                and self.core.unconfirmed_speech_seconds() <= 0)
+
+    def _close_in_background(self, link: _Link) -> None:
+        task = asyncio.create_task(self._drop_connection(link),
+                                   name=f"stt-close:{self.speaker}")
+        self._closing_links.add(task)
+        task.add_done_callback(self._closing_links.discard)
 
     def link_lost(self, conn: _Link, error: SttError) -> None:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
@@ -655,10 +791,13 @@ class SttSession:
         await self._sender.all_sent(max(0.0, deadline - loop.time()))
         await conn.stop_session(max(0.0, deadline - loop.time()))
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, final: SttState = SttState.CLOSED) -> None:
+        self._shutting_down = True
         await self._reconnector.aclose()
         await self._sender.aclose()
         if self.link is not None:
             await self._drop_connection(self.link)
+        if self._closing_links:
+            await asyncio.gather(*self._closing_links, return_exceptions=True)
         if self.state is not SttState.CLOSED:
-            self._set_state(SttState.CLOSED)
+            self._set_state(final)
