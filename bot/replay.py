@@ -229,13 +229,19 @@ async def replay(
     finally:
         progress.done()
         await transcriber.aclose()
-    for stream in streams:
-        if stream.session.state is not SttState.CLOSED:
-            result.errors.append(last_error.get(stream.speaker) or SttUnavailable(
-                f"the STT session of {stream.speaker} did not close cleanly "
-                f"({stream.session.state.name.lower()})"))
+    result.errors.extend(_unclean(streams, last_error))
     result.segments.sort(key=lambda s: (s.start, s.speaker))
     return result
+
+
+def _unclean(streams: list[SpeakerStream], last_error: dict[str, CantobotError],
+             ) -> list[CantobotError]:
+    """One error per session that ended anywhere but CLOSED: the last it saw, else a plain
+    "did not close cleanly"."""
+    return [last_error.get(stream.speaker) or SttUnavailable(
+                f"the STT session of {stream.speaker} did not close cleanly "
+                f"({stream.session.state.name.lower()})")
+            for stream in streams if stream.session.state is not SttState.CLOSED]
 
 
 async def _start_all(streams: list[SpeakerStream]) -> None:

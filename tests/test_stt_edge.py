@@ -376,7 +376,7 @@ def test_word_times_are_bounded_by_the_audio_this_upstream_session_was_sent() ->
     (line,), _ = c.receive(timed("遠", 0.2, 1e306))
     bound = c.upstream_seconds() + WORD_TIME_MARGIN_S
     assert line.segment.words[0].end == pytest.approx(  # clamped, then mapped to the stream
-        c._seconds(c.upstream_to_stream(bound)))
+        c.lines.seconds(c.upstream_to_stream(bound)))
     assert line.segment.end < 34.0
     (late,), _ = c.receive(timed("後", 1e306, 1e306))  # after everything sent: dropped
     assert late.segment.words == () and late.segment.end < 34.0

@@ -22,7 +22,9 @@ States (every transition is logged once at INFO and reported as :class:`StateCha
 The logic without the socket (the unconfirmed-audio buffer that is also the send queue, the
 send cursor, the re-send origin of a new upstream session, pairing the two committed forms of a
 sentence, voice detection) is :class:`~bot.stt.core.SttCore`; this adapter owns the socket, its
-two tasks and the retries: reconnects after a start, and first starts (:class:`StartGate`,
+two tasks and the retries: reconnects after a start, upstream ``error`` messages (what each
+code means is :class:`~bot.stt.upstream.ErrorPolicy`; this adapter applies it), the stop
+procedure (:class:`~bot.stt.stopping.Stopper`), and first starts (:class:`StartGate`,
 shared by the sessions of one owner so that a rejected key costs one connection per backoff
 period however many people talk). The events it hands on are in :mod:`bot.stt.events`: each
 new line carries a :class:`~bot.stt.events.LineRef` and its timestamped twin amends that ref.
@@ -55,16 +57,7 @@ from bot.errors import (
 )
 from bot.lifecycle import change
 from bot.stt import protocol as p
-from bot.stt.core import (
-    BYTES_PER_SAMPLE,
-    CHUNK_ERRORS,
-    INACTIVITY,
-    PERMANENT_ERRORS,
-    SESSION_LIMIT,
-    SessionStats,
-    SttCore,
-    UpstreamError,
-)
+from bot.stt.core import BYTES_PER_SAMPLE, SessionStats, SttCore
 from bot.stt.events import (
     TRANSITIONS,
     LineRef,
@@ -78,6 +71,8 @@ from bot.stt.events import (
     SttSessionRenewed,
     SttState,
 )
+from bot.stt.stopping import Stopper
+from bot.stt.upstream import PERMANENT_ERRORS, Action, ErrorPolicy, UpstreamError
 
 __all__ = [
     "LineRef",
@@ -446,6 +441,78 @@ class _Reconnector:
         await _cancel(task)
 
 
+class _UpstreamErrors:
+    """Applies what :class:`~bot.stt.upstream.ErrorPolicy` decides about an upstream ``error``
+    message: fail for good, renew at once or once speech resumes, or reconnect with backoff."""
+
+    def __init__(self, session: SttSession) -> None:
+        self._session = session
+        #: What an upstream error code means (it remembers the last session limit).
+        self.policy = ErrorPolicy()
+        #: Links closing in the background after a permanent error (awaited by a shutdown).
+        self.closing: set[asyncio.Task[None]] = set()
+
+    def handle(self, link: _Link, error: UpstreamError) -> None:
+        """An upstream ``error`` message, handled as :class:`ErrorPolicy` decides by its code
+        (issue 12 item 16)."""
+        s = self._session
+        code, detail = error.code, error.detail
+        if self.policy.names_chunks(code):
+            chunks = ", ".join(f"{start / s.sample_rate:.2f} s ({nbytes} bytes)"
+                               for start, nbytes in s.core.recent_chunks)
+            log.warning("stt[%s] the upstream rejected audio (%s); last chunks sent at stream "
+                        "time %s", s.speaker, detail, chunks or "none")
+        action = self.policy.decide(code, s.stats.commits)
+        if action is Action.FAIL:
+            text = PERMANENT_ERRORS[code]
+            exc: SttError = (SttAuthError(text) if code == "auth_error"
+                             else SttSessionError(text, permanent=True))
+            exc.upstream_code = code  # type: ignore[attr-defined]  # read by the StartGate's owner
+            log.error("stt[%s] %s", s.speaker, text)
+            self._fail(link, exc)
+        elif action is Action.RENEW:
+            # The upstream's session length ran out: a new session at once, re-sending what
+            # is unconfirmed; not trouble to report.
+            log.info("stt[%s] upstream session limit reached; starting a new session",
+                     s.speaker)
+            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=False)
+        elif action is Action.RENEW_ON_SPEECH:
+            log.info("stt[%s] upstream closed the session for inactivity; reopening when "
+                     "speech resumes", s.speaker)
+            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=True)
+        else:
+            s.link_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
+
+    def _fail(self, link: _Link, error: SttError) -> None:
+        """An upstream error no retry can fix: FAILED, said once, no reconnect."""
+        s = self._session
+        link.fail(error)
+        s.core.connection_lost()
+        s._sender.drained.set()
+        if s.state in (SttState.STREAMING, SttState.STOPPING, SttState.RECONNECTING):
+            s._set_state(SttState.FAILED, error)
+        self._close_in_background(link)
+
+    def _renew(self, link: _Link, error: SttError, *, wait_for_speech: bool) -> None:
+        """A quiet new upstream session: at once, or once speech resumes (no notice)."""
+        s = self._session
+        link.fail(error)
+        s.core.connection_lost()
+        s._sender.drained.set()
+        if s.state is not SttState.STREAMING or s._stop_requested:
+            return  # a stop in progress reconnects by itself within its deadline
+        s._set_state(SttState.RECONNECTING)  # no error: nothing to tell the channel
+        s._reconnector.begin(link, immediate=True,
+                             wait_for_speech=wait_for_speech
+                             and s.core.unconfirmed_speech_seconds() <= 0)
+
+    def _close_in_background(self, link: _Link) -> None:
+        s = self._session
+        task = asyncio.create_task(s._drop_connection(link), name=f"stt-close:{s.speaker}")
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+
 class SttSession:
     """A speaker's STT stream; see the module docstring for the lifecycle."""
 
@@ -499,17 +566,13 @@ class SttSession:
         self.link: _Link | None = None
         self._streaming = asyncio.Event()
         self._sender = _Sender(self)
-        self._stop_lock = asyncio.Lock()
+        self._stopper = Stopper(self)
         self._stop_requested = False
         #: Set when audio is queued: a session closed for inactivity waits on it.
         self._audio = asyncio.Event()
         #: Closed by the upstream for inactivity, waiting for speech to reopen.
         self._dormant = False
-        #: Commits counted when the upstream last ended a session at its time limit: a second
-        #: limit without a commit in between backs off (a re-send that alone reaches the limit
-        #: must not loop at full speed).
-        self._commits_at_limit: int | None = None
-        self._closing_links: set[asyncio.Task[None]] = set()
+        self._errors = _UpstreamErrors(self)
         self._shutting_down = False
         self._discarded = False
 
@@ -573,64 +636,10 @@ class SttSession:
         """Send what is queued, stop the session, await its last commits; idempotent.
 
         Bounded by ``within`` seconds (default ``stop_timeout``) overall; a reconnect in progress is
-        waited for within it.
+        waited for within it. A stop that gives up with speech unconfirmed says so (FAILED with
+        :class:`SttAudioLost`); see :class:`~bot.stt.stopping.Stopper`.
         """
-        async with self._stop_lock:
-            if self.state is SttState.CLOSED:
-                return
-            self._stop_requested = True
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + (self.stop_timeout if within is None else within)
-            clean = self.state in (SttState.IDLE, SttState.FAILED)
-            stopped = False  # the upstream committed everything and closed
-            attempt = 0
-            if self._dormant and self.core.unsent_samples <= 0:
-                clean = stopped = True  # closed for inactivity: nothing left to transcribe
-            while not clean and loop.time() < deadline:
-                if self.state is SttState.RECONNECTING:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._streaming.wait(), deadline - loop.time())
-                if self.state is not SttState.STREAMING:
-                    break
-                self._set_state(SttState.STOPPING)
-                try:
-                    await self._drain_and_stop(deadline)
-                    clean = stopped = True
-                except TimeoutError:
-                    log.warning("stt[%s] stop timed out waiting for the last commits",
-                                self.speaker)
-                    break
-                except SttError as exc:
-                    if exc.permanent:
-                        break  # an upstream error no retry can fix (the session FAILED)
-                    # The connection dropped while stopping: reconnect and re-send what is
-                    # unconfirmed, as mid-session, within the same deadline.
-                    quiet = isinstance(exc, SttSessionRenewed)
-                    attempt += 0 if quiet else 1
-                    log.log(logging.INFO if quiet else logging.WARNING,
-                            "stt[%s] lost while stopping (%s); reconnecting", self.speaker, exc)
-                    if self._reconnector.running:
-                        continue
-                    self._set_state(SttState.RECONNECTING, None if quiet else exc)
-                    self._reconnector.begin(self.link, first_attempt=max(0, attempt - 1),
-                                            immediate=quiet)
-            lost = 0.0 if stopped else self.core.unconfirmed_speech_seconds()
-            if lost > 0 and not self._discarded:
-                self._report_loss(lost)
-            await self._shutdown(SttState.FAILED if lost > 0 and not self._discarded
-                                 else SttState.CLOSED)
-
-    def _report_loss(self, seconds: float) -> None:
-        """A stop gave up with speech unconfirmed: say for whom and how long (log, event)."""
-        why = (self.last_error.user_message if self.last_error is not None
-               else "the speech-to-text service did not confirm it in time")
-        loss = SttAudioLost(self.speaker, seconds, why)
-        log.warning("stt[%s] gave up: %s", self.speaker, loss)
-        self.stats.lost_seconds += seconds
-        if self.state is SttState.FAILED:
-            self._emit(StateChanged(self.speaker, SttState.FAILED, loss))
-        else:
-            self._set_state(SttState.FAILED, loss)
+        await self._stopper.stop(within)
 
     def discard(self) -> None:
         """Forget this speaker now (an opt-out): buffered audio is dropped unsent, nothing more
@@ -710,66 +719,7 @@ class SttSession:
             self._emit(event)
         error = self.core.take_error()
         if error is not None and self.link is link:
-            self._upstream_error(link, error)
-
-    def _upstream_error(self, link: _Link, error: UpstreamError) -> None:
-        """An upstream ``error`` message, handled by what its code means (issue 12 item 16)."""
-        code = error.code
-        detail = f"{code}: {error.message}" if error.message else code
-        if code in CHUNK_ERRORS:
-            chunks = ", ".join(f"{start / self.sample_rate:.2f} s ({nbytes} bytes)"
-                               for start, nbytes in self.core.recent_chunks)
-            log.warning("stt[%s] the upstream rejected audio (%s); last chunks sent at stream "
-                        "time %s", self.speaker, detail, chunks or "none")
-        if code in PERMANENT_ERRORS:
-            text = PERMANENT_ERRORS[code]
-            exc: SttError = (SttAuthError(text) if code == "auth_error"
-                             else SttSessionError(text, permanent=True))
-            exc.upstream_code = code  # type: ignore[attr-defined]  # read by the StartGate's owner
-            log.error("stt[%s] %s", self.speaker, text)
-            self._fail(link, exc)
-            return
-        if code == SESSION_LIMIT and self._commits_at_limit != self.stats.commits:
-            # The upstream's session length ran out: a new session at once, re-sending what
-            # is unconfirmed; not trouble to report.
-            self._commits_at_limit = self.stats.commits
-            log.info("stt[%s] upstream session limit reached; starting a new session",
-                     self.speaker)
-            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=False)
-            return
-        if code == INACTIVITY:
-            log.info("stt[%s] upstream closed the session for inactivity; reopening when "
-                     "speech resumes", self.speaker)
-            self._renew(link, SttSessionRenewed(f"cantonese.ai: {detail}"), wait_for_speech=True)
-            return
-        self.link_lost(link, SttSessionError(f"cantonese.ai error ({detail})"))
-
-    def _fail(self, link: _Link, error: SttError) -> None:
-        """An upstream error no retry can fix: FAILED, said once, no reconnect."""
-        link.fail(error)
-        self.core.connection_lost()
-        self._sender.drained.set()
-        if self.state in (SttState.STREAMING, SttState.STOPPING, SttState.RECONNECTING):
-            self._set_state(SttState.FAILED, error)
-        self._close_in_background(link)
-
-    def _renew(self, link: _Link, error: SttError, *, wait_for_speech: bool) -> None:
-        """A quiet new upstream session: at once, or once speech resumes (no notice)."""
-        link.fail(error)
-        self.core.connection_lost()
-        self._sender.drained.set()
-        if self.state is not SttState.STREAMING or self._stop_requested:
-            return  # a stop in progress reconnects by itself within its deadline
-        self._set_state(SttState.RECONNECTING)  # no error: nothing to tell the channel
-        self._reconnector.begin(link, immediate=True,
-                                wait_for_speech=wait_for_speech
-                                and self.core.unconfirmed_speech_seconds() <= 0)
-
-    def _close_in_background(self, link: _Link) -> None:
-        task = asyncio.create_task(self._drop_connection(link),
-                                   name=f"stt-close:{self.speaker}")
-        self._closing_links.add(task)
-        task.add_done_callback(self._closing_links.discard)
+            self._errors.handle(link, error)
 
     def link_lost(self, conn: _Link, error: SttError) -> None:
         """The connection or its upstream session is gone: fail a wait, or reconnect."""
@@ -783,21 +733,13 @@ class SttSession:
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def _drain_and_stop(self, deadline: float) -> None:
-        conn = self.link
-        if conn is None:
-            raise SttUnavailable("no connection to stop")
-        loop = asyncio.get_running_loop()
-        await self._sender.all_sent(max(0.0, deadline - loop.time()))
-        await conn.stop_session(max(0.0, deadline - loop.time()))
-
     async def _shutdown(self, final: SttState = SttState.CLOSED) -> None:
         self._shutting_down = True
         await self._reconnector.aclose()
         await self._sender.aclose()
         if self.link is not None:
             await self._drop_connection(self.link)
-        if self._closing_links:
-            await asyncio.gather(*self._closing_links, return_exceptions=True)
+        if self._errors.closing:
+            await asyncio.gather(*self._errors.closing, return_exceptions=True)
         if self.state is not SttState.CLOSED:
             self._set_state(final)
