@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 from bot.invite import permission_integer
 from bot.sim.discord.server import LocalDiscord
 from bot.sim.stt_server import FakeSttServer
+from tests.bot_process import bot_env
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "startup-key"
@@ -45,17 +46,7 @@ def closed_port() -> int:
 
 
 def base_env(tmp_path: Path, fake: LocalDiscord, stt: FakeSttServer) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DISCORD_TOKEN": fake.token,
-        "DISCORD_API_BASE": fake.api_base,
-        "DISCORD_GATEWAY_URL": fake.gateway_url,
-        "DISCORD_CA_FILE": fake.ca_file,
-        "CANTONESE_AI_URL": stt.url,
-        "CANTONESE_AI_API_KEY": KEY,
-        "CANTOBOT_STORAGE_PATH": str(tmp_path / "bot.sqlite3"),
-        "CANTOBOT_LOG_LEVEL": "INFO",
-    }
+    return bot_env(tmp_path, fake, stt, KEY)
 
 
 async def run_cantobot(env: dict[str, str], *args: str) -> tuple[int, str, str]:

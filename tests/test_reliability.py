@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import signal
 import sys
@@ -36,6 +35,7 @@ from bot.sim.simulate import bot_config
 from bot.sim.stt_server import FakeSttServer
 from bot.sim.tonecode import speech_track, utterance_duration
 from bot.storage.db import Storage
+from tests.bot_process import bot_env
 
 KEY = "reliability-key"
 HOST = "host"
@@ -498,17 +498,7 @@ async def bot_process(tmp_path: Path, fake: LocalDiscord, stt: FakeSttServer,
         voice:
           idle_timeout: 30
         """))
-    env = {
-        **os.environ,
-        "DISCORD_TOKEN": fake.token,
-        "DISCORD_API_BASE": fake.api_base,
-        "DISCORD_GATEWAY_URL": fake.gateway_url,
-        "DISCORD_CA_FILE": fake.ca_file,
-        "CANTONESE_AI_URL": stt.url,
-        "CANTONESE_AI_API_KEY": KEY,
-        "CANTOBOT_STORAGE_PATH": str(tmp_path / "bot.sqlite3"),
-        "CANTOBOT_LOG_LEVEL": "INFO",
-    }
+    env = bot_env(tmp_path, fake, stt, KEY)
     log = (tmp_path / f"{name}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "run", "--config", str(config),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from pathlib import Path
 from bot.sim.discord.server import LocalDiscord
 from bot.sim.stt_server import FakeSttServer
 from bot.storage.db import Storage
+from tests.bot_process import bot_env
 from tests.test_reliability import (
     HOST,
     KEY,
@@ -53,17 +53,7 @@ async def bot_process(tmp_path: Path, fake: LocalDiscord, stt: FakeSttServer,
         transcribe:
           shutdown_timeout: {SHUTDOWN_TIMEOUT}
         """))
-    env = {
-        **os.environ,
-        "DISCORD_TOKEN": fake.token,
-        "DISCORD_API_BASE": fake.api_base,
-        "DISCORD_GATEWAY_URL": fake.gateway_url,
-        "DISCORD_CA_FILE": fake.ca_file,
-        "CANTONESE_AI_URL": stt.url,
-        "CANTONESE_AI_API_KEY": KEY,
-        "CANTOBOT_STORAGE_PATH": str(tmp_path / "bot.sqlite3"),
-        "CANTOBOT_LOG_LEVEL": "INFO",
-    }
+    env = bot_env(tmp_path, fake, stt, KEY)
     log_path = tmp_path / f"{name}.log"
     log = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
