@@ -428,9 +428,11 @@ class FakeSttServer:
             began = time.monotonic()
             for i in range(count):
                 text = f"flood {i:05d}"
-                record.committed.append(text)
                 await sio.emit(p.TRANSCRIPT_MESSAGE,
                                {"message_type": "committed_transcript", "text": text}, to=sid)
+                # Recorded once sent: after the last one, flood_seconds is set before anyone
+                # waiting on the count can run (no await in between).
+                record.committed.append(text)
             self.flood_seconds = time.monotonic() - began
 
 
