@@ -134,6 +134,9 @@ async def test_a_normal_session_commits_each_sentence_once_with_meeting_times(
     assert record.audio_bytes == len(pcm_of(lines)) == session.stats.bytes_sent
     assert (record.session_starts, record.session_stops) == (1, 1)
     assert session.stats.commits == 2 and session.stats.reconnects == 0
+    # Every chunk took the direct websocket write (python-engineio's internals as pinned), and
+    # the server decoded the same audio-chunk events from those frames (lines, bytes above).
+    assert session.stats.chunks_direct == session.stats.chunks_sent > 0
 
 
 async def test_partials_come_before_the_commit_of_their_sentence(server: FakeSttServer) -> None:

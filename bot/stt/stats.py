@@ -13,6 +13,9 @@ BYTES_PER_SAMPLE: Final = 2
 @dataclass
 class SessionStats:
     chunks_sent: int = 0
+    #: Of those, written straight to the websocket (the rest went through python-socketio's
+    #: emit and python-engineio's write task; see ``_Link.send_audio``).
+    chunks_direct: int = 0
     bytes_sent: int = 0
     #: Seconds of audio dropped from the unconfirmed buffer by ``max_buffer_seconds``.
     dropped_seconds: float = 0.0
