@@ -58,6 +58,8 @@ class Emitter:
         #: Frames decoded per member (user id), for the whole connection.
         self.decoded_by_member: Counter[int] = Counter()
         self._plc_out = self._out_samples(PLC_UNIT_48K)
+        #: Output samples of one 20 ms frame.
+        self._frame_out = self._out_samples(FRAME_SAMPLES_48K)
 
     def _out_samples(self, samples_48k: int) -> int:
         return samples_48k * self.output_rate // RTP_CLOCK_RATE
@@ -84,27 +86,42 @@ class Emitter:
             else:
                 self._emit(decoder, member, out, now, frames_after * frame_out)
 
+    def emit_frame(self, decoder: OpusDecoder, member: MemberTimeline, payload: bytes,
+                   now: float) -> None:
+        """One frame released in order with nothing before it: what :meth:`emit_all` does for
+        ``[Frame(payload, ...)]``, without the list (the receiver's fast path)."""
+        self._frame(decoder, member, payload, now, self.room(member, now))
+
+    def _frame(self, decoder: OpusDecoder, member: MemberTimeline, payload: bytes, now: float,
+               room: int) -> None:
+        if room < self._frame_out:
+            self._c.too_fast += 1
+            return
+        member.paused = payload == OPUS_SILENCE_FRAME
+        try:
+            pcm = decoder.decode(payload)
+        except (OpusError, ValueError):  # ValueError: an empty payload (no Opus packet)
+            self._c.undecodable += 1
+            pcm = decoder.conceal(self._frame_out)
+        else:
+            self._c.decoded += 1
+            self.decoded_by_member[member.user_id] += 1
+        if len(pcm) > room:  # e.g. a 120 ms packet where 20 ms were due
+            self._trim(len(pcm) - room)
+            pcm = pcm[:room]
+        member.silence_filled = 0
+        member.emitted_until = now
+        if len(pcm):
+            member.emitted += len(pcm)
+            self._on_audio(member.user_id, pcm)
+
     def _emit(self, decoder: OpusDecoder, member: MemberTimeline,
               out: JitterOutput, now: float, reserve: int) -> None:
         room = self.room(member, now) - reserve
         if isinstance(out, Frame):
-            if room < self._out_samples(FRAME_SAMPLES_48K):
-                self._c.too_fast += 1
-                return
-            member.paused = out.payload == OPUS_SILENCE_FRAME
-            try:
-                pcm = decoder.decode(out.payload)
-            except (OpusError, ValueError):  # ValueError: an empty payload (no Opus packet)
-                self._c.undecodable += 1
-                pcm = decoder.conceal(self._out_samples(FRAME_SAMPLES_48K))
-            else:
-                self._c.decoded += 1
-                self.decoded_by_member[member.user_id] += 1
-            if len(pcm) > room:  # e.g. a 120 ms packet where 20 ms were due
-                self._trim(len(pcm) - room)
-                pcm = pcm[:room]
-            member.silence_filled = 0
-        elif isinstance(out, Lost):
+            self._frame(decoder, member, out.payload, now, room)
+            return
+        if isinstance(out, Lost):
             self._c.concealed_frames += max(1, round(out.samples / FRAME_SAMPLES_48K))
             pcm = self._conceal(decoder, out, room)
             member.silence_filled = 0
