@@ -132,7 +132,7 @@ def run_product(packets: PacketSet) -> float:
         session = packets.call.session
         dave = DaveReceiver(lambda: session, lambda: 1)
     receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, on_idle=lambda _u: None,
-                             is_ignored=lambda _u: False, dave=dave)
+                             is_ignored=lambda _u: False, dave=dave, batch_ms=CHUNK_MS)
     receiver.set_transport(packets.mode, packets.secret_key)
     for s in packets.speakers:
         receiver.on_speaking(s.user_id, s.ssrc, 0.0)

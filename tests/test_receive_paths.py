@@ -34,6 +34,8 @@ MODES = (MODE_AES256_GCM, MODE_XCHACHA20)
 RATE = 16000
 #: VoiceReceiver's default jitter window (packets).
 WINDOW = 3
+#: The STT chunk: with batching, on_audio gets whole multiples of it.
+BATCH_MS = 100
 
 
 def speech(seconds: float, freq: float) -> np.ndarray:
@@ -119,14 +121,26 @@ class Calls:
 
 
 def run(datagrams: list[tuple[float, bytes]], mode: str, key: bytes, speakers: dict[int, int],
-        *, fast_path: bool, calls: Calls) -> tuple[dict[int, bytes], dict[str, int], list[int],
-                                                   tuple[int, int, int]]:
+        *, fast_path: bool, calls: Calls, batch_ms: int = 0,
+        pieces: list[tuple[int, int]] | None = None,
+        ) -> tuple[dict[int, bytes], dict[str, int], list[int], tuple[int, int, int]]:
     """PCM per member, counters, idle order and (parse, push, in-order) calls of one receiver
-    fed ``(arrival, datagram)`` in order, ticked every 20 ms as the voice client does, drained."""
+    fed ``(arrival, datagram)`` in order, ticked every 20 ms as the voice client does, drained.
+    ``pieces`` collects (user, samples) of every ``on_audio`` call and (user, -1) for on_idle."""
     audio: dict[int, list[bytes]] = defaultdict(list)
     idle: list[int] = []
-    receiver = VoiceReceiver(sample_rate=RATE, on_audio=lambda u, pcm: audio[u].append(
-        pcm.tobytes()), on_idle=idle.append, is_ignored=lambda u: u == 3, fast_path=fast_path)
+    log = pieces if pieces is not None else []
+
+    def on_audio(user: int, pcm: np.ndarray) -> None:
+        audio[user].append(pcm.tobytes())
+        log.append((user, len(pcm)))
+
+    def on_idle(user: int) -> None:
+        idle.append(user)
+        log.append((user, -1))
+
+    receiver = VoiceReceiver(sample_rate=RATE, on_audio=on_audio, on_idle=on_idle,
+                             is_ignored=lambda u: u == 3, fast_path=fast_path, batch_ms=batch_ms)
     receiver.set_transport(mode, key)
     for user, ssrc in speakers.items():
         receiver.on_speaking(user, ssrc, 0.0)
@@ -145,6 +159,7 @@ def run(datagrams: list[tuple[float, bytes]], mode: str, key: bytes, speakers: d
     c = receiver.counters()
     assert c.received == len(datagrams) and c.internal_error == 0
     assert c.received == c.decoded + c.dropped + c.waiting
+    assert all(u in idle for u in audio)  # every stream ended (and was flushed)
     return ({u: b"".join(parts) for u, parts in audio.items()}, c.as_dict(), idle,
             (calls.parse, calls.push, calls.in_order))
 
@@ -152,13 +167,22 @@ def run(datagrams: list[tuple[float, bytes]], mode: str, key: bytes, speakers: d
 def both(datagrams: list[tuple[float, bytes]], mode: str, key: bytes, speakers: dict[int, int],
          calls: Calls) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Runs both paths, asserts identical output; returns their (parse, push, in-order) calls."""
-    fast = run(datagrams, mode, key, speakers, fast_path=True, calls=calls)
     general = run(datagrams, mode, key, speakers, fast_path=False, calls=calls)
-    assert fast[0].keys() == general[0].keys()
-    for user in general[0]:
-        assert fast[0][user] == general[0][user], f"member {user}: PCM differs"
-    assert fast[1] == general[1]
-    assert fast[2] == general[2]
+    pieces: list[tuple[int, int]] = []
+    batched = run(datagrams, mode, key, speakers, fast_path=True, calls=calls, batch_ms=BATCH_MS,
+                  pieces=pieces)
+    fast = run(datagrams, mode, key, speakers, fast_path=True, calls=calls)
+    for other in (fast, batched):
+        assert other[0].keys() == general[0].keys()
+        for user in general[0]:
+            assert other[0][user] == general[0][user], f"member {user}: PCM differs"
+        assert other[1] == general[1]
+        assert other[2] == general[2]
+    # Batched: whole chunks only, but for the last piece before each stream's end (on_idle).
+    batch = RATE * BATCH_MS // 1000
+    for i, (user, samples) in enumerate(pieces):
+        last = next((s < 0 for u, s in pieces[i + 1:] if u == user), True)
+        assert samples == -1 or samples % batch == 0 or last
     # The general path parses every datagram but RTCP and never asks push_in_order.
     assert general[3][2] == 0 and general[3][0] + general[1]["rtcp"] == len(datagrams)
     assert sum(len(pcm) for pcm in general[0].values()) > 0
@@ -275,3 +299,27 @@ def test_a_talk_spurt_gap_after_in_order_packets_is_the_general_path_exactly(
     stream = timed(first) + timed(second, start=len(first) * 0.02 + wall_pause)
     fast, general = both(stream, MODE_XCHACHA20, key, {1: 111}, calls)
     assert fast[0] == 0 and fast[1] == WINDOW + 1  # the first packet after the gap: push()
+
+
+def test_batched_audio_of_a_member_who_opts_out_is_discarded_unsent() -> None:
+    key = os.urandom(32)
+    cipher = TransportCipher(MODE_AES256_GCM, key)
+    alice, bob = Sender(111, cipher, 13), Sender(222, cipher, 14)
+    audio: dict[int, list[int]] = defaultdict(list)
+    idle: list[int] = []
+    receiver = VoiceReceiver(sample_rate=RATE, on_audio=lambda u, pcm: audio[u].append(len(pcm)),
+                             on_idle=idle.append, is_ignored=lambda u: False, batch_ms=BATCH_MS)
+    receiver.set_transport(MODE_AES256_GCM, key)
+    receiver.on_speaking(1, 111, 0.0)
+    receiver.on_speaking(2, 222, 0.0)
+    a, b = alice.talk(0.36, 440), bob.talk(0.36, 300)  # 18 frames: 3 batches and 60 ms
+    for i, (pa, pb) in enumerate(zip(a, b, strict=True)):
+        receiver.handle_packet(pa, i * 0.02)
+        receiver.handle_packet(pb, i * 0.02 + 0.01)
+    batch = RATE * BATCH_MS // 1000
+    decoded = len(a) * RATE // 50  # in order: every frame decoded as it comes
+    assert decoded % batch and audio[1] == audio[2] == [batch] * (decoded // batch)
+    receiver.forget_member(1)  # opted out: the 20..80 ms batched for alice go nowhere
+    receiver.drain(1.0)
+    assert audio[1] == [batch] * (decoded // batch) and 1 not in idle
+    assert sum(audio[2]) == len(b) * RATE // 50 and idle == [2]  # bob's rest: flushed, then idle

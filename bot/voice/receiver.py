@@ -127,6 +127,7 @@ class VoiceReceiver:
         stall_fill_after: float = 1.0,
         max_ahead: float | None = None,
         fast_path: bool = True,
+        batch_ms: int = 0,
     ) -> None:
         #: libopus decodes straight to 8/12/16/24/48 kHz; other STT rates get 48 kHz here and
         #: the pipeline's resampler converts.
@@ -153,8 +154,13 @@ class VoiceReceiver:
         self._ssrcs: dict[int, _SsrcState] = {}
         self._members: dict[int, MemberTimeline] = {}
         self._c = ReceiveCounters()
+        #: batch_ms > 0 (the STT chunk length): ``on_audio`` gets each member's audio in whole
+        #: multiples of it (the rest when the member's stream ends), decoded straight into one
+        #: buffer per member instead of an array per packet; a member who opts out loses what
+        #: was batched, unsent. 0: every frame and gap as it is made.
         self._emitter = Emitter(output_rate=self.output_rate, max_ahead=self.max_ahead,
-                                counters=self._c, on_audio=on_audio)
+                                counters=self._c, on_audio=on_audio,
+                                batch_samples=self.output_rate * batch_ms // 1000)
         #: Jitter counters of streams already closed (live streams are summed on demand).
         self._closed_jitter = JitterStats()
         #: Datagrams held for op 5 and dropped with a replaced PendingPackets (reconnects).
@@ -216,7 +222,8 @@ class VoiceReceiver:
         self.speakers.on_client_disconnect(user_id)
 
     def forget_member(self, user_id: int) -> None:
-        """Drop a member's state now (e.g. they opted out mid-meeting)."""
+        """Drop a member's state now (e.g. they opted out mid-meeting); audio still batched for
+        them is discarded, never handed on."""
         for ssrc in list(self.speakers.ssrcs_for(user_id)):
             self._drop_ssrc(ssrc)
         self._members.pop(user_id, None)
@@ -392,7 +399,10 @@ class VoiceReceiver:
         del self._members[member.user_id]
         for ssrc in list(member.ssrcs):
             self._drop_ssrc(ssrc)
-        self._on_idle(member.user_id)
+        try:
+            self._emitter.flush(member)
+        finally:  # the stream ends even if handing on its last audio failed
+            self._on_idle(member.user_id)
 
     def _drop_ssrc(self, ssrc: int) -> None:
         state = self._ssrcs.pop(ssrc, None)
