@@ -14,6 +14,14 @@ packet, whatever its bytes, raises out of here: each datagram ends in exactly on
 :class:`ReceiveCounters` (decoded, or dropped by reason), or is still waiting (for its op 5,
 or in a jitter buffer); see :meth:`VoiceReceiver.counters`.
 
+The common datagram (version 2, Opus, no padding, no CSRCs, from a member already named) is
+read with one ``struct`` unpack instead of an ``RtpPacket``, and the frame due next (in order,
+nothing buffered, no gap) is decoded at once without jitter-buffer outputs
+(:meth:`~bot.voice.jitter.JitterBuffer.push_in_order`); everything else takes the general
+path. The two give byte-identical audio and counters (``fast_path=False`` turns the shortcut
+off; tests/test_receive_paths.py compares them). With ``batch_ms`` (the meeting sets the STT
+chunk length) each member's audio is decoded into one buffer and handed on in whole chunks.
+
 A member's emitted audio never runs ahead of the wall clock by more than the receiver's jitter
 window (``max_ahead``: the reorder window plus the time a stalled stream is waited for before
 silence is invented): whatever packet timestamps claim, invented samples (silence, concealment)

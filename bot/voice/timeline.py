@@ -5,7 +5,9 @@ frames are decoded, losses concealed (PLC, in-band FEC), talk-spurt gaps and rea
 turned into silence; and a member's audio never runs ahead of the wall clock by more than
 ``max_ahead``: invented samples past that bound are trimmed and frames past it dropped
 (``too_fast``), whatever packet timestamps claim. Counts go into the receiver's
-:class:`~bot.voice.counters.ReceiveCounters`.
+:class:`~bot.voice.counters.ReceiveCounters`. With ``batch_samples`` (the STT chunk) the PCM
+is collected per member, frames decoded straight into that buffer, and handed on in whole
+batches: the consumer's chunker would hold anything less anyway, so nothing arrives later.
 """
 
 from __future__ import annotations
