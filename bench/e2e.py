@@ -132,7 +132,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             return LeanReceiver(mode=packets.mode, secret_key=packets.secret_key,
                                 users={sp.ssrc: sp.user_id for sp in packets.speakers},
                                 on_chunk=on_chunk, rate=STT_RATE, chunk_ms=CHUNK_MS)
-        r = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio,
+        r = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, batch_ms=CHUNK_MS,
                           on_idle=lambda _u: None, is_ignored=lambda _u: False)
         r.set_transport(packets.mode, packets.secret_key)
         for sp in packets.speakers:

@@ -1,19 +1,18 @@
-"""Prototype: the receive path without per-packet Python objects, measured against the product.
+"""Reference prototype: the receive path with no Python around libopus, against the product.
 
-``bot.voice.receiver.VoiceReceiver`` makes, per 20 ms packet, an ``RtpPacket`` dataclass (13
-fields, header and body slices), a jitter-buffer ``Frame``, a fresh numpy array from the decoder
-and a list from the chunker; that Python is most of the ~10 µs per packet it spends above the
-floor. :class:`LeanReceiver` is the in-order fast path a receiver could take instead: unpack
-the fixed header with one ``struct`` call, look the SSRC up in a dict, the same AEAD and davey
-calls, and ``opus_decode`` through ctypes straight into the speaker's chunk buffer at its fill
-offset, so the only object made per 100 ms is the chunk's ``bytes``.
-
-What it leaves out, and a shipped version must keep: the jitter buffer for anything out of order
-or missing (the fast path applies only while ``sequence == expected`` and nothing is buffered;
-otherwise hand the packet to the existing ``JitterBuffer`` path), RTP padding, CSRCs in the
-cipher's AAD (taken from the header length here as the product does), RTCP and unknown payload
-types (dropped here by the version/payload-type check), SPEAKING-before-packets pending, and the
-stats. Those are branches on rare packets; the common packet pays for none of them.
+The product (:class:`bot.voice.receiver.VoiceReceiver`) now takes the same in-order fast path
+this prototype showed: one ``struct`` unpack of the fixed header, no ``RtpPacket`` and no
+jitter-buffer outputs for the packet due next, Opus decoded by ``OpusDecoder.decode_into``
+straight into the member's buffer, handed on in whole 100 ms chunks (``batch_ms``). What it
+keeps and this prototype does not, and what the ~2-3 µs per packet still between them pays for:
+the jitter buffer's bookkeeping (``push_in_order``), the wall-clock bound (``too_fast``,
+trimming), silence fill and idle ends on ``tick`` (this ``tick`` does nothing), the opt-out
+check before decryption, the receive counters, SPEAKING-pending packets, RTCP, padding and CSRC
+packets, and an exception guard per packet. Kept as the reference: a contender for row 1
+(``lean (prototype)``) and row 2e (``lean+batched``), to show what is left above the floor.
+:class:`LeanReceiver` unpacks the header, looks the SSRC up in a dict, makes the same AEAD and
+davey calls and calls ``opus_decode`` through ctypes at the chunk buffer's fill offset, so the
+only object made per 100 ms is the chunk's ``bytes``; anything out of order is only counted.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def per_speaker(n: int) -> dict[str, Any]:
         chunkers[user_id].push(pcm)
 
     receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, on_idle=lambda u: None,
-                             is_ignored=lambda u: False)
+                             is_ignored=lambda u: False, batch_ms=100)
     receiver.set_transport(packets.mode, packets.secret_key)
     for s in packets.speakers:
         receiver.on_speaking(s.user_id, s.ssrc, 0.0)
@@ -86,7 +86,7 @@ def hour(speakers: int, seconds: float = 3600.0) -> dict[str, Any]:
         chunks += len(chunkers[user_id].push(pcm))
 
     receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, on_idle=lambda u: None,
-                             is_ignored=lambda u: False)
+                             is_ignored=lambda u: False, batch_ms=100)
     receiver.set_transport(packets.mode, packets.secret_key)
     for s in packets.speakers:
         receiver.on_speaking(s.user_id, s.ssrc, 0.0)

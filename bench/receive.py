@@ -9,7 +9,10 @@ Contenders:
 
 * ``product``: :class:`bot.voice.receiver.VoiceReceiver` (parse, transport AEAD, DAVE, jitter
   buffer, Opus straight to 16 kHz mono) with ``tick`` every 50 ms of stream time as the adapter
-  calls it, its PCM pushed into :class:`bot.audio.convert.Chunker` (100 ms chunks).
+  calls it, handing on 100 ms of PCM at a time (``batch_ms``, as the meeting intake sets it)
+  into :class:`bot.audio.convert.Chunker` (100 ms chunks).
+* ``lean (prototype)``: :class:`bench.lean.LeanReceiver`, the fast path without the receiver's
+  bookkeeping: the reference for what is left above the floor.
 * ``floor``: the least Python can do for the same output: slice the known header, the same
   AEAD call, the same davey call, then ``opus_decode`` through ctypes straight to 16 kHz mono into
   one preallocated buffer (no parsing, no checks, no copies).
@@ -132,7 +135,7 @@ def run_product(packets: PacketSet) -> float:
         session = packets.call.session
         dave = DaveReceiver(lambda: session, lambda: 1)
     receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, on_idle=lambda _u: None,
-                             is_ignored=lambda _u: False, dave=dave)
+                             is_ignored=lambda _u: False, dave=dave, batch_ms=CHUNK_MS)
     receiver.set_transport(packets.mode, packets.secret_key)
     for s in packets.speakers:
         receiver.on_speaking(s.user_id, s.ssrc, 0.0)

@@ -225,3 +225,20 @@ def test_chunker_output_reassembles_to_exactly_the_input(sizes: list[int], chunk
         pos += n
     assert chunker.pending_samples < chunker.samples_per_chunk
     assert b"".join(out) + chunker.flush() == data.astype("<i2").tobytes()
+
+
+def test_chunker_gives_the_same_little_endian_bytes_for_any_int16_layout() -> None:
+    # The receiver's native 1-D int16 frames take a short path; a strided view must come out
+    # as the same little-endian chunks, and what is not 1-D int16 is still refused.
+    x = (np.arange(4000, dtype=np.int64) * 37 % 65536 - 32768).astype(np.int16)
+    expected = x.astype("<i2").tobytes()
+    for layout in (x, np.repeat(x, 2)[::2]):
+        chunker = Chunker(16000, 100)
+        out = b"".join(chunker.push(layout[:1000]) + chunker.push(layout[1000:]))
+        assert out + chunker.flush() == expected
+    with pytest.raises(ValueError):
+        Chunker(16000, 100).push(x.reshape(2, -1))
+    with pytest.raises(ValueError):
+        Chunker(16000, 100).push(x.astype(np.float32))
+    with pytest.raises(ValueError):
+        Chunker(16000, 100).push(x.astype(">i2"))

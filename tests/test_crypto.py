@@ -264,3 +264,44 @@ def test_any_packet_we_encrypt_decrypts_to_its_payload(
     packet = parse_rtp(cipher.encrypt(header, ext_body, payload, nonce))
     assert cipher.decrypt(packet) == payload
     assert nonce_of(packet) == nonce
+
+
+@pytest.mark.parametrize("mode", SUPPORTED_MODES)
+@given(
+    ext_words=st.none() | st.integers(0, 3),
+    claimed_words=st.none() | st.integers(0, 40),
+    csrcs=st.lists(st.integers(0, 0xFFFFFFFF), max_size=3),
+    pad=st.integers(0, 5),
+    payload=st.binary(max_size=64),
+    cut=st.integers(0, 3),
+)
+def test_decrypt_datagram_is_decrypt_of_the_parsed_packet(
+    mode: str, ext_words: int | None, claimed_words: int | None, csrcs: list[int], pad: int,
+    payload: bytes, cut: int,
+) -> None:
+    # The receiver's fast path decrypts from header offsets alone: same frame, same errors as
+    # parse_rtp + decrypt, for padding (valid or not), CSRCs, extension lengths that do or do
+    # not fit, and truncated datagrams.
+    ext = None if ext_words is None else os.urandom(4 * ext_words)
+    header, ext_body = build_rtp_header(1, 2, 3, csrcs=csrcs, extension=ext)
+    if claimed_words is not None and ext is not None:
+        header = header[:-2] + claimed_words.to_bytes(2, "big")
+    plaintext = payload
+    if pad:
+        header = bytes([header[0] | 0x20]) + header[1:]
+        plaintext += bytes(pad - 1) + bytes([pad if cut != 1 else 200])
+    cipher = TransportCipher(mode, KEY)
+    data = cipher.encrypt(header, ext_body, plaintext, 9)
+    if cut == 3:
+        data = data[:len(header) + 10]
+    packet = parse_rtp(data)
+    try:
+        expected: bytes | type[Exception] = cipher.decrypt(packet)
+    except (MalformedPacket, DecryptError) as exc:
+        expected = type(exc)
+    try:
+        got: bytes | type[Exception] = cipher.decrypt_datagram(
+            data, len(packet.header), packet.extension_words, packet.padding)
+    except (MalformedPacket, DecryptError) as exc:
+        got = type(exc)
+    assert got == expected

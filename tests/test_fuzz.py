@@ -204,14 +204,14 @@ async def next_tick(listener: VoiceListener) -> None:
 
 
 async def run_voice_case(mode: str, word: str, hostile: list[Hostile], seq0: int, ts0: int,
-                         hostile_seq0: int, hostile_ts0: int) -> None:
+                         hostile_seq0: int, hostile_ts0: int, batch_ms: int = 0) -> None:
     call = dave_call()
     cipher = TransportCipher(mode, KEY)
     clock = FakeClock()
     sink = Sink(clock)
     receiver = VoiceReceiver(sample_rate=RATE, on_audio=sink.audio, on_idle=lambda _u: None,
                              is_ignored=lambda _u: False,
-                             dave=DaveReceiver(lambda: call.session, lambda: 1))
+                             dave=DaveReceiver(lambda: call.session, lambda: 1), batch_ms=batch_ms)
     sink.max_ahead = receiver.max_ahead
     assert receiver.max_ahead <= 1.1
     listener = VoiceListener(receiver, clock=clock, tick_seconds=0.001)
@@ -272,12 +272,14 @@ async def run_voice_case(mode: str, word: str, hostile: list[Hostile], seq0: int
 @pytest.mark.parametrize("mode", [MODE_AES256_GCM, MODE_XCHACHA20])
 @VOICE_FUZZ
 @given(word=st.sampled_from(WORDS), hostile=HOSTILE_TRAFFIC, seq0=SEQ0, ts0=TS0,
-       hostile_seq0=SEQ0, hostile_ts0=TS0)
+       hostile_seq0=SEQ0, hostile_ts0=TS0, batch_ms=st.sampled_from([0, 100]))
 def test_hostile_packets_never_stop_the_clock_nor_silence_a_well_formed_speaker(
     mode: str, word: str, hostile: list[Hostile], seq0: int, ts0: int, hostile_seq0: int,
-    hostile_ts0: int,
+    hostile_ts0: int, batch_ms: int,
 ) -> None:
-    asyncio.run(run_voice_case(mode, word, hostile, seq0, ts0, hostile_seq0, hostile_ts0))
+    # batch_ms 100: audio handed on in whole chunks, as the meeting intake sets it.
+    asyncio.run(run_voice_case(mode, word, hostile, seq0, ts0, hostile_seq0, hostile_ts0,
+                               batch_ms))
 
 
 @FUZZ

@@ -248,3 +248,75 @@ def test_any_arrival_pattern_gives_a_timeline_as_long_as_the_released_span(
     assert buffer.stats.received == len(packets)
     stats = buffer.stats
     assert stats.released + stats.duplicates + stats.late + stats.stray == len(packets)
+
+
+def _state(jb: JitterBuffer) -> tuple[object, ...]:
+    return (jb._next, jb._highest, jb._cursor, jb._probation, tuple(jb._lost_recent),
+            dict(jb._pending), jb.stats.as_dict())
+
+
+# Each step: 0 the next packet, 1 skip one (loss), 2 swap with the next (reorder), 3 repeat the
+# last (duplicate), 4 a talk-spurt gap (timestamp jump), 5 a timestamp overlap, 6 one stray
+# packet far away, 7 drain (nothing arrived for a while), 8 a restart far away (confirmed).
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF),
+       st.lists(st.integers(0, 8), min_size=1, max_size=120))
+def test_push_in_order_is_push_without_the_output_objects(seq0: int, ts0: int,
+                                                           steps: list[int]) -> None:
+    fast, general = JitterBuffer(), JitterBuffer()
+    seq, ts = seq0, ts0
+    sent: list[tuple[int, int, bytes]] = []
+    packets: list[tuple[int, int, bytes] | None] = []  # None: drain here
+    for step in steps:
+        if step == 1:
+            seq, ts = seq + 1, ts + SPF
+        elif step == 4:
+            ts += 40 * SPF
+        elif step == 5:
+            ts -= SPF // 2
+        elif step == 8:
+            seq += 20000
+        if step == 6:
+            packets.append(((seq + 20000) & 0xFFFF, ts & 0xFFFFFFFF, b"stray"))
+            continue
+        if step == 7:
+            packets.append(None)
+            continue
+        packet = ((seq & 0xFFFF), ts & 0xFFFFFFFF, _payload(seq))
+        if step == 3 and sent:
+            packet = sent[-1]
+        sent.append(packet)
+        packets.append(packet)
+        if step == 2 and len(packets) >= 2 and packets[-2] is not None:
+            packets[-2:] = packets[-1:-3:-1]
+        if step != 3:
+            seq, ts = seq + 1, ts + SPF
+    taken = 0
+    for item in packets:
+        if item is None:
+            assert fast.drain() == general.drain()
+        else:
+            s, t, payload = item
+            expected = general.push(s, t, payload)
+            if fast.push_in_order(s, t):
+                taken += 1
+                assert expected == [Frame(payload, t)]
+            else:
+                assert fast.push(s, t, payload) == expected
+        assert _state(fast) == _state(general)
+    assert fast.drain(force=True) == general.drain(force=True)
+    if set(steps) == {0}:  # in order: all but the first window's packets take the fast step
+        assert taken == max(0, len(steps) - fast.window)
+
+
+def test_push_in_order_takes_the_common_packet_and_nothing_else() -> None:
+    jb = JitterBuffer(window_packets=3)
+    packets = _packets(65534, 2**32 - 960, 8)
+    assert not any(jb.push_in_order(s, t) for s, t, _ in packets[:1])  # position unknown
+    for s, t, p in packets[:3]:
+        jb.push(s, t, p)
+    assert [jb.push_in_order(s, t) for s, t, _ in packets[3:5]] == [True, True]  # wraps
+    s, t, _ = packets[6]
+    assert not jb.push_in_order(s, t)  # one missing before it
+    s, t, _ = packets[5]
+    assert not jb.push_in_order(s, t + 960)  # a timestamp gap: Silence is due first
+    assert jb.push_in_order(s, t) and jb.stats.released == 6 and jb.stats.received == 6

@@ -108,6 +108,26 @@ def test_decode_into_writes_the_callers_buffer_and_matches_decode(
         assert np.array_equal(buf[:n], b.decode(packet))
 
 
+def test_decode_into_at_an_offset_fills_one_buffer_frame_after_frame(
+    tone_packets: list[bytes],
+) -> None:
+    # The receiver's batching: consecutive frames decoded end to end into one buffer, stereo
+    # offsets counted in sample frames; what is before the offset is left alone.
+    for channels in (1, 2):
+        a, b = OpusDecoder(16000, channels), OpusDecoder(16000, channels)
+        buf = np.full((1600 + a.max_frame_samples) * channels, 7, dtype=np.int16)
+        fill = 0
+        for packet in tone_packets[:5]:
+            fill += a.decode_into(packet, buf, fill)
+        expected = np.concatenate([b.decode(p) for p in tone_packets[:5]])
+        assert fill == 1600 and np.array_equal(buf[:fill * channels], expected)
+        assert (buf[fill * channels:] == 7).all()
+        with pytest.raises(ValueError):  # less than 2.5 ms of room left, or before the start
+            a.decode_into(tone_packets[5], buf, len(buf) // channels - 10)
+        with pytest.raises(ValueError):
+            a.decode_into(tone_packets[5], buf, -1)
+
+
 def test_decode_into_refuses_buffers_it_cannot_write() -> None:
     dec = OpusDecoder(16000, 1)
     with pytest.raises(TypeError):

@@ -23,7 +23,6 @@ from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.opus import OPUS_SILENCE_FRAME, OpusDecoder
 from bot.voice.receiver import FRAME_SAMPLES_48K, ReceiveCounters, VoiceReceiver
-from bot.voice.rtp import RtpPacket
 
 MODES = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
 RATE = 16000
@@ -66,6 +65,9 @@ class Member:
 
 
 class Harness:
+    #: The receiver's fast path on or off; the ``paths`` fixture runs every test both ways.
+    fast_path = True
+
     def __init__(self, mode: str = MODES[0], *, ignored: set[int] | None = None,
                  idle_timeout: float = 5.0) -> None:
         self.key = os.urandom(32)
@@ -78,6 +80,7 @@ class Harness:
             on_idle=self.idle.append,
             is_ignored=lambda uid: uid in (ignored or set()),
             idle_timeout=idle_timeout,
+            fast_path=self.fast_path,
         )
         self.receiver.set_transport(mode, self.key)
         self.now = 1000.0
@@ -91,6 +94,13 @@ class Harness:
     def pcm(self, user_id: int) -> np.ndarray:
         parts = self.audio.get(user_id, [])
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["fast", "general"])
+def paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every behaviour here holds with the receiver's fast path and without it (the general
+    path alone: parse_rtp and jitter outputs for every packet)."""
+    monkeypatch.setattr(Harness, "fast_path", request.param)
 
 
 def dominant(pcm: np.ndarray, rate: int = RATE) -> float:
@@ -186,13 +196,14 @@ def test_opted_out_members_are_never_decrypted_or_decoded(monkeypatch: pytest.Mo
     dave_users: list[int] = []
     decoders: list[OpusDecoder] = []
     decodes: list[OpusDecoder] = []
-    real_decrypt, real_dave = TransportCipher.decrypt, DaveReceiver.decrypt
+    real_decrypt, real_dave = TransportCipher.decrypt_datagram, DaveReceiver.decrypt
     real_init, real_decode, real_conceal = (OpusDecoder.__init__, OpusDecoder.decode,
                                             OpusDecoder.conceal)
 
-    def decrypt(self: TransportCipher, packet: RtpPacket) -> bytes:
-        decrypted_ssrcs.append(packet.ssrc)
-        return real_decrypt(self, packet)
+    def decrypt(self: TransportCipher, data: bytes, header_size: int, extension_words: int,
+                padding: bool = False) -> bytes:
+        decrypted_ssrcs.append(int.from_bytes(data[8:12], "big"))
+        return real_decrypt(self, data, header_size, extension_words, padding)
 
     def dave_decrypt(self: DaveReceiver, user_id: int, frame: bytes) -> bytes | None:
         dave_users.append(user_id)
@@ -210,7 +221,7 @@ def test_opted_out_members_are_never_decrypted_or_decoded(monkeypatch: pytest.Mo
         decodes.append(self)
         return real_conceal(self, samples)
 
-    monkeypatch.setattr(TransportCipher, "decrypt", decrypt)
+    monkeypatch.setattr(TransportCipher, "decrypt_datagram", decrypt)
     monkeypatch.setattr(DaveReceiver, "decrypt", dave_decrypt)
     monkeypatch.setattr(OpusDecoder, "__init__", init)
     monkeypatch.setattr(OpusDecoder, "decode", decode)

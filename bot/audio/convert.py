@@ -49,6 +49,8 @@ MAX_IN_RATE: Final = 384000
 Quality = Literal["HQ", "VHQ"]
 
 Int16Array = npt.NDArray[np.int16]
+#: int16 little-endian: what ``audio-chunk`` carries (the native int16 dtype on x86 and ARM).
+_LE_INT16: Final = np.dtype("<i2")
 Float32Array = npt.NDArray[np.float32]
 
 
@@ -196,14 +198,19 @@ class Chunker:
 
     def push(self, mono_int16: Int16Array) -> list[bytes]:
         """Add samples; return every chunk now complete (possibly none)."""
-        x = np.asarray(mono_int16)
-        if x.dtype != np.int16 or x.ndim != 1:
-            raise ValueError(f"expected 1-D int16 mono samples, got {x.dtype} {x.shape}")
-        self._buf += x.astype("<i2", copy=False).tobytes()
-        n = len(self._buf) // self._chunk_bytes
-        if n == 0:
-            return []
+        x = mono_int16
+        if type(x) is np.ndarray and x.dtype is _LE_INT16 and x.ndim == 1:
+            # The voice receiver's case (one 20 ms frame per call): no conversion to check.
+            self._buf += x.tobytes()
+        else:
+            x = np.asarray(x)
+            if x.dtype != np.int16 or x.ndim != 1:
+                raise ValueError(f"expected 1-D int16 mono samples, got {x.dtype} {x.shape}")
+            self._buf += x.astype("<i2", copy=False).tobytes()
         size = self._chunk_bytes
+        if len(self._buf) < size:
+            return []
+        n = len(self._buf) // size
         chunks = [bytes(self._buf[i * size:(i + 1) * size]) for i in range(n)]
         del self._buf[: n * size]
         return chunks

@@ -70,6 +70,8 @@ class VoiceIntake:
             is_ignored=is_ignored,
             jitter_packets=max(1, config.voice.jitter_ms // 20),
             idle_timeout=config.voice.idle_timeout,
+            # Audio in whole STT chunks: the pipeline's chunker would hold anything less.
+            batch_ms=config.stt.chunk_ms,
         )
         self.listener = VoiceListener(
             self.receiver,

@@ -29,7 +29,7 @@ from nacl.bindings import (
 )
 
 from bot.errors import VoiceError
-from bot.voice.rtp import RtpPacket, strip_extension_body
+from bot.voice.rtp import MalformedPacket, RtpPacket, strip_extension_body, strip_payload
 
 MODE_AES256_GCM = "aead_aes256_gcm_rtpsize"
 MODE_XCHACHA20 = "aead_xchacha20_poly1305_rtpsize"
@@ -156,6 +156,22 @@ class TransportCipher:
         return self._impl.decrypt(
             body[-NONCE_SUFFIX_SIZE:], body[:-NONCE_SUFFIX_SIZE], packet.header
         )
+
+    def decrypt_datagram(self, data: bytes, header_size: int, extension_words: int,
+                         padding: bool = False) -> bytes:
+        """:meth:`decrypt` of a whole datagram whose clear header is ``data[:header_size]``:
+        the same checks and result, without an :class:`RtpPacket` (the receiver's fast path).
+        """
+        if len(data) - header_size < TAG_SIZE + NONCE_SUFFIX_SIZE:
+            raise DecryptError(f"encrypted body too short ({len(data) - header_size} bytes)")
+        plain = self._impl.decrypt(data[-NONCE_SUFFIX_SIZE:], data[header_size:-NONCE_SUFFIX_SIZE],
+                                   data[:header_size])
+        if padding:
+            return strip_payload(plain, extension_words, padding)
+        start = 4 * extension_words  # strip_payload without padding, inlined (every packet)
+        if start > len(plain):
+            raise MalformedPacket(f"extension body ({start} bytes) longer than the payload")
+        return plain[start:] if start else plain
 
     def encrypt(self, header: bytes, ext_body: bytes, payload: bytes, nonce: int) -> bytes:
         """The full packet exactly as Discord/discord.py send it.

@@ -180,6 +180,31 @@ class JitterBuffer:
         self._release(out, flush=False)
         return out
 
+    def push_in_order(self, sequence: int, timestamp: int) -> bool:
+        """The common packet in one step: True when this packet is exactly the one due next
+        (nothing waiting, no gap before it). It is then accounted as released, exactly as if
+        :meth:`push` had returned ``[Frame(payload, timestamp)]``, and the caller decodes its
+        payload at once; no output objects are made. False: nothing changed, use :meth:`push`.
+        """
+        nxt = self._next
+        cursor = self._cursor
+        if nxt is None or cursor is None or self._pending or sequence != nxt & 0xFFFF:
+            return False
+        # push() inserts nothing before a frame whose timestamp is at or before the cursor
+        # (overlap); anything later is a gap (Lost/Silence) and takes the general path.
+        ahead = (timestamp - cursor) & 0xFFFFFFFF
+        if 0 < ahead < 0x80000000:
+            return False
+        stats = self.stats
+        stats.received += 1
+        stats.released += 1
+        # With nothing pending, _highest == _next - 1: push() would set both the same way.
+        self._highest = nxt
+        self._next = nxt + 1
+        self._cursor = (timestamp + self.samples_per_frame) % _TS_MOD
+        self._probation = None
+        return True
+
     def drain(self, force: bool = False) -> list[JitterOutput]:
         """Release everything waiting, declaring holes lost (nothing arrived for a while).
 

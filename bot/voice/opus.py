@@ -269,15 +269,19 @@ class OpusDecoder:
             raise OpusError(n, "opus_decode")
         return self._buf[: n * self.channels].copy()
 
-    def decode_into(self, packet: bytes, out: Int16Array) -> int:
-        """Decode into the caller's int16 buffer (room for up to ``out.size // channels``
-        samples per channel); returns samples per channel written. The allocation-free path."""
+    def decode_into(self, packet: bytes, out: Int16Array, offset: int = 0) -> int:
+        """Decode into the caller's int16 buffer from sample frame ``offset`` on (room for up to
+        ``out.size // channels - offset`` samples per channel); returns samples per channel
+        written. The allocation-free path: a buffer used again is not checked again."""
         if out is not self._out:
             self._bind_out(out)
         if not packet:  # libopus would silently run PLC for an empty packet
             raise ValueError("decode_into() needs a packet; use conceal() for a lost one")
+        room = self._out_frames - offset
+        if offset < 0 or room < self._plc_unit:
+            raise ValueError(f"offset {offset} leaves no room in a {self._out_frames}-frame buffer")
         n: int = self._opus_decode(
-            self._state, packet, len(packet), self._out_ptr, self._out_frames, 0
+            self._state, packet, len(packet), self._out_ptr + offset * 2 * self.channels, room, 0
         )
         if n < 0:
             raise OpusError(n, "opus_decode")

@@ -14,6 +14,14 @@ packet, whatever its bytes, raises out of here: each datagram ends in exactly on
 :class:`ReceiveCounters` (decoded, or dropped by reason), or is still waiting (for its op 5,
 or in a jitter buffer); see :meth:`VoiceReceiver.counters`.
 
+The common datagram (version 2, Opus, no padding, no CSRCs, from a member already named) is
+read with one ``struct`` unpack instead of an ``RtpPacket``, and the frame due next (in order,
+nothing buffered, no gap) is decoded at once without jitter-buffer outputs
+(:meth:`~bot.voice.jitter.JitterBuffer.push_in_order`); everything else takes the general
+path. The two give byte-identical audio and counters (``fast_path=False`` turns the shortcut
+off; tests/test_receive_paths.py compares them). With ``batch_ms`` (the meeting sets the STT
+chunk length) each member's audio is decoded into one buffer and handed on in whole chunks.
+
 A member's emitted audio never runs ahead of the wall clock by more than the receiver's jitter
 window (``max_ahead``: the reorder window plus the time a stalled stream is waited for before
 silence is invented): whatever packet timestamps claim, invented samples (silence, concealment)
@@ -31,6 +39,7 @@ and of the right length. After ``idle_timeout`` without packets the member's str
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -43,7 +52,7 @@ from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.jitter import Frame, JitterBuffer, JitterStats
 from bot.voice.opus import OPUS_SAMPLE_RATES, OpusDecoder
-from bot.voice.rtp import MalformedPacket, RtpPacket, is_rtcp, parse_rtp
+from bot.voice.rtp import RTP_HEADER_SIZE, MalformedPacket, is_rtcp, parse_rtp
 from bot.voice.speakers import PendingPackets, SpeakerMap
 from bot.voice.timeline import (
     FRAME_SAMPLES_48K,
@@ -61,6 +70,14 @@ log = logging.getLogger(__name__)
 
 #: Discord's audio payload type (0x78 = 120).
 OPUS_PAYLOAD_TYPE = 0x78
+#: The fast path's packets: first byte version 2 with only the extension bit (0x90) or
+#: nothing (0x80) set: no padding, no CSRCs. Anything else takes the general path.
+_B0_EXTENSION = 0x90
+_B0_PLAIN = 0x80
+#: Shorter datagrams cannot hold header, tag and nonce: the general path counts them.
+_FAST_MIN_SIZE = RTP_HEADER_SIZE + 4
+_FIXED = struct.Struct(">BBHII")
+_U16 = struct.Struct(">H")
 #: At most one log line per this many seconds for an unexpected error (a bug) per packet.
 ERROR_LOG_INTERVAL = 30.0
 
@@ -69,14 +86,15 @@ IdleCallback = Callable[[int], None]
 
 
 def _decrypt(cipher: TransportCipher | None, dave: DaveReceiver | None, user_id: int,
-             packet: RtpPacket, c: ReceiveCounters) -> bytes | None:
-    """The packet's Opus frame: transport AEAD, then DAVE (per member); None when either fails,
-    counted by reason."""
+             data: bytes, header_size: int, extension_words: int, padding: bool,
+             c: ReceiveCounters) -> bytes | None:
+    """The datagram's Opus frame: transport AEAD, then DAVE (per member); None when either
+    fails, counted by reason."""
     if cipher is None:
         c.no_key += 1
         return None
     try:
-        frame = cipher.decrypt(packet)
+        frame = cipher.decrypt_datagram(data, header_size, extension_words, padding)
     except DecryptError:
         c.bad_tag += 1
         return None
@@ -116,6 +134,8 @@ class VoiceReceiver:
         fill_after: float = 0.12,
         stall_fill_after: float = 1.0,
         max_ahead: float | None = None,
+        fast_path: bool = True,
+        batch_ms: int = 0,
     ) -> None:
         #: libopus decodes straight to 8/12/16/24/48 kHz; other STT rates get 48 kHz here and
         #: the pipeline's resampler converts.
@@ -123,6 +143,9 @@ class VoiceReceiver:
         self._on_idle = on_idle
         self._is_ignored = is_ignored
         self.dave = dave
+        #: False: every packet takes the general path (parse_rtp, jitter outputs); the tests
+        #: run both and compare (same PCM, same counters).
+        self._fast_path = fast_path
         self._jitter_packets = jitter_packets
         self._idle_timeout = idle_timeout
         self._fill_after = fill_after
@@ -139,8 +162,13 @@ class VoiceReceiver:
         self._ssrcs: dict[int, _SsrcState] = {}
         self._members: dict[int, MemberTimeline] = {}
         self._c = ReceiveCounters()
+        #: batch_ms > 0 (the STT chunk length): ``on_audio`` gets each member's audio in whole
+        #: multiples of it (the rest when the member's stream ends), decoded straight into one
+        #: buffer per member instead of an array per packet; a member who opts out loses what
+        #: was batched, unsent. 0: every frame and gap as it is made.
         self._emitter = Emitter(output_rate=self.output_rate, max_ahead=self.max_ahead,
-                                counters=self._c, on_audio=on_audio)
+                                counters=self._c, on_audio=on_audio,
+                                batch_samples=self.output_rate * batch_ms // 1000)
         #: Jitter counters of streams already closed (live streams are summed on demand).
         self._closed_jitter = JitterStats()
         #: Datagrams held for op 5 and dropped with a replaced PendingPackets (reconnects).
@@ -202,7 +230,8 @@ class VoiceReceiver:
         self.speakers.on_client_disconnect(user_id)
 
     def forget_member(self, user_id: int) -> None:
-        """Drop a member's state now (e.g. they opted out mid-meeting)."""
+        """Drop a member's state now (e.g. they opted out mid-meeting); audio still batched for
+        them is discarded, never handed on."""
         for ssrc in list(self.speakers.ssrcs_for(user_id)):
             self._drop_ssrc(ssrc)
         self._members.pop(user_id, None)
@@ -211,26 +240,66 @@ class VoiceReceiver:
 
     def handle_packet(self, data: bytes, now: float) -> None:
         """One UDP datagram from the voice socket. Never raises."""
-        self._c.received += 1
+        c = self._c
+        c.received += 1
         self.last_packet_at = now
-        if is_rtcp(data):
-            self._c.rtcp += 1
-            return
-        self._route_safely(data, now)
+        try:
+            if self._fast_path and self._route_fast(data, now):
+                return
+            if is_rtcp(data):
+                c.rtcp += 1
+                return
+            self._route(data, now)
+        except Exception:  # a bug, not the packet's fault: count it, log it now and then
+            self._internal_error()
 
     def _route_safely(self, data: bytes, now: float) -> None:
         try:
             self._route(data, now)
-        except Exception:  # a bug, not the packet's fault: count it, log it now and then
-            self._c.internal_error += 1
-            wall = time.monotonic()
-            if self._error_logged_at is None or wall - self._error_logged_at > ERROR_LOG_INTERVAL:
-                self._error_logged_at = wall
-                log.exception("voice receive: unexpected error on a packet (%d so far)",
-                              self._c.internal_error)
+        except Exception:
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        self._c.internal_error += 1
+        wall = time.monotonic()
+        if self._error_logged_at is None or wall - self._error_logged_at > ERROR_LOG_INTERVAL:
+            self._error_logged_at = wall
+            log.exception("voice receive: unexpected error on a packet (%d so far)",
+                          self._c.internal_error)
+
+    def _route_fast(self, data: bytes, now: float) -> bool:
+        """The common datagram without an :class:`RtpPacket`: version 2, Opus, no padding, no
+        CSRCs, no marker, at most the extension header, from a member op 5 already named.
+        False (nothing done, nothing counted) for anything else: :meth:`_route` takes it."""
+        if type(data) is not bytes or len(data) < _FAST_MIN_SIZE:
+            return False
+        b0, b1, sequence, timestamp, ssrc = _FIXED.unpack_from(data)
+        if b1 != OPUS_PAYLOAD_TYPE:
+            return False
+        if b0 == _B0_EXTENSION:
+            header_size = RTP_HEADER_SIZE + 4
+            words = _U16.unpack_from(data, RTP_HEADER_SIZE + 2)[0]
+        elif b0 == _B0_PLAIN:
+            header_size = RTP_HEADER_SIZE
+            words = 0
+        else:
+            return False
+        user_id = self.speakers.user_for(ssrc)
+        if user_id is None:
+            return False  # held for its op 5 by the general path
+        if self._is_ignored(user_id):
+            self._c.ignored += 1
+            return True
+        frame = _decrypt(self._cipher, self.dave, user_id, data, header_size, words, False,
+                         self._c)
+        if frame is not None:
+            self._deliver(ssrc, user_id, sequence, timestamp, frame, now)
+        return True
 
     def _route(self, data: bytes, now: float) -> None:
         c = self._c
+        if type(data) is not bytes:  # bytearray/memoryview: one copy so slices are bytes
+            data = bytes(data)
         try:
             packet = parse_rtp(data)
         except MalformedPacket:
@@ -247,18 +316,29 @@ class VoiceReceiver:
         if self._is_ignored(user_id):
             c.ignored += 1
             return
-        frame = _decrypt(self._cipher, self.dave, user_id, packet, c)
-        if frame is None:
-            return
-        state = self._ssrcs.get(packet.ssrc)
+        frame = _decrypt(self._cipher, self.dave, user_id, data, len(packet.header),
+                         packet.extension_words, packet.padding, c)
+        if frame is not None:
+            self._deliver(packet.ssrc, user_id, packet.sequence, packet.timestamp, frame, now)
+
+    def _deliver(self, ssrc: int, user_id: int, sequence: int, timestamp: int, frame: bytes,
+                 now: float) -> None:
+        """A decrypted frame into its SSRC's jitter buffer and on to the member's timeline."""
+        state = self._ssrcs.get(ssrc)
         if state is None or state.user_id != user_id:
             if state is not None:
-                self._drop_ssrc(packet.ssrc)
-            state = self._new_ssrc(packet.ssrc, user_id, now)
+                self._drop_ssrc(ssrc)
+            state = self._new_ssrc(ssrc, user_id, now)
         state.last_packet = now
-        member = self._member(user_id, now)
+        member = self._members.get(user_id)
+        if member is None:
+            member = self._member(user_id, now)
         member.last_packet = now
-        outs = state.jitter.push(packet.sequence, packet.timestamp, frame)
+        if self._fast_path and state.jitter.push_in_order(sequence, timestamp):
+            # Exactly the frame due next: decoded at once, no jitter outputs made.
+            self._emitter.emit_frame(state.decoder, member, frame, now)
+            return
+        outs = state.jitter.push(sequence, timestamp, frame)
         self._emitter.emit_all(state.decoder, member, outs, now)
 
     def _new_ssrc(self, ssrc: int, user_id: int, now: float) -> _SsrcState:
@@ -327,7 +407,10 @@ class VoiceReceiver:
         del self._members[member.user_id]
         for ssrc in list(member.ssrcs):
             self._drop_ssrc(ssrc)
-        self._on_idle(member.user_id)
+        try:
+            self._emitter.flush(member)
+        finally:  # the stream ends even if handing on its last audio failed
+            self._on_idle(member.user_id)
 
     def _drop_ssrc(self, ssrc: int) -> None:
         state = self._ssrcs.pop(ssrc, None)

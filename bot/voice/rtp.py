@@ -124,11 +124,17 @@ def strip_extension_body(plaintext: bytes, packet: RtpPacket) -> bytes:
     (RFC 3550 section 5.1) and those are dropped too. Raises :class:`MalformedPacket` when the
     lengths do not fit.
     """
-    start = 4 * packet.extension_words
+    return strip_payload(plaintext, packet.extension_words, packet.padding)
+
+
+def strip_payload(plaintext: bytes, extension_words: int, padding: bool) -> bytes:
+    """:func:`strip_extension_body` from the header fields alone (the receiver's fast path
+    reads them without building an :class:`RtpPacket`)."""
+    start = 4 * extension_words
     end = len(plaintext)
     if start > end:
         raise MalformedPacket(f"extension body ({start} bytes) longer than the payload ({end})")
-    if packet.padding:
+    if padding:
         pad = plaintext[-1] if end else 0
         if pad == 0 or start + pad > end:
             raise MalformedPacket(f"invalid RTP padding count {pad}")
