@@ -131,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                "server's CPU is not the client's latency. " if pinned else
                "Server and client NOT pinned (fewer than 2 CPUs or no sched_setaffinity): the "
                "server's CPU competes with the client's. ") +
-              "Send paths interleaved on the same sessions: product = SttSession.send_audio; "
-              "batched = the prototype in bench/uplink.py (one flush task per loop iteration "
-              "writes pre-encoded frames).\n")
+              "Send path: SttSession.send_audio (each chunk one websocket frame written by the "
+              "session's sender task).\n")
         print(table(
             ["sessions", "send path", "client CPU % of a core", "µs CPU / session-second",
              "CPU vs product per round", "server CPU %", "send lag p50 / p99 / max (ms)",
@@ -156,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## 2e. End to end in one process: {SIZING} speakers' packets -> VoiceReceiver "
               "-> Chunker -> SttSession -> loopback server (pinned as in row 2; AES-GCM, "
               "DAVE off; UDP reads not included)\n")
-        print("product: as shipped. batched: the send path of bench/uplink.py. lean+batched: "
-              "also the receive fast path of bench/lean.py (no per-packet Python objects). "
-              "Prototypes are not shipped; they measure proposed changes. CPU is per second of "
-              "audio handled; lag runs from the moment the chunk's last packet was due.\n")
+        print("product: as shipped. lean: the receive prototype of bench/lean.py (no receiver "
+              "bookkeeping), into the same sessions; not shipped, it shows what is left above "
+              "the floor. CPU is per second of audio handled; lag runs from the moment the "
+              "chunk's last packet was due.\n")
         print(table(
             ["speakers", "send path", "process CPU % of a core", "µs CPU / speaker-second",
              "speakers / core", "CPU vs product per round",
@@ -266,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     speakers_per_core = latency = None
     up = next((u for u in upstream if u.sessions == SIZING and u.variant == "product"),
               upstream[0] if upstream else None)
-    batched = next((u for u in upstream if u.sessions == SIZING and u.variant == "batched"),
-                   None)
     if product is not None and up is not None:
         per_speaker_us = product.us_per_packet * 50 + up.us_per_session_second
         speakers_per_core = 1e6 / per_speaker_us
@@ -279,15 +276,11 @@ def main(argv: list[str] | None = None) -> int:
              f" = {_f(product.us_per_packet * 50 / 1000, 2)} receive + "
              f"{_f(up.us_per_session_second / 1000, 2)} upstream at {up.sessions} sessions)",
              "yes" if speakers_per_core >= 400 else "no"],
-            *([["(prototype) the same with the batched send path of bench/uplink.py",
-                f"{1e6 / (product.us_per_packet * 50 + batched.us_per_session_second):.0f} "
-                f"({_f(batched.us_per_session_second / 1000, 2)} ms upstream)",
-                "not shipped"]] if batched else []),
-            *([["(prototype) lean receive path of bench/lean.py + the batched send path",
-                f"{1e6 / (lean.us_per_packet * 50 + batched.us_per_session_second):.0f} "
+            *([["(prototype) the same with the lean receive path of bench/lean.py",
+                f"{1e6 / (lean.us_per_packet * 50 + up.us_per_session_second):.0f} "
                 f"({_f(lean.us_per_packet * 50 / 1000, 2)} ms receive, "
                 f"{_ratio(lean.ratio, lean.ratio_spread)} the floor)",
-                "not shipped"]] if batched and lean else []),
+                "not shipped"]] if lean else []),
             ["receive path ≤ 1.5x the libopus floor",
              _ratio(floor_ratio, product.ratio_spread) if floor_ratio else "?",
              "yes" if floor_ratio and floor_ratio <= 1.5 else "no"],
@@ -295,9 +288,6 @@ def main(argv: list[str] | None = None) -> int:
              f"one chunk + {latency:.2f} ms (p99, {up.sessions} sessions"
              f"{', pinned' if up.pinned else ''})",
              "yes" if latency <= 5 else "no"],
-            *([["(prototype) the same with the batched send path",
-                f"one chunk + {batched.lag_p99_ms + product.us_per_packet / 1000:.2f} ms",
-                "not shipped"]] if batched else []),
             *([[f"end to end (row 2e, {e.variant}, {e.speakers} speakers in one process): "
                  "≥ 400 speakers / core; ≤ one chunk + 5 ms p99",
                  f"{e.speakers_per_core:.0f} / core; one chunk + {e.lag_p99_ms:.2f} ms"

@@ -8,8 +8,9 @@ millisecond), the decoded 16 kHz audio goes through a :class:`bot.audio.convert.
 speaker into that speaker's real :class:`bot.stt.session.SttSession`, which streams it to
 :mod:`bench.chunk_server` in another process (pinned to another CPU when there are two).
 
-Measured per send path (``product``: ``SttSession.send_audio``; ``batched``: the prototype in
-:mod:`bench.uplink`), interleaved on the same sessions: this process's CPU per speaker-second
+Measured per variant (``product``: :class:`~bot.voice.receiver.VoiceReceiver` as the meeting
+intake sets it up; ``lean``: the receive prototype :class:`bench.lean.LeanReceiver`), both into
+``SttSession.send_audio``, interleaved on the same sessions: this process's CPU per speaker-second
 (everything: receive, convert, upstream, driver) -> speakers per core without any adding up,
 and the lag from the moment the packet completing a chunk was due (its arrival time) to the
 chunk's arrival at the server: what "audio at the STT socket <= one chunk + 5 ms after its
@@ -49,11 +50,11 @@ START_BATCH: Final = 50
 WARMUP_S: Final = 1.0
 _HEAD = struct.Struct("<II")
 _PACKET_S: Final = 1 / PACKETS_PER_SECOND
-#: product: VoiceReceiver -> Chunker -> SttSession.send_audio; batched: the same into
-#: bench.uplink.BatchedUplink; lean+batched: bench.lean.LeanReceiver (chunks straight out of
-#: libopus) into BatchedUplink. Each phase gets a fresh receiver and chunkers (a receiver that
-#: sat out a phase would see the other phases' packets as lost and conceal them).
-VARIANTS: Final = ("product", "batched", "lean+batched")
+#: product: VoiceReceiver -> Chunker -> SttSession.send_audio; lean: bench.lean.LeanReceiver
+#: (chunks straight out of libopus) into the same sessions. Each phase gets a fresh receiver
+#: and chunkers (a receiver that sat out a phase would see the other phases' packets as lost
+#: and conceal them).
+VARIANTS: Final = ("product", "lean")
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,6 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
     """``speakers`` speakers end to end, ``seconds`` measured per variant (split into
     ``repeats`` rounds of the ``variants`` in alternating order) after a warm-up; see the
     module docstring. The recording must cover warm-up + seconds x variants."""
-    from bench.uplink import BatchedUplink
-
     frames_needed = int((WARMUP_S + seconds * len(variants) + 0.5) * PACKETS_PER_SECOND)
     if len(rec.opus) < frames_needed:
         raise ValueError(f"recording too short: {len(rec.opus)} frames, need {frames_needed}")
@@ -102,24 +101,18 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
 
     clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
                           speaker=f"s{i}", on_event=on_event) for i in range(speakers)]
-    uplink = BatchedUplink()
     chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
     counters = [0] * speakers
     sent_at: dict[tuple[int, int], tuple[float, int]] = {}
     phase_no = -1
     current_due = 0.0
-    variant = variants[0]
 
     def on_chunk(user_id: int, chunk: bytes) -> None:
         s = index_of[user_id]
         k = counters[s]
         counters[s] = k + 1
         sent_at[(s, k)] = (current_due, phase_no)
-        data = _HEAD.pack(s, k) + chunk[_HEAD.size:]
-        if variant == "product":
-            clients[s].send_audio(data)
-        else:
-            uplink.send_audio(clients[s], data)
+        clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
 
     def on_audio(user_id: int, pcm: np.ndarray) -> None:
         for chunk in chunkers[index_of[user_id]].push(pcm):
@@ -128,7 +121,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
     def new_receiver(v: str) -> VoiceReceiver | LeanReceiver:
         nonlocal chunkers
         chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
-        if v == "lean+batched":
+        if v == "lean":
             return LeanReceiver(mode=packets.mode, secret_key=packets.secret_key,
                                 users={sp.ssrc: sp.user_id for sp in packets.speakers},
                                 on_chunk=on_chunk, rate=STT_RATE, chunk_ms=CHUNK_MS)
@@ -160,7 +153,6 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             _close(receiver, problems)
             receiver = new_receiver(v)
             handle, tick = receiver.handle_packet, receiver.tick
-            variant = v
             phase_no = len(phases) if measured else -1
             # Each phase gets its own wall time; a backlog left by the previous phase is
             # re-timed (not dropped) so that it is not charged to this one.
@@ -193,7 +185,6 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
                                pos - pos0))
         _close(receiver, problems)
         await asyncio.sleep(0.5)
-        await uplink.aclose()
         import aiohttp
 
         async with aiohttp.ClientSession() as http:

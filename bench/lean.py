@@ -9,7 +9,7 @@ the jitter buffer's bookkeeping (``push_in_order``), the wall-clock bound (``too
 trimming), silence fill and idle ends on ``tick`` (this ``tick`` does nothing), the opt-out
 check before decryption, the receive counters, SPEAKING-pending packets, RTCP, padding and CSRC
 packets, and an exception guard per packet. Kept as the reference: a contender for row 1
-(``lean (prototype)``) and row 2e (``lean+batched``), to show what is left above the floor.
+(``lean (prototype)``) and row 2e (``lean``), to show what is left above the floor.
 :class:`LeanReceiver` unpacks the header, looks the SSRC up in a dict, makes the same AEAD and
 davey calls and calls ``opus_decode`` through ctypes at the chunk buffer's fill offset, so the
 only object made per 100 ms is the chunk's ``bytes``; anything out of order is only counted.

@@ -111,9 +111,10 @@ def _chunk(session: int, index: int, audio: bytes) -> bytes:
     return _HEAD.pack(session, index) + audio[_HEAD.size:]
 
 
-#: The send paths row 2 compares: the product's (``SttSession.send_audio``) and the batched
-#: prototype (:class:`bench.uplink.BatchedUplink`).
-VARIANTS: Final = ("product", "batched")
+#: The send paths row 2 can compare; today only the product's (``SttSession.send_audio``): the
+#: batched prototype it was measured against is what the product now does per chunk (a direct
+#: websocket write), so it was removed.
+VARIANTS: Final = ("product",)
 #: Pause between interleaved phases, not measured: chunks of the last phase land meanwhile.
 SETTLE_S: Final = 0.2
 
@@ -163,8 +164,6 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
                        audio: bytes | None = None, *, variants: tuple[str, ...] = VARIANTS,
                        repeats: int = 3) -> dict[str, UpstreamResult]:
     """The send ``variants`` interleaved on the same sessions; see :func:`run_upstream`."""
-    from bench.uplink import BatchedUplink
-
     url = server.url
     fd_limit = raise_fd_limit()
     if fd_limit < 2 * sessions + 64:
@@ -180,7 +179,6 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
 
     clients = [SttSession(url=url, api_key="bench", sample_rate=STT_RATE, speaker=f"s{i}",
                           on_event=on_event) for i in range(sessions)]
-    uplink = BatchedUplink()
     sent_at: dict[tuple[int, int], tuple[float, int]] = {}  # chunk -> (send time, phase no.)
     phases: list[_Phase] = []
     index = [0] * sessions
@@ -193,9 +191,6 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
         if variant == "product":
             def send(s: int, chunk: bytes) -> None:
                 clients[s].send_audio(chunk)
-        elif variant == "batched":
-            def send(s: int, chunk: bytes) -> None:
-                uplink.send_audio(clients[s], chunk)
         else:
             raise ValueError(f"unknown send variant {variant!r}")
         gc.collect()
@@ -239,7 +234,6 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
                 for variant in (variants if r % 2 == 0 else variants[::-1]):
                     await play(variant, seconds / repeats, 0.0)
             await asyncio.sleep(0.5)  # let the last chunks land
-            await uplink.aclose()
             async with http.get(f"{url}/results") as resp:
                 arrivals = (await resp.json())["arrivals"]
             await (await http.get(f"{url}/reset")).release()

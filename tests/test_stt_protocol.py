@@ -221,3 +221,15 @@ def test_session_closed_reads_code_and_reason_and_defaults_a_missing_code() -> N
 def test_session_error_reads_the_error_field() -> None:
     assert parse_session_error({"error": "quota exceeded"}) == "quota exceeded"
     assert parse_session_error({}) == "unspecified session error"
+
+
+def test_the_audio_chunk_frame_text_written_directly_is_what_socketio_would_send() -> None:
+    import json
+
+    from bot.stt.protocol import AUDIO_CHUNK, audio_chunk, audio_chunk_event_json
+
+    pcm = bytes(range(256)) * 4
+    assert json.loads(audio_chunk_event_json(pcm, 16000)) == [AUDIO_CHUNK,
+                                                             audio_chunk(pcm, 16000)]
+    with pytest.raises(ValueError):
+        audio_chunk_event_json(b"\x00", 16000)
