@@ -309,6 +309,7 @@ LONG_HOURS = 3.0
 LONG_RATE = 8000
 
 
+@pytest.mark.xdist_group("cpu_heavy")  # one CPU-heavy test at a time in parallel runs (pyproject)
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc for RSS")
 async def test_a_three_hour_six_track_zip_streams_with_flat_memory(tmp_path: Path) -> None:

@@ -183,6 +183,7 @@ def test_the_log_redaction_hides_every_token_shape() -> None:
     assert "t" * 68 not in shown and shown.count("webhooks/123/***") == 2, shown
 
 
+@pytest.mark.xdist_group("cpu_heavy")  # one CPU-heavy test at a time in parallel runs (pyproject)
 async def test_a_demo_run_logged_at_debug_holds_no_token(tmp_path: Path) -> None:
     """The demo meeting (loopback Discord and STT) with every logger at DEBUG: discord.py logs
     webhook URLs, interaction callbacks and gateway/voice payloads; none may show a token."""

@@ -229,6 +229,7 @@ def lines_in(messages: list[PostedMessage]) -> list[str]:
             for m in messages if not m.edit and m.author in ("alice", "carol")]
 
 
+@pytest.mark.xdist_group("cpu_heavy")  # one CPU-heavy test at a time in parallel runs (pyproject)
 async def test_two_bot_processes_split_the_guilds_share_opt_outs_and_survive_a_kill(
     tmp_path: Path,
 ) -> None:

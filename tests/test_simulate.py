@@ -387,6 +387,7 @@ async def run_cli(*args: str) -> tuple[int, bytes, bytes]:
     return proc.returncode, out, err
 
 
+@pytest.mark.xdist_group("cpu_heavy")  # one CPU-heavy test at a time in parallel runs (pyproject)
 async def test_simulate_and_demo_jsonl_print_only_the_documented_records(
     stt: FakeSttServer, tmp_path: Path
 ) -> None:

@@ -286,6 +286,10 @@ class VoiceServer:
         #: ``cantobot simulate`` and the end-to-end tests print it when something goes wrong.
         self.journal: collections.deque[str] = collections.deque(maxlen=JOURNAL_LIMIT)
         self._journal_t0 = time.monotonic()
+        #: The furthest any real-time speak() fell behind its 20 ms schedule (s): a member
+        #: cannot speak in real time on a machine too busy to run this loop in time, and a
+        #: test judging the bot's timing must tell that apart from the bot being late.
+        self.max_send_lag = 0.0
         self._corrupt_commits = 0
         self._commits_noted = 0
         self._sockets: set[web.WebSocketResponse] = set()
@@ -771,6 +775,7 @@ class VoiceServer:
             f"{member.name} starts speaking ({len(frames) / SAMPLE_RATE:.2f} s, ssrc {mv.ssrc})"
         )
         lost = 0
+        lag = 0.0
         loop = asyncio.get_running_loop()
         now = clock or loop.time
         start = now()
@@ -816,6 +821,7 @@ class VoiceServer:
                 mv.timestamp = (mv.timestamp + FRAME_SAMPLES) & 0xFFFFFFFF
                 if realtime:
                     delay = start + (i + 1) * FRAME_SECONDS - now()
+                    lag = max(lag, -delay)
                     await asyncio.sleep(max(0.0, delay))
                 elif opus is not None:
                     await asyncio.sleep(FAST_PACKET_GAP)
@@ -825,5 +831,9 @@ class VoiceServer:
             len(frames) // FRAME_SAMPLES,
             sent,
         )
-        self.note(f"{member.name} stops speaking: {sent} packets sent, {lost} dropped as loss")
+        self.max_send_lag = max(self.max_send_lag, lag)
+        self.note(
+            f"{member.name} stops speaking: {sent} packets sent, {lost} dropped as loss, "
+            f"at most {lag:.3f} s behind real time"
+        )
         return sent
