@@ -32,6 +32,7 @@ from typing import Final
 
 import numpy as np
 
+from bench.chunk_server import SendLog
 from bench.lean import LeanReceiver
 from bench.media import PACKETS_PER_SECOND, Recording, make_packets
 from bench.upstream import ChunkServer, _p99
@@ -103,7 +104,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
                           speaker=f"s{i}", on_event=on_event) for i in range(speakers)]
     chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
     counters = [0] * speakers
-    sent_at: dict[tuple[int, int], tuple[float, int]] = {}
+    sends = SendLog(speakers)
     phase_no = -1
     current_due = 0.0
 
@@ -111,7 +112,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
         s = index_of[user_id]
         k = counters[s]
         counters[s] = k + 1
-        sent_at[(s, k)] = (current_due, phase_no)
+        sends.record(s, k, current_due, phase_no)
         clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
 
     def on_audio(user_id: int, pcm: np.ndarray) -> None:
@@ -193,15 +194,8 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             await (await http.get(f"{server.url}/reset")).release()
     finally:
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
-    lags: dict[int, list[float]] = {i: [] for i in range(len(phases))}
-    for s, k, at in arrivals:
-        t, number = sent_at.get((s, k), (0.0, -1))
-        if number >= 0:
-            lags[number].append((at - t) * 1000)
-    sent = {i: 0 for i in range(len(phases))}
-    for _t, number in sent_at.values():
-        if number >= 0:
-            sent[number] += 1
+    lags = sends.lags_ms(arrivals, len(phases))
+    sent = sends.sent(len(phases))
     # CPU per second of audio handled (not per wall second): a process that falls behind has
     # handled less audio than the wall time, and its cost per speaker-second must say so.
     def cost(ph: tuple[str, float, float, int]) -> float:

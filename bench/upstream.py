@@ -31,7 +31,7 @@ from typing import Final
 import aiohttp
 import numpy as np
 
-from bench.chunk_server import raise_fd_limit
+from bench.chunk_server import SendLog, raise_fd_limit
 from bot.stt.session import SttEvent, SttSession
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,13 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
 
     clients = [SttSession(url=url, api_key="bench", sample_rate=STT_RATE, speaker=f"s{i}",
                           on_event=on_event) for i in range(sessions)]
-    sent_at: dict[tuple[int, int], tuple[float, int]] = {}  # chunk -> (send time, phase no.)
+    sends = SendLog(sessions)
     phases: list[_Phase] = []
     index = [0] * sessions
-    period = CHUNK_MS / 1000
-    phase_offset = [period * i / sessions for i in range(sessions)]
+    #: Session s's chunks are due at t0 + (s / sessions + k) x 100 ms: one chunk of the
+    #: round-robin every ``step``, so the driver's work is per chunk, not per session and tick
+    #: (its CPU counts as the client's).
+    step = CHUNK_MS / 1000 / sessions
 
     async def play(variant: str, seconds: float, warmup: float) -> None:
         """Hand every session one chunk per 100 ms for ``warmup + seconds``; measure the last
@@ -196,12 +198,12 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
         gc.collect()
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.01
-        first = index[:]
         measure_from = t0 + warmup
         end = measure_from + seconds
         cpu0 = wall0 = server_cpu0 = 0.0
         measuring = False
         number = len(phases)
+        j = 0  # chunks handed over in this phase, round-robin over the sessions
         while True:
             now = time.monotonic()
             if not measuring and now >= measure_from:
@@ -209,15 +211,15 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
                 server_cpu0 = server.cpu_seconds()
             if now >= end:
                 break
-            for s in range(sessions):
-                due = t0 + phase_offset[s] + (index[s] - first[s]) * period
-                while due <= now:
-                    k = index[s]
-                    chunk = _chunk(s, k, audio)
-                    sent_at[(s, k)] = (time.monotonic(), number if measuring else -1)
-                    send(s, chunk)
-                    index[s] = k + 1
-                    due += period
+            tag = number if measuring else -1
+            while t0 + j * step <= now:
+                s = j % sessions
+                k = index[s]
+                chunk = _chunk(s, k, audio)
+                sends.record(s, k, time.monotonic(), tag)
+                send(s, chunk)
+                index[s] = k + 1
+                j += 1
             await asyncio.sleep(DRIVER_TICK_S)
         cpu = time.process_time() - cpu0
         server_cpu = server.cpu_seconds() - server_cpu0
@@ -239,15 +241,8 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
             await (await http.get(f"{url}/reset")).release()
     finally:
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
-    lags: dict[int, list[float]] = {i: [] for i in range(len(phases))}
-    for s, k, at in arrivals:
-        t, number = sent_at.get((s, k), (0.0, -1))
-        if number >= 0:
-            lags[number].append((at - t) * 1000)
-    sent: dict[int, int] = {i: 0 for i in range(len(phases))}
-    for _t, number in sent_at.values():
-        if number >= 0:
-            sent[number] += 1
+    lags = sends.lags_ms(arrivals, len(phases))
+    sent = sends.sent(len(phases))
     out: dict[str, UpstreamResult] = {}
     # CPU per session-second of audio actually handed over (a driver that fell behind sent
     # fewer chunks than sessions x wall time).
