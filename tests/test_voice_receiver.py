@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
-from bot.voice.client import INBOX_LIMIT, VoiceListener, supervise
+from bot.voice.client import INBOX_BATCH, INBOX_LIMIT, VoiceListener, supervise
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.opus import OPUS_SILENCE_FRAME, OpusDecoder
@@ -565,8 +565,29 @@ def test_datagrams_the_full_inbox_dropped_are_counted_with_the_rest() -> None:
     for i in range(total):  # no loop yet: nothing drains, the oldest are dropped past the limit
         listener._on_datagram(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
                                       nonce=i))
-    listener._drain_inbox()
+    listener._drain_all()
     c = listener.counters()
     assert c.inbox_dropped == 25 and c.received == INBOX_LIMIT
     assert c.received + c.inbox_dropped == total and c.received == settled(c)
     assert "25 lost to a full inbox" in c.summary()
+
+
+async def test_a_burst_of_datagrams_is_worked_off_in_steps_so_ready_work_runs_between() -> None:
+    # An STT chunk completed early in a burst is sent between steps, not after the whole burst.
+    h = Harness()
+    listener = VoiceListener(h.receiver, clock=FakeClock())
+    loop = asyncio.get_running_loop()
+    listener._loop = loop  # bound as start() binds it, without the clock and keepalive tasks
+    alice = Member(111, h.cipher)
+    h.receiver.on_speaking(1, alice.ssrc, 0.0)
+    opus = alice.encoder.encode(tone(440, 0.02))
+    total = 3 * INBOX_BATCH
+    for i in range(total):
+        listener._on_datagram(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
+                                      nonce=i))
+    seen: list[int] = []
+    loop.call_soon(lambda: seen.append(listener.counters().received))  # ready after step 1
+    await asyncio.sleep(0.05)
+    assert seen == [INBOX_BATCH]
+    c = listener.counters()
+    assert c.received == total == settled(c) and c.inbox_dropped == 0
