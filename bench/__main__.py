@@ -14,8 +14,9 @@ packets (median of per-repeat ratios). L: p99 of what is added on top of filling
 row 2's send lag plus one packet's receive time.
 
 ``--quick`` (under 45 s): 10 s of speech, 15 repeats (peers 9), two packet sets, row 2 at 250
-sessions for 2.4 s per send path and row 2e at 250 speakers for 1.2 s per variant (variants
-interleaved), peers only if their venvs already exist; no rows 3 and memory.
+sessions for 2.4 s and row 2e at 250 speakers for 1.2 s per variant (variants interleaved),
+peers only if their venvs already exist; no rows 3, memory and speech, and no row 2e at 400
+speakers (the full run's capacity check).
 """
 
 from __future__ import annotations
