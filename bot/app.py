@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from datetime import UTC, datetime
@@ -187,6 +188,19 @@ def _shard_overrides(args: argparse.Namespace, config: Config) -> Config:
     return with_overrides(config, discord={"shard_ids": ids, "shard_count": count})
 
 
+def freeze_startup_heap() -> int:
+    """Take everything alive now out of the cyclic collector's full passes; returns how many.
+
+    A full pass rescans every tracked object and holds the event loop meanwhile: with 400
+    speakers in one process (bench row 2e) it took ~100-125 ms, with the start-up heap frozen
+    ~55 ms. Called once, when the first READY has filled discord.py's caches. What is frozen and
+    later becomes cyclic garbage is never freed; start-up state lives as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def run_bot(args: argparse.Namespace, config: Config) -> int:
     """Run until SIGTERM/SIGINT; then flush every meeting and exit 0."""
     config = _shard_overrides(args, config)
@@ -209,6 +223,17 @@ async def run_bot(args: argparse.Namespace, config: Config) -> int:
              me.get("id"))
     redirect_discord(config)
     bot = CantoBot(config)
+    frozen = False
+
+    async def freeze_once() -> None:
+        # Only in `cantobot run`'s own process, not in whoever embeds CantoBot (the tests).
+        nonlocal frozen
+        if not frozen:
+            frozen = True
+            log.info("moved %d start-up objects out of the garbage collector's full passes",
+                     freeze_startup_heap())
+
+    bot.add_listener(freeze_once, "on_ready")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -338,3 +338,5 @@ async def test_run_logs_the_invite_link_once_with_exactly_the_needed_permissions
     ], text
     # The preflight opened one STT connection (no session) and closed it.
     assert stt.connection_attempts == 1 and stt.rejected_attempts == 0
+    # The start-up heap left the collector's full passes once, at the first READY.
+    assert len(re.findall(r"moved \d+ start-up objects out of the garbage collector", text)) == 1
