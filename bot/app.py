@@ -201,6 +201,18 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def _freeze_at_first_ready(bot: CantoBot) -> None:
+    """:func:`freeze_startup_heap` once, at the first READY (later READYs after reconnects do
+    nothing). Only in `cantobot run`'s own process, not in whoever embeds CantoBot (the tests)."""
+
+    async def on_ready() -> None:
+        bot.remove_listener(on_ready, "on_ready")
+        log.info("moved %d start-up objects out of the garbage collector's full passes",
+                 freeze_startup_heap())
+
+    bot.add_listener(on_ready, "on_ready")
+
+
 async def run_bot(args: argparse.Namespace, config: Config) -> int:
     """Run until SIGTERM/SIGINT; then flush every meeting and exit 0."""
     config = _shard_overrides(args, config)
@@ -223,17 +235,7 @@ async def run_bot(args: argparse.Namespace, config: Config) -> int:
              me.get("id"))
     redirect_discord(config)
     bot = CantoBot(config)
-    frozen = False
-
-    async def freeze_once() -> None:
-        # Only in `cantobot run`'s own process, not in whoever embeds CantoBot (the tests).
-        nonlocal frozen
-        if not frozen:
-            frozen = True
-            log.info("moved %d start-up objects out of the garbage collector's full passes",
-                     freeze_startup_heap())
-
-    bot.add_listener(freeze_once, "on_ready")
+    _freeze_at_first_ready(bot)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
