@@ -38,8 +38,8 @@ from bench.media import PACKETS_PER_SECOND, Recording, make_packets
 from bench.upstream import ChunkServer, _p99
 from bot.audio.convert import Chunker
 from bot.stt.session import SttEvent, SttSession
-from bot.voice.client import INBOX_BATCH
 from bot.voice.crypto import MODE_AES256_GCM
+from bot.voice.inbox import INBOX_BATCH
 from bot.voice.receiver import VoiceReceiver
 
 log = logging.getLogger(__name__)

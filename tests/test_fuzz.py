@@ -222,7 +222,7 @@ async def run_voice_case(mode: str, word: str, hostile: list[Hostile], seq0: int
         nonlocal sent
         if user_id is not None:
             sink.first_sent.setdefault(user_id, clock.now)
-        listener._on_datagram(data)  # as discord.py's socket-reader thread hands it over
+        listener.inbox.put(data)  # as discord.py's socket-reader thread hands it over
         sent += 1
 
     try:

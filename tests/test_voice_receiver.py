@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from bot.sim.sender import OpusEncoder, audio_level_extension, build_rtp_header
-from bot.voice.client import INBOX_BATCH, INBOX_LIMIT, VoiceListener, supervise
+from bot.voice.client import VoiceListener, supervise
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
+from bot.voice.inbox import INBOX_BATCH, INBOX_LIMIT
 from bot.voice.opus import OPUS_SILENCE_FRAME, OpusDecoder
 from bot.voice.receiver import FRAME_SAMPLES_48K, ReceiveCounters, VoiceReceiver
 
@@ -481,7 +482,7 @@ async def test_a_packet_that_used_to_kill_the_clock_task_is_counted_and_the_cloc
              for i in range(1, 4)),
            crafted(h.cipher, 9, 9 * 960, alice.ssrc, opus, pad=b"\x00", nonce=9)]
     for data in bad:
-        listener._on_datagram(data)  # no loop bound yet: they wait in the inbox
+        listener.inbox.put(data)  # no loop bound yet: they wait in the inbox
     task = asyncio.create_task(listener._tick_loop())
     try:
         await asyncio.sleep(0.3)
@@ -563,9 +564,9 @@ def test_datagrams_the_full_inbox_dropped_are_counted_with_the_rest() -> None:
     opus = alice.encoder.encode(tone(440, 0.02))
     total = INBOX_LIMIT + 25
     for i in range(total):  # no loop yet: nothing drains, the oldest are dropped past the limit
-        listener._on_datagram(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
+        listener.inbox.put(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
                                       nonce=i))
-    listener._drain_all()
+    listener.inbox.drain_all()
     c = listener.counters()
     assert c.inbox_dropped == 25 and c.received == INBOX_LIMIT
     assert c.received + c.inbox_dropped == total and c.received == settled(c)
@@ -577,13 +578,13 @@ async def test_a_burst_of_datagrams_is_worked_off_in_steps_so_ready_work_runs_be
     h = Harness()
     listener = VoiceListener(h.receiver, clock=FakeClock())
     loop = asyncio.get_running_loop()
-    listener._loop = loop  # bound as start() binds it, without the clock and keepalive tasks
+    listener.inbox.bind(loop)  # as start() binds it, without the clock and keepalive tasks
     alice = Member(111, h.cipher)
     h.receiver.on_speaking(1, alice.ssrc, 0.0)
     opus = alice.encoder.encode(tone(440, 0.02))
     total = 3 * INBOX_BATCH
     for i in range(total):
-        listener._on_datagram(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
+        listener.inbox.put(crafted(h.cipher, i, i * FRAME_SAMPLES_48K, alice.ssrc, opus,
                                       nonce=i))
     seen: list[int] = []
     loop.call_soon(lambda: seen.append(listener.counters().received))  # ready after step 1

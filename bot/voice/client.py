@@ -10,9 +10,8 @@ discord.py 2.7 sends voice but does not receive it. We hook in without forking i
 - It also offers ``aead_aes256_gcm_rtpsize`` (Discord's preferred mode; far cheaper to decrypt
   than XChaCha20) with the matching send-side encryption discord.py looks up by mode name.
 - :class:`VoiceListener` outlives any one voice client: it owns the :class:`VoiceReceiver`, takes
-  datagrams from discord.py's socket-reader thread into a bounded deque (the thread never blocks,
-  the loop is woken once per burst with ``call_soon_threadsafe`` and works it off
-  ``INBOX_BATCH`` datagrams per callback), runs the receiver's clock,
+  datagrams from discord.py's socket-reader thread through a bounded
+  :class:`~bot.voice.inbox.DatagramInbox` (the thread never blocks), runs the receiver's clock,
   sends a UDP keepalive (discord.py sends none while it plays nothing, and NATs forget the
   mapping), and watches for a connection that went deaf. The clock and keepalive tasks are
   supervised (:func:`supervise`): if one ever ends it is logged and started again, because
@@ -22,7 +21,6 @@ discord.py 2.7 sends voice but does not receive it. We hook in without forking i
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import select
 import socket
@@ -36,6 +34,7 @@ from discord.voice_state import SocketReader, VoiceConnectionState
 
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
+from bot.voice.inbox import DatagramInbox
 from bot.voice.receiver import ReceiveCounters, VoiceReceiver
 
 log = logging.getLogger(__name__)
@@ -47,12 +46,6 @@ OP_SPEAKING = 5
 OP_CLIENTS_CONNECT = 11
 OP_CLIENT_DISCONNECT = 13
 
-#: Datagrams waiting for the loop; past this the oldest are dropped (about 1 s of 40 speakers).
-INBOX_LIMIT = 2000
-#: Datagrams handled per event-loop callback. A burst (the loop was busy for a while) is worked
-#: off in steps, so an STT chunk completed early in it is sent between steps instead of after
-#: the whole burst (bench row 2e at 250 speakers: send lag p99 ~41 -> ~20 ms).
-INBOX_BATCH = 32
 #: How often the receiver's clock runs (silence fill, stalled jitter buffers, idle members).
 TICK_SECONDS = 0.05
 #: A supervised task that ended is started again after this long (no busy loop if it keeps
@@ -108,12 +101,10 @@ class VoiceListener:
         self._watchdog_seconds = watchdog_seconds
         self._on_stalled = on_stalled
         self._clock = clock
-        self._inbox: collections.deque[tuple[bytes, float]] = collections.deque(maxlen=INBOX_LIMIT)
-        self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Datagrams from discord.py's socket-reader thread, handed to the receiver on the loop.
+        self.inbox = DatagramInbox(receiver.handle_packet, clock)
         self._vc: ReceiveVoiceClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.inbox_dropped = 0
         self.last_speaking_at: float | None = None
         self.keepalives_sent = 0
         #: Clock ticks run so far, and restarts of supervised tasks (0 unless a bug struck).
@@ -155,7 +146,7 @@ class VoiceListener:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the supervised clock and keepalive tasks on ``loop`` (once; idempotent)."""
-        self._loop = loop
+        self.inbox.bind(loop)
         if not self._tasks:
             self._tasks = [
                 loop.create_task(self._supervised("voice receive clock", self._tick_loop),
@@ -179,7 +170,7 @@ class VoiceListener:
     def counters(self) -> ReceiveCounters:
         """Where every datagram of this guild's voice went (``/transcribe status`` shows it)."""
         counters = self.receiver.counters()
-        counters.inbox_dropped = self.inbox_dropped
+        counters.inbox_dropped = self.inbox.dropped
         return counters
 
     def attach_socket(self) -> None:
@@ -187,14 +178,14 @@ class VoiceListener:
         vc = self._vc
         if vc is None:
             return
-        vc._connection.remove_socket_listener(self._on_datagram)
-        vc._connection.add_socket_listener(self._on_datagram)
+        vc._connection.remove_socket_listener(self.inbox.put)
+        vc._connection.add_socket_listener(self.inbox.put)
 
     async def aclose(self) -> None:
         """Stop the clock and keepalive tasks and detach; idempotent."""
         if self._vc is not None:
             try:
-                self._vc._connection.remove_socket_listener(self._on_datagram)
+                self._vc._connection.remove_socket_listener(self.inbox.put)
             except Exception:  # the connection may already be torn down
                 log.debug("removing socket listener failed", exc_info=True)
         tasks, self._tasks = self._tasks, []
@@ -205,40 +196,7 @@ class VoiceListener:
                 await task
             except asyncio.CancelledError:
                 pass
-        self._drain_all()
-
-    # -- socket thread -> loop --------------------------------------------------------------------
-
-    def _on_datagram(self, data: bytes) -> None:
-        """Runs on discord.py's socket-reader thread: append and wake the loop, never block."""
-        if len(self._inbox) == INBOX_LIMIT:
-            self.inbox_dropped += 1
-        self._inbox.append((data, self._clock()))
-        if not self._scheduled and self._loop is not None:
-            self._scheduled = True
-            try:
-                self._loop.call_soon_threadsafe(self._drain_inbox)
-            except RuntimeError:  # loop closed during shutdown
-                pass
-
-    def _drain_inbox(self) -> None:
-        """Up to INBOX_BATCH datagrams, then a new callback for the rest (after what is ready)."""
-        self._scheduled = False
-        inbox = self._inbox
-        handle = self.receiver.handle_packet
-        for _ in range(INBOX_BATCH):
-            if not inbox:
-                return
-            data, at = inbox.popleft()
-            handle(data, at)
-        if inbox and self._loop is not None and not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._drain_inbox)
-
-    def _drain_all(self) -> None:
-        """Everything received so far (before a voice op or a tick acts on the stream)."""
-        while self._inbox:
-            self._drain_inbox()
+        self.inbox.drain_all()
 
     # -- voice gateway hook ------------------------------------------------------------------------
 
@@ -248,7 +206,7 @@ class VoiceListener:
         now = self._clock()
         if op == OP_READY:
             # A fresh voice session: drop SSRC state; members keep their streams.
-            self._drain_all()
+            self.inbox.drain_all()
             self.receiver.reset_connection()
         elif op == OP_SESSION_DESCRIPTION:
             try:
@@ -257,7 +215,7 @@ class VoiceListener:
                 log.warning("voice session description without a usable mode/key")
                 return
             self.attach_socket()
-            self._drain_all()  # packets that waited for the key
+            self.inbox.drain_all()  # packets that waited for the key
         elif op == OP_SPEAKING:
             try:
                 user_id, ssrc = int(data["user_id"]), int(data["ssrc"])
@@ -265,7 +223,7 @@ class VoiceListener:
                 return
             if data.get("speaking", 1):
                 self.last_speaking_at = now
-            self._drain_all()
+            self.inbox.drain_all()
             self.receiver.on_speaking(user_id, ssrc, now)
         elif op == OP_CLIENT_DISCONNECT:
             try:
@@ -289,7 +247,7 @@ class VoiceListener:
                     log.exception("voice receive tick failed (%d so far)", self.tick_errors)
 
     def _tick_once(self) -> None:
-        self._drain_all()
+        self.inbox.drain_all()
         now = self._clock()
         self.ticks += 1
         self.receiver.tick(now)
