@@ -19,6 +19,7 @@ from bot.voice.rtp import (
     DISCORD_OPUS_PAYLOAD_TYPE,
     ONE_BYTE_EXTENSION_PROFILE,
     MalformedPacket,
+    common_opus_header,
     extension_body,
     is_rtcp,
     parse_rtp,
@@ -210,3 +211,26 @@ def test_any_built_header_parses_back_to_the_same_fields(
     assert packet.extension_words == (words or 0)
     assert packet.has_extension == (words is not None)
     assert packet.header == header
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+       st.booleans(), st.booleans(), st.sampled_from([DISCORD_OPUS_PAYLOAD_TYPE, 96]),
+       st.lists(st.integers(0, 2**32 - 1), max_size=2), st.booleans())
+def test_the_common_header_read_agrees_with_the_full_parse_or_declines(
+    seq: int, ts: int, ssrc: int, with_extension: bool, marker: bool, payload_type: int,
+    csrcs: list[int], padding: bool,
+) -> None:
+    header, ext_body = build_rtp_header(
+        seq, ts, ssrc, payload_type=payload_type, marker=marker, csrcs=csrcs,
+        extension=audio_level_extension(42) if with_extension else None)
+    if padding:
+        header = bytes([header[0] | 0x20]) + header[1:]
+    data = header + ext_body + BODY
+    common = common_opus_header(data)
+    uncommon = marker or padding or bool(csrcs) or payload_type != DISCORD_OPUS_PAYLOAD_TYPE
+    if uncommon:
+        assert common is None  # left to parse_rtp, which sees every field
+        return
+    packet = parse_rtp(data)
+    assert common == (packet.sequence, packet.timestamp, packet.ssrc, len(packet.header),
+                      packet.extension_words)

@@ -39,21 +39,21 @@ and of the right length. After ``idle_timeout`` without packets the member's str
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
 from bot.voice.counters import DROP_REASONS, ReceiveCounters
 from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
-from bot.voice.jitter import Frame, JitterBuffer, JitterStats
-from bot.voice.opus import OPUS_SAMPLE_RATES, OpusDecoder
-from bot.voice.rtp import RTP_HEADER_SIZE, MalformedPacket, is_rtcp, parse_rtp
+from bot.voice.jitter import Frame
+from bot.voice.opus import OPUS_SAMPLE_RATES
+from bot.voice.rtp import MalformedPacket, common_opus_header, is_rtcp, parse_rtp
 from bot.voice.speakers import PendingPackets, SpeakerMap
+from bot.voice.ssrcs import SsrcState, SsrcStreams
 from bot.voice.timeline import (
     FRAME_SAMPLES_48K,
     PLC_UNIT_48K,
@@ -70,14 +70,6 @@ log = logging.getLogger(__name__)
 
 #: Discord's audio payload type (0x78 = 120).
 OPUS_PAYLOAD_TYPE = 0x78
-#: The fast path's packets: first byte version 2 with only the extension bit (0x90) or
-#: nothing (0x80) set: no padding, no CSRCs. Anything else takes the general path.
-_B0_EXTENSION = 0x90
-_B0_PLAIN = 0x80
-#: Shorter datagrams cannot hold header, tag and nonce: the general path counts them.
-_FAST_MIN_SIZE = RTP_HEADER_SIZE + 4
-_FIXED = struct.Struct(">BBHII")
-_U16 = struct.Struct(">H")
 #: At most one log line per this many seconds for an unexpected error (a bug) per packet.
 ERROR_LOG_INTERVAL = 30.0
 
@@ -109,15 +101,6 @@ def _decrypt(cipher: TransportCipher | None, dave: DaveReceiver | None, user_id:
     return frame
 
 
-@dataclass
-class _SsrcState:
-    ssrc: int
-    user_id: int
-    jitter: JitterBuffer
-    decoder: OpusDecoder
-    last_packet: float
-
-
 class VoiceReceiver:
     """Routes one voice connection's packets to per-member PCM streams."""
 
@@ -146,7 +129,6 @@ class VoiceReceiver:
         #: False: every packet takes the general path (parse_rtp, jitter outputs); the tests
         #: run both and compare (same PCM, same counters).
         self._fast_path = fast_path
-        self._jitter_packets = jitter_packets
         self._idle_timeout = idle_timeout
         self._fill_after = fill_after
         self._stall_fill_after = stall_fill_after
@@ -159,9 +141,12 @@ class VoiceReceiver:
         self.speakers = SpeakerMap()
         #: Datagrams (with their arrival time) of SSRCs whose member op 5 has not named yet.
         self._pending: PendingPackets[tuple[bytes, float]] = PendingPackets()
-        self._ssrcs: dict[int, _SsrcState] = {}
         self._members: dict[int, MemberTimeline] = {}
         self._c = ReceiveCounters()
+        self._streams = SsrcStreams(output_rate=self.output_rate, jitter_packets=jitter_packets,
+                                    counters=self._c)
+        #: The live streams by SSRC (the same dict: looked up for every packet).
+        self._ssrcs = self._streams.by_ssrc
         #: batch_ms > 0 (the STT chunk length): ``on_audio`` gets each member's audio in whole
         #: multiples of it (the rest when the member's stream ends), decoded straight into one
         #: buffer per member instead of an array per packet; a member who opts out loses what
@@ -169,8 +154,6 @@ class VoiceReceiver:
         self._emitter = Emitter(output_rate=self.output_rate, max_ahead=self.max_ahead,
                                 counters=self._c, on_audio=on_audio,
                                 batch_samples=self.output_rate * batch_ms // 1000)
-        #: Jitter counters of streams already closed (live streams are summed on demand).
-        self._closed_jitter = JitterStats()
         #: Datagrams held for op 5 and dropped with a replaced PendingPackets (reconnects).
         self._unknown_before = 0
         #: Frames decoded per member (user id), for the whole connection.
@@ -183,13 +166,9 @@ class VoiceReceiver:
     def counters(self) -> ReceiveCounters:
         """A snapshot of where every datagram went (see :class:`ReceiveCounters`)."""
         c = ReceiveCounters(**asdict(self._c))
-        jitter = [s.jitter for s in self._ssrcs.values()]
-        stats = [self._closed_jitter, *(j.stats for j in jitter)]
-        c.duplicate = sum(st.duplicates for st in stats)
-        c.late = sum(st.late for st in stats)
-        c.stray = sum(st.stray for st in stats)
         c.unknown_ssrc = self._unknown_before + self._pending.dropped
-        c.waiting = len(self._pending) + sum(j.waiting for j in jitter)
+        c.waiting = len(self._pending)
+        self._streams.count_into(c)
         return c
 
     @property
@@ -271,19 +250,10 @@ class VoiceReceiver:
         """The common datagram without an :class:`RtpPacket`: version 2, Opus, no padding, no
         CSRCs, no marker, at most the extension header, from a member op 5 already named.
         False (nothing done, nothing counted) for anything else: :meth:`_route` takes it."""
-        if type(data) is not bytes or len(data) < _FAST_MIN_SIZE:
+        header = common_opus_header(data)
+        if header is None:
             return False
-        b0, b1, sequence, timestamp, ssrc = _FIXED.unpack_from(data)
-        if b1 != OPUS_PAYLOAD_TYPE:
-            return False
-        if b0 == _B0_EXTENSION:
-            header_size = RTP_HEADER_SIZE + 4
-            words = _U16.unpack_from(data, RTP_HEADER_SIZE + 2)[0]
-        elif b0 == _B0_PLAIN:
-            header_size = RTP_HEADER_SIZE
-            words = 0
-        else:
-            return False
+        sequence, timestamp, ssrc, header_size, words = header
         user_id = self.speakers.user_for(ssrc)
         if user_id is None:
             return False  # held for its op 5 by the general path
@@ -341,16 +311,8 @@ class VoiceReceiver:
         outs = state.jitter.push(sequence, timestamp, frame)
         self._emitter.emit_all(state.decoder, member, outs, now)
 
-    def _new_ssrc(self, ssrc: int, user_id: int, now: float) -> _SsrcState:
-        state = _SsrcState(
-            ssrc=ssrc,
-            user_id=user_id,
-            jitter=JitterBuffer(window_packets=self._jitter_packets,
-                                samples_per_frame=FRAME_SAMPLES_48K, clock_rate=RTP_CLOCK_RATE),
-            decoder=OpusDecoder(self.output_rate, 1),
-            last_packet=now,
-        )
-        self._ssrcs[ssrc] = state
+    def _new_ssrc(self, ssrc: int, user_id: int, now: float) -> SsrcState:
+        state = self._streams.open(ssrc, user_id, now)
         self._member(user_id, now).ssrcs.add(ssrc)
         log.debug("ssrc %d -> user %d", ssrc, user_id)
         return state
@@ -394,7 +356,7 @@ class VoiceReceiver:
         for member in list(self._members.values()):
             self._end_member(member)
 
-    def _release(self, state: _SsrcState, now: float) -> None:
+    def _release(self, state: SsrcState, now: float) -> None:
         """Everything the SSRC's jitter buffer holds, holes declared lost."""
         member = self._members.get(state.user_id)
         outs = state.jitter.drain()
@@ -413,13 +375,8 @@ class VoiceReceiver:
             self._on_idle(member.user_id)
 
     def _drop_ssrc(self, ssrc: int) -> None:
-        state = self._ssrcs.pop(ssrc, None)
+        state = self._streams.close(ssrc)
         if state is not None:
-            self._c.closed += state.jitter.waiting
-            done = state.jitter.stats
-            self._closed_jitter.duplicates += done.duplicates
-            self._closed_jitter.late += done.late
-            self._closed_jitter.stray += done.stray
             member = self._members.get(state.user_id)
             if member is not None:
                 member.ssrcs.discard(ssrc)

@@ -71,6 +71,32 @@ def is_rtcp(data: bytes) -> bool:
     return len(data) >= 2 and data[0] >> 6 == RTP_VERSION and data[1] in RTCP_PACKET_TYPES
 
 
+#: First bytes of the common packet: version 2 with only the extension bit (0x90) or nothing
+#: (0x80) set: no padding, no CSRCs.
+_B0_EXTENSION = 0x90
+_B0_PLAIN = 0x80
+#: The extension header plus at least a 4-byte nonce suffix: shorter is never the common shape.
+_COMMON_MIN_SIZE = RTP_HEADER_SIZE + 4
+
+
+def common_opus_header(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """``(sequence, timestamp, ssrc, header_size, extension_words)`` of the datagram Discord
+    sends nearly always (version 2, Opus payload type, no padding, CSRCs or marker, at most the
+    extension header), read with one ``struct`` call and no :class:`RtpPacket`; None for
+    anything else, which :func:`parse_rtp` then judges."""
+    if type(data) is not bytes or len(data) < _COMMON_MIN_SIZE:
+        return None
+    b0, b1, sequence, timestamp, ssrc = _FIXED.unpack_from(data)
+    if b1 != DISCORD_OPUS_PAYLOAD_TYPE:
+        return None
+    if b0 == _B0_EXTENSION:
+        return (sequence, timestamp, ssrc, RTP_HEADER_SIZE + 4,
+                _EXT_HEADER.unpack_from(data, RTP_HEADER_SIZE)[1])
+    if b0 == _B0_PLAIN:
+        return sequence, timestamp, ssrc, RTP_HEADER_SIZE, 0
+    return None
+
+
 def parse_rtp(data: bytes) -> RtpPacket:
     """Split a received datagram into header fields, clear header and body.
 
