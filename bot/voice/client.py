@@ -32,6 +32,7 @@ from typing import Any
 import discord
 from discord.voice_state import SocketReader, VoiceConnectionState
 
+from bot.voice.buglog import ThrottledTraceback
 from bot.voice.crypto import TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.inbox import DatagramInbox
@@ -111,7 +112,8 @@ class VoiceListener:
         self.ticks = 0
         self.restarts = 0
         self.tick_errors = 0
-        self._tick_error_logged_at: float | None = None
+        self._log_tick_bug = ThrottledTraceback(log, "voice receive tick failed (%d so far)",
+                                                TICK_ERROR_LOG_INTERVAL)
         self._stall_reported_at: float | None = None
         self._keepalive_counter = 0
         if receiver.dave is None:
@@ -240,11 +242,7 @@ class VoiceListener:
                 self._tick_once()
             except Exception:  # never let one bad member or callback stop everyone's clock
                 self.tick_errors += 1
-                wall = time.monotonic()
-                last = self._tick_error_logged_at
-                if last is None or wall - last > TICK_ERROR_LOG_INTERVAL:
-                    self._tick_error_logged_at = wall
-                    log.exception("voice receive tick failed (%d so far)", self.tick_errors)
+                self._log_tick_bug(self.tick_errors)
 
     def _tick_once(self) -> None:
         self.inbox.drain_all()

@@ -39,13 +39,13 @@ and of the right length. After ``idle_timeout`` without packets the member's str
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
 
+from bot.voice.buglog import ThrottledTraceback
 from bot.voice.counters import DROP_REASONS, ReceiveCounters
 from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
@@ -159,7 +159,8 @@ class VoiceReceiver:
         #: Frames decoded per member (user id), for the whole connection.
         self.decoded_by_member: Counter[int] = self._emitter.decoded_by_member
         self.last_packet_at: float | None = None
-        self._error_logged_at: float | None = None
+        self._log_bug = ThrottledTraceback(
+            log, "voice receive: unexpected error on a packet (%d so far)", ERROR_LOG_INTERVAL)
 
     # -- counters -------------------------------------------------------------------------------
 
@@ -240,11 +241,7 @@ class VoiceReceiver:
 
     def _internal_error(self) -> None:
         self._c.internal_error += 1
-        wall = time.monotonic()
-        if self._error_logged_at is None or wall - self._error_logged_at > ERROR_LOG_INTERVAL:
-            self._error_logged_at = wall
-            log.exception("voice receive: unexpected error on a packet (%d so far)",
-                          self._c.internal_error)
+        self._log_bug(self._c.internal_error)
 
     def _route_fast(self, data: bytes, now: float) -> bool:
         """The common datagram without an :class:`RtpPacket`: version 2, Opus, no padding, no
