@@ -152,6 +152,16 @@ def test_discard_drops_what_a_departed_user_left_behind() -> None:
     assert pending.discard(1) == 0
 
 
+def test_discard_all_drops_and_counts_every_ssrcs_packets_and_the_count_keeps_growing() -> None:
+    pending: PendingPackets[str] = PendingPackets()
+    pending.add(1, "a", now=0.0)
+    pending.add(2, "b", now=0.0)
+    pending.discard(2)
+    assert pending.discard_all() == 1 and pending.dropped == 2 and len(pending) == 0
+    pending.add(3, "c", now=1.0)  # still usable afterwards (a new voice session)
+    assert pending.discard_all() == 1 and pending.dropped == 3
+
+
 def test_pending_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError):
         PendingPackets(max_per_ssrc=0)

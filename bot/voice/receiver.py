@@ -154,8 +154,6 @@ class VoiceReceiver:
         self._emitter = Emitter(output_rate=self.output_rate, max_ahead=self.max_ahead,
                                 counters=self._c, on_audio=on_audio,
                                 batch_samples=self.output_rate * batch_ms // 1000)
-        #: Datagrams held for op 5 and dropped with a replaced PendingPackets (reconnects).
-        self._unknown_before = 0
         #: Frames decoded per member (user id), for the whole connection.
         self.decoded_by_member: Counter[int] = self._emitter.decoded_by_member
         self.last_packet_at: float | None = None
@@ -167,7 +165,7 @@ class VoiceReceiver:
     def counters(self) -> ReceiveCounters:
         """A snapshot of where every datagram went (see :class:`ReceiveCounters`)."""
         c = ReceiveCounters(**asdict(self._c))
-        c.unknown_ssrc = self._unknown_before + self._pending.dropped
+        c.unknown_ssrc = self._pending.dropped
         c.waiting = len(self._pending)
         self._streams.count_into(c)
         return c
@@ -192,8 +190,7 @@ class VoiceReceiver:
         for ssrc in list(self._ssrcs):
             self._drop_ssrc(ssrc)
         self.speakers = SpeakerMap()
-        self._unknown_before += self._pending.dropped + len(self._pending)
-        self._pending = PendingPackets()
+        self._pending.discard_all()
         self._cipher = None
         self._cipher_id = None
 
@@ -346,8 +343,7 @@ class VoiceReceiver:
         """No more packets will come (the meeting stops): hand on what every jitter buffer
         holds, then end every member (``on_idle`` for each). Datagrams still held for an op 5
         that never came can never be routed: dropped, counted as ``unknown_ssrc``."""
-        self._unknown_before += self._pending.dropped + len(self._pending)
-        self._pending = PendingPackets()
+        self._pending.discard_all()
         for state in list(self._ssrcs.values()):
             self._release(state, now)
         for member in list(self._members.values()):

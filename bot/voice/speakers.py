@@ -147,6 +147,13 @@ class PendingPackets(Generic[T]):
         self.dropped += count
         return count
 
+    def discard_all(self) -> int:
+        """Drop everything held (a new voice session, or the end); returns how many, counted."""
+        count = len(self)
+        self._queues.clear()
+        self.dropped += count
+        return count
+
     def expire(self, now: float) -> int:
         """Drop items older than ``max_age`` at ``now``; returns how many were dropped."""
         cutoff = now - self.max_age
