@@ -24,21 +24,15 @@ from bot.sim.discord.state import BOT_ROLE_PERMISSIONS, PERM_MANAGE_WEBHOOKS
 from bot.sim.discord.tls import ssl_context_trusting
 from bot.sim.stt_server import FakeSttServer
 from bot.storage import open_storage_at
+from tests.bot_process import loopback_env
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "doctor-key"
 
 
 def env_for(fake: LocalDiscord, stt: FakeSttServer, db: Path, key: str = KEY) -> dict[str, str]:
-    return {
-        "DISCORD_TOKEN": fake.token,
-        "DISCORD_API_BASE": fake.api_base,
-        "DISCORD_GATEWAY_URL": fake.gateway_url,
-        "DISCORD_CA_FILE": fake.ca_file,
-        "CANTONESE_AI_URL": stt.url,
-        "CANTONESE_AI_API_KEY": key,
-        "CANTOBOT_STORAGE_PATH": str(db),
-    }
+    """The loopback overrides alone: the doctor runs in-process and must not see this host's."""
+    return loopback_env(fake, stt, key, db)
 
 
 async def register_commands(fake: LocalDiscord) -> None:
