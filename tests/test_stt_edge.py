@@ -206,16 +206,22 @@ async def test_a_session_time_limit_starts_a_new_session_at_once_without_a_notic
     assert rec.states()[-1].state is SttState.CLOSED
 
 
+async def dormant_after_one_line(server: FakeSttServer, rec: Recorder) -> SttSession:
+    """A session that committed "一", then was closed upstream for inactivity."""
+    s = session(server.url, rec)
+    await s.start()
+    send(s, speech([(0.1, "一")], duration=2.0))
+    await until(lambda: rec.lines() == ["一"])
+    await server.emit_raw("transcript-message",
+                          {"message_type": "error", "error": "insufficient_audio_activity"})
+    await until(lambda: s.state is SttState.RECONNECTING)
+    return s
+
+
 async def test_insufficient_activity_closes_quietly_until_speech_resumes() -> None:
     async with FakeSttServer(KEY) as server:
         rec = Recorder()
-        s = session(server.url, rec)
-        await s.start()
-        send(s, speech([(0.1, "一")], duration=2.0))
-        await until(lambda: rec.lines() == ["一"])
-        await server.emit_raw("transcript-message",
-                              {"message_type": "error", "error": "insufficient_audio_activity"})
-        await until(lambda: s.state is SttState.RECONNECTING)
+        s = await dormant_after_one_line(server, rec)
         await asyncio.sleep(0.3)
         assert server.connection_attempts == 1  # no connection while nobody speaks
         send(s, quiet(1.0))
@@ -231,13 +237,7 @@ async def test_insufficient_activity_closes_quietly_until_speech_resumes() -> No
 async def test_a_dormant_session_stops_at_once_with_nothing_lost() -> None:
     async with FakeSttServer(KEY) as server:
         rec = Recorder()
-        s = session(server.url, rec)
-        await s.start()
-        send(s, speech([(0.1, "一")], duration=2.0))
-        await until(lambda: rec.lines() == ["一"])
-        await server.emit_raw("transcript-message",
-                              {"message_type": "error", "error": "insufficient_audio_activity"})
-        await until(lambda: s.state is SttState.RECONNECTING)
+        s = await dormant_after_one_line(server, rec)
         async with asyncio.timeout(1.0):
             await s.stop()
     assert s.state is SttState.CLOSED and s.stats.lost_seconds == 0
