@@ -8,12 +8,14 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.stt import protocol as p
 from bot.stt.buffer import PcmBuffer
 from bot.stt.clock import UpstreamClock
 from bot.stt.events import LineRef
-from bot.stt.gate import PRE_ROLL_S, SpeechGate
+from bot.stt.gate import PRE_ROLL_S, SpeechGate, voiced_span, voiced_span_in
 from bot.stt.lines import LineMaker
 from bot.stt.stats import SessionStats
 from bot.stt.twins import MAX_UNMATCHED, Twins
@@ -76,6 +78,85 @@ def test_a_resend_starts_at_the_pre_roll_before_the_first_speech() -> None:
     assert gate.resend_from(pieces, 0) == round((1.0 - PRE_ROLL_S) * RATE)
     assert gate.resend_from([(0, quiet(0.5))], 0) == round(0.5 * RATE)  # no speech: none
     assert gate.speech_samples(pieces, 0, appended=0) == 0  # nothing voiced was fed
+
+
+FRAME = RATE // 50
+
+
+def frames_audio(voiced: list[bool]) -> np.ndarray:
+    """One 20 ms frame per flag: a loud tone (RMS ~5600) or digital silence."""
+    loud = np.frombuffer(tone(0.02), dtype="<i2")
+    return np.concatenate([loud if v else np.zeros(FRAME, dtype="<i2") for v in voiced]
+                          + [np.zeros(0, dtype="<i2")])
+
+
+def first_sentence_frame_by_frame(voiced: list[bool]) -> tuple[int, int] | None:
+    """The rule read one frame at a time: voiced frames at most 25 frames (0.5 s) apart form a
+    sentence; the first sentence of at least 12 frames (0.25 s, rounded to even) counts."""
+    i, n = 0, len(voiced)
+    while i < n:
+        if not voiced[i]:
+            i += 1
+            continue
+        begin = end = j = i
+        while j < n and j - end <= 25:
+            if voiced[j]:
+                end = j
+            j += 1
+        if end - begin + 1 >= 12:
+            return begin * FRAME, (end + 1) * FRAME
+        i = end + 1
+    return None
+
+
+def runs_of_frames() -> st.SearchStrategy[list[bool]]:
+    """Voiced and silent runs of lengths around the rule's thresholds (12 and 25 frames)."""
+    run = st.tuples(st.booleans(), st.integers(1, 30))
+    return st.lists(run, max_size=12).map(
+        lambda runs: [flag for flag, length in runs for _ in range(length)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs_of_frames())
+def test_a_commit_is_placed_at_the_first_sentence_as_a_frame_by_frame_reading_would(
+        voiced: list[bool]) -> None:
+    assert voiced_span(frames_audio(voiced), RATE) == first_sentence_frame_by_frame(voiced)
+
+
+@settings(max_examples=150, deadline=None)
+@given(runs_of_frames(), st.lists(st.tuples(st.integers(1, 40), st.integers(0, 60)),
+                                  min_size=1, max_size=12))
+def test_placing_a_commit_across_pieces_and_skipped_silence_maps_back_to_stream_samples(
+        voiced: list[bool], cuts: list[tuple[int, int]]) -> None:
+    # The audio cut into pieces at frame boundaries, with silence skipped between them: the
+    # span is found as in the joined audio (a skip reads as a pause of at most 27 frames, a
+    # sentence gap and a little) and given back in stream samples.
+    audio = frames_audio(voiced).tobytes()
+    pieces: list[tuple[int, bytes]] = []
+    flags: list[bool] = []
+    at_stream: list[int | None] = []  # per frame of the joined audio: its stream sample
+    stream, pos = 1000 * FRAME, 0
+    for cut, skipped in cuts:
+        if pos >= len(voiced):
+            break
+        if pieces:
+            stream += skipped * FRAME
+            flags += [False] * min(skipped, 27)
+            at_stream += [None] * min(skipped, 27)
+        part = voiced[pos:pos + cut]
+        pieces.append((stream, audio[pos * FRAME * 2:(pos + len(part)) * FRAME * 2]))
+        flags += part
+        at_stream += [stream + i * FRAME for i in range(len(part))]
+        stream += len(part) * FRAME
+        pos += len(part)
+    expected = first_sentence_frame_by_frame(flags)
+    found = voiced_span_in(pieces, 0, stream, RATE)
+    if expected is None:
+        assert found is None
+    else:
+        first, last = at_stream[expected[0] // FRAME], at_stream[expected[1] // FRAME - 1]
+        assert first is not None and last is not None  # a sentence starts and ends voiced
+        assert found == (first, last + FRAME)
 
 
 # -- the buffer and the upstream clock -------------------------------------------------------

@@ -31,33 +31,36 @@ PRE_ROLL_S: Final = 0.2
 Piece = tuple[int, bytes]
 
 
+def loud_frames(audio: np.ndarray, frame: int) -> np.ndarray:
+    """Per whole ``frame`` of mono int16 ``audio``: is its RMS above :data:`VOICED_RMS`?
+
+    Compares the frame's energy (sum of squares, float32: its rounding is far below what
+    could move a frame across the threshold) with the threshold's, which skips a mean and a
+    square root per frame: this runs for every chunk sent and over seconds of audio per commit.
+    """
+    n = len(audio) // frame
+    blocks = audio[: n * frame].reshape(n, frame).astype(np.float32)
+    energy: np.ndarray = np.einsum("ij,ij->i", blocks, blocks)
+    return energy > VOICED_RMS * VOICED_RMS * frame
+
+
 def voiced_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int] | None:
     """The first stretch of speech in mono int16 ``audio``, as sample offsets: voiced 20 ms
     frames joined across pauses shorter than SENTENCE_GAP_S, ignoring blips shorter than
     MIN_VOICED_S (a click, the tail of the previous sentence)."""
     frame = max(1, sample_rate // 50)
-    n = len(audio) // frame
-    if n == 0:
+    voiced = np.flatnonzero(loud_frames(audio, frame))
+    if not len(voiced):
         return None
-    frames = audio[: n * frame].astype(np.float32).reshape(n, frame)
-    voiced = np.sqrt(np.mean(frames * frames, axis=1)) > VOICED_RMS
-    gap = round(SENTENCE_GAP_S * 50)
-    shortest = max(1, round(MIN_VOICED_S * 50))
-    i = 0
-    while i < n:
-        if not voiced[i]:
-            i += 1
-            continue
-        begin = end = i
-        j = i
-        while j < n and j - end <= gap:
-            if voiced[j]:
-                end = j
-            j += 1
-        if end - begin + 1 >= shortest:
-            return begin * frame, (end + 1) * frame
-        i = end + 1
-    return None
+    # Runs of voiced frames: a pause longer than the gap (in frames) starts a new run.
+    breaks = np.flatnonzero(np.diff(voiced) > round(SENTENCE_GAP_S * 50))
+    firsts = voiced[np.concatenate(([0], breaks + 1))]
+    lasts = voiced[np.concatenate((breaks, [len(voiced) - 1]))]
+    long_enough = np.flatnonzero(lasts - firsts + 1 >= max(1, round(MIN_VOICED_S * 50)))
+    if not len(long_enough):
+        return None
+    k = long_enough[0]
+    return int(firsts[k]) * frame, (int(lasts[k]) + 1) * frame
 
 
 def voiced_span_in(pieces: Iterable[Piece], lo: int, hi: int,
@@ -68,8 +71,10 @@ def voiced_span_in(pieces: Iterable[Piece], lo: int, hi: int,
     positions are mapped back to stream samples.
     """
     frame = max(1, sample_rate // 50)
-    parts: list[np.ndarray] = []
-    runs: list[tuple[int, int]] = []  # (offset in the joined audio, stream sample)
+    parts: list[bytes | memoryview] = []
+    # Where the joined audio jumps in stream time: (offset in the joined audio, stream sample);
+    # between jumps it runs on one sample per sample.
+    runs: list[tuple[int, int]] = []
     joined = 0
     gap = round((SENTENCE_GAP_S + 0.04) * sample_rate)
     prev_end: int | None = None
@@ -83,16 +88,15 @@ def voiced_span_in(pieces: Iterable[Piece], lo: int, hi: int,
             # 20 ms frame grid: a speech onset is found where it is, not up to 19 ms early.
             silence = 0 if prev_end is None else min(a - prev_end, gap)
             silence += (a - (joined + silence)) % frame
-            parts.append(np.zeros(silence, dtype="<i2"))
+            parts.append(bytes(silence * BYTES_PER_SAMPLE))
             joined += silence
-        runs.append((joined, a))
-        piece = np.frombuffer(pcm, dtype="<i2")[a - start: b - start]
-        parts.append(piece)
-        joined += len(piece)
+            runs.append((joined, a))
+        parts.append(memoryview(pcm)[(a - start) * BYTES_PER_SAMPLE:(b - start) * BYTES_PER_SAMPLE])
+        joined += b - a
         prev_end = b
     if not parts:
         return None
-    span = voiced_span(np.concatenate(parts), sample_rate)
+    span = voiced_span(np.frombuffer(b"".join(parts), dtype="<i2"), sample_rate)
     if span is None:
         return None
 
@@ -114,12 +118,9 @@ def first_voiced(pieces: Iterable[Piece], lo: int, sample_rate: int) -> int | No
         audio = np.frombuffer(pcm, dtype="<i2")
         skip = max(0, lo - start)
         audio = audio[skip:]
-        k = len(audio) // frame
-        if k:
-            blocks = audio[: k * frame].astype(np.float32).reshape(k, frame)
-            loud = np.flatnonzero(np.sqrt(np.mean(blocks * blocks, axis=1)) > VOICED_RMS)
-            if len(loud):
-                return start + skip + int(loud[0]) * frame
+        loud = np.flatnonzero(loud_frames(audio, frame))
+        if len(loud):
+            return start + skip + int(loud[0]) * frame
     return None
 
 
@@ -154,8 +155,7 @@ class SpeechGate:
         audio = np.frombuffer(pcm, dtype="<i2")
         frame, n = self.frame, len(audio)
         whole = n // frame * frame
-        blocks = audio[:whole].astype(np.float32).reshape(-1, frame)
-        loud = list(np.sqrt(np.mean(blocks * blocks, axis=1)) > VOICED_RMS)
+        loud = loud_frames(audio, frame).tolist()
         if whole < n:  # a ragged last piece (the end of a track) is classified on its own
             rest = audio[whole:].astype(np.float32)
             loud.append(bool(np.sqrt(np.mean(rest * rest)) > VOICED_RMS))
