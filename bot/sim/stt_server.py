@@ -65,6 +65,8 @@ class SidRecord:
     disconnected: bool = False
     #: ``time.monotonic()`` at each audio chunk's arrival (same clock as the test's).
     chunk_times: list[float] = field(default_factory=list)
+    #: The first 4 bytes of each chunk's audio, in arrival order (a test tags its chunks).
+    chunk_heads: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -300,6 +302,7 @@ class FakeSttServer:
             return
         record.chunks += 1
         record.chunk_times.append(time.monotonic())
+        record.chunk_heads.append(pcm[:4])
         record.audio_bytes += len(pcm)
         record.chunk_rates.add(rate)
         live.chunks_in_session += 1

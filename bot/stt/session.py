@@ -40,7 +40,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import Any, Final, Protocol
 
 import aiohttp
@@ -112,6 +113,40 @@ class _LinkOwner(Protocol):
     def link_stopping(self) -> bool: ...
 
 
+async def _finish(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
+    """The rest of a coroutine started by hand (``coro.send(None)``) that suspended on
+    ``waiting_on``: wait for what it waited for, then let it go on; its result or error is
+    this one's, and a cancellation reaches it."""
+    return await _resumed(coro, waiting_on)
+
+
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    # What ``await coro`` does, minus the first step, which was already taken: hand what the
+    # coroutine yields to the running task, and pass what the task sends (or throws) back in.
+    while True:
+        try:
+            sent = yield waiting_on
+        except BaseException as exc:  # cancellation included: the coroutine gets it
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting_on = coro.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+def _raise_as_connection_error(write: asyncio.Future[Any]) -> None:
+    if write.cancelled():
+        raise socketio.exceptions.ConnectionError("websocket write cancelled")
+    exc = write.exception()
+    if exc is not None:
+        raise socketio.exceptions.ConnectionError(f"websocket write failed: {exc}") from exc
+
+
 class _Link:
     """One Socket.IO connection and its upstream session: connect (errors translated),
     start-session, audio-chunk, stop-session, close. Server events go to the owner."""
@@ -127,6 +162,8 @@ class _Link:
         self.session_id = ""
         self.lost = False
         self._owner = owner
+        #: A direct write that waits for the socket's buffer to drain (see write_now).
+        self._draining: asyncio.Future[Any] | None = None
         self.client.on("disconnect", self._on_disconnect)
         self.client.on(p.SESSION_STARTED, self._on_started)
         self.client.on(p.SESSION_ERROR, self._on_error)
@@ -168,35 +205,68 @@ class _Link:
     async def send_audio(self, pcm: bytes, sample_rate: int) -> bool:
         """One ``audio-chunk``, the same text frame either way; True if written directly.
 
+        :meth:`write_now` when it can, else python-socketio's ``emit``. Either way this
+        returns once the socket's buffer has room again (backpressure for the sender task).
+        """
+        await self._drained()
+        if self.write_now(pcm, sample_rate):
+            await self._drained()
+            return True
+        await self.client.emit(p.AUDIO_CHUNK, p.audio_chunk(pcm, sample_rate))
+        return False
+
+    def write_now(self, pcm: bytes, sample_rate: int) -> bool:
+        """Write the ``audio-chunk`` frame here and now if that keeps the order; False if not
+        (nothing written: send it with :meth:`send_audio`).
+
         python-socketio's ``emit`` JSON-encodes the ~4 KB payload and queues it for
         python-engineio's write task, which wakes (through a fresh ``wait_for`` task on Python
-        3.11) to write it: two more task steps per chunk, 10 chunks a second per speaker. When
-        the connection is a plain websocket with nothing queued ahead of us, the frame is
-        written here instead (an uncompressed aiohttp frame is written synchronously; this only
-        suspends when the socket's buffer is full). Anything else goes through ``emit``.
+        3.11) to write it: more task steps per chunk, 10 chunks a second per speaker. On a plain
+        websocket with nothing of ours unwritten ahead, the same text frame is written at once:
+        aiohttp writes an uncompressed frame before its only suspension point, the wait for a
+        full socket buffer to drain. That rare wait is finished by a task that every later
+        write waits for. Raises ``socketio.exceptions.ConnectionError`` if the write fails.
         """
+        draining = self._draining
+        if draining is not None:
+            if not draining.done():
+                return False
+            self._draining = None
+            _raise_as_connection_error(draining)
         ws = self._idle_websocket()
         if ws is None:
-            await self.client.emit(p.AUDIO_CHUNK, p.audio_chunk(pcm, sample_rate))
             return False
-        text = _EVENT_PREFIX + p.audio_chunk_event_json(pcm, sample_rate)
+        write = ws.send_str(_EVENT_PREFIX + p.audio_chunk_event_json(pcm, sample_rate))
         try:
-            await ws.send_str(text)
+            waiting_on = write.send(None)
+        except StopIteration:
+            return True
         except (OSError, aiohttp.ClientError, RuntimeError) as exc:
             raise socketio.exceptions.ConnectionError(f"websocket write failed: {exc}") from exc
+        self._draining = asyncio.ensure_future(_finish(write, waiting_on))
         return True
+
+    async def _drained(self) -> None:
+        """Wait for a write that waits on a full socket buffer, if any (its error is ours)."""
+        draining, self._draining = self._draining, None
+        if draining is not None:
+            await asyncio.wait([draining])
+            _raise_as_connection_error(draining)
 
     def _idle_websocket(self) -> Any:
         """python-engineio's websocket when a frame written now keeps the emit order, else None.
 
-        Reads python-engineio internals (``state``, ``current_transport``, ``ws``, ``queue``;
-        the version is pinned and .ci/run checks it); any of them missing means ``emit``.
+        Every packet python-engineio was given must be written already: its write task takes
+        a packet off the queue one loop step before writing it, so an empty queue is not
+        enough; the queue's count of unfinished packets (``task_done`` after each write) is.
+        Reads python-engineio internals (``state``, ``current_transport``, ``ws``, ``queue``)
+        and asyncio.Queue's ``_unfinished_tasks``; the versions are pinned and .ci/run checks
+        them; any of them missing means ``emit``.
         """
         eio = self.client.eio
-        queue = getattr(eio, "queue", None)
         if (getattr(eio, "state", None) != "connected"
                 or getattr(eio, "current_transport", None) != "websocket"
-                or queue is None or not queue.empty()
+                or getattr(getattr(eio, "queue", None), "_unfinished_tasks", 1) != 0
                 or _DEFAULT_NAMESPACE not in self.client.namespaces):
             return None
         return getattr(eio, "ws", None)
@@ -225,6 +295,12 @@ class _Link:
         for fut in (self.started, self.closed):
             if not fut.done():
                 fut.cancel()
+        draining, self._draining = self._draining, None
+        if draining is not None:  # its outcome no longer matters: this link is closed
+            draining.cancel()
+            await asyncio.wait([draining])
+            if not draining.cancelled():
+                draining.exception()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.disconnect(), DISCONNECT_TIMEOUT_S)
         await self.http.close()
@@ -371,33 +447,65 @@ class _Sender:
         self.progress = asyncio.Event()
         self.drained = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        #: The task is between a wake-up and its next wait: send_now leaves the writing to it.
+        self.busy = False
 
     def start(self) -> None:
         if self.task is None:
             self.task = asyncio.create_task(self._loop(),
                                             name=f"stt-sender:{self._session.speaker}")
 
-    async def _loop(self) -> None:
+    def send_now(self) -> None:
+        """Audio was queued: write what is due here (see :meth:`_Link.write_now`) when the
+        sender task is idle, else leave it to the task. This saves a task step per chunk."""
         session, core = self._session, self._session.core
+        conn = session.link
+        if (self.busy or session.state is not SttState.STREAMING or conn is None
+                or conn.lost):
+            self.ready.set()
+            return
+        while (chunk := core.next_chunk()) is not None:
+            start, pcm = chunk
+            try:
+                written = conn.write_now(pcm, core.sample_rate)
+            except socketio.exceptions.SocketIOError as exc:
+                session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
+                return
+            if not written:
+                self.ready.set()
+                return
+            if session.link is conn and core.sent(start, len(pcm)):
+                core.stats.chunks_direct += 1
+                self.progress.set()
+
+    async def _loop(self) -> None:
         while True:
             await self.ready.wait()
             self.ready.clear()
-            while session.state in (SttState.STREAMING, SttState.STOPPING):
-                conn = session.link
-                chunk = core.next_chunk()
-                if conn is None or conn.lost or chunk is None:
-                    break
-                start, pcm = chunk
-                try:
-                    direct = await conn.send_audio(pcm, core.sample_rate)
-                except socketio.exceptions.SocketIOError as exc:
-                    session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
-                    break
-                if session.link is conn and core.sent(start, len(pcm)):
-                    core.stats.chunks_direct += direct
-                    self.progress.set()
-            if session.state is SttState.STOPPING and core.unsent_samples <= 0:
-                self.drained.set()
+            self.busy = True
+            try:
+                await self._send_due()
+            finally:
+                self.busy = False
+
+    async def _send_due(self) -> None:
+        session, core = self._session, self._session.core
+        while session.state in (SttState.STREAMING, SttState.STOPPING):
+            conn = session.link
+            chunk = core.next_chunk()
+            if conn is None or conn.lost or chunk is None:
+                break
+            start, pcm = chunk
+            try:
+                direct = await conn.send_audio(pcm, core.sample_rate)
+            except socketio.exceptions.SocketIOError as exc:
+                session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
+                break
+            if session.link is conn and core.sent(start, len(pcm)):
+                core.stats.chunks_direct += direct
+                self.progress.set()
+        if session.state is SttState.STOPPING and core.unsent_samples <= 0:
+            self.drained.set()
 
     async def all_sent(self, within: float) -> None:
         """Wake the loop and wait (bounded) until everything queued went out."""
@@ -644,7 +752,7 @@ class SttSession:
         self.core.append(pcm)
         if self._dormant and self.core.unsent_samples > 0:
             self._audio.set()  # speech resumed: reopen
-        self._sender.ready.set()
+        self._sender.send_now()
 
     @property
     def unconfirmed_samples(self) -> int:
