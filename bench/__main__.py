@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                "server's CPU is not the client's latency. " if pinned else
                "Server and client NOT pinned (fewer than 2 CPUs or no sched_setaffinity): the "
                "server's CPU competes with the client's. ") +
-              "Send path: SttSession.send_audio (each chunk one websocket frame written by the "
-              "session's sender task).\n")
+              "Send path: SttSession.send_audio (each chunk one websocket frame, written in the "
+              "call that queues it when nothing is ahead).\n")
         print(table(
             ["sessions", "send path", "client CPU % of a core", "µs CPU / session-second",
              "CPU vs product per round", "server CPU %", "send lag p50 / p99 / max (ms)",
