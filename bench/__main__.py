@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--rows 1,2,2e,3,4,mem,script,speech] [--no-install]``: Markdown
+"""``python -m bench [--quick] [--rows 1,2,2e,2u,3,4,mem,script,speech] [--no-install]``: Markdown
 tables, then one JSON line
 ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L}``.
 
@@ -14,9 +14,9 @@ packets (median of per-repeat ratios). L: p99 of what is added on top of filling
 row 2's send lag plus one packet's receive time.
 
 ``--quick`` (under 45 s): 10 s of speech, 15 repeats (peers 9), two packet sets, row 2 at 250
-sessions for 2.4 s and row 2e at 250 speakers for 1.2 s per variant (variants interleaved),
-peers only if their venvs already exist; no rows 3, memory and speech, and no row 2e at 400
-speakers (the full run's capacity check).
+sessions for 2.4 s, row 2e at 250 speakers for 1.2 s per variant (variants interleaved) and row
+2u (real UDP) at 250 speakers for 2 s, product only; peers only if their venvs already exist;
+no rows 3, memory and speech, and no row 2e at 400 speakers (the full run's capacity check).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def _ratio(median: float, spread: tuple[float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced rows 1, 2, 4 (< 45 s)")
-    parser.add_argument("--rows", default="1,2,2e,3,4,mem,script,speech",
-                        help="comma-separated subset of 1,2,2e,3,4,mem,script,speech "
+    parser.add_argument("--rows", default="1,2,2e,2u,3,4,mem,script,speech",
+                        help="comma-separated subset of 1,2,2e,2u,3,4,mem,script,speech "
                              "(default: all)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not create the peers' venvs (skip peers without one)")
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    rows = {"1", "2", "2e", "4", "script"} if args.quick else set(args.rows.split(","))
+    rows = ({"1", "2", "2e", "2u", "4", "script"} if args.quick
+            else set(args.rows.split(",")))
     quick = args.quick
     started = time.monotonic()
     seconds = 10.0 if quick else 30.0
@@ -185,6 +186,32 @@ def main(argv: list[str] | None = None) -> int:
               f"{e.chunks_arrived}/{e.chunks_sent}",
               "yes" if e.behind_s < 0.05 else f"no ({e.behind_s:.2f} s behind)"]
              for e in e2e]))
+        print()
+
+    udp: list[Any] = []
+    if "2u" in rows:
+        from bench.e2e_udp import row2u
+        udp = asyncio.run(row2u((SIZING,), 2.0 if quick else 8.0,
+                                ("thread",) if quick else ("thread", "loop")))
+        print(f"## 2u. End to end with real UDP: {SIZING} speakers' datagrams from another "
+              "process over loopback UDP, read by discord.py's socket-reader thread -> "
+              "DatagramInbox -> the event loop -> row 2e's product path (this process, both "
+              "threads, pinned to one CPU)\n")
+        print("product, real UDP: as shipped (what row 2e leaves out: a select and a recv per "
+              "datagram on the reader thread, the GIL between it and the loop, the loop's "
+              "wake-ups). loop reader: a prototype reading the socket on the event loop "
+              "(loop.add_reader), not shipped. Lag runs from the datagram's arrival (stamped on "
+              "the reading thread) to the chunk at the server.\n")
+        print(table(
+            ["speakers", "reader", "process CPU % of a core", "µs CPU / speaker-second",
+             "speakers / core", "arrival -> chunk at server p50 / p99 / max (ms)",
+             "chunks arrived", "real time kept"],
+            [[str(u.speakers), u.variant, _f(u.cpu_percent), _f(u.us_per_speaker_second, 0),
+              _f(u.speakers_per_core, 0),
+              f"{_f(u.lag_p50_ms, 2)} / {_f(u.lag_p99_ms, 2)} / {_f(u.lag_max_ms, 2)}",
+              f"{u.chunks_arrived}/{u.chunks_sent}",
+              "yes" if u.behind_s < 0.05 else f"no ({u.behind_s:.2f} s behind or lost)"]
+             for u in udp]))
         print()
 
     whole: list[Any] = []
@@ -313,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"{'real time kept' if e.behind_s < 0.05 else f'{e.behind_s:.2f} s behind'}",
                  "yes" if e.behind_s < 0.05 and e.cpu_percent < 100 else "no"]
                for e in e2e if e.variant == "product" and e.speakers == CAPACITY]),
+            *([[f"end to end with real UDP reads (row 2u, {u.variant}, {u.speakers} "
+                 "speakers): ≥ 400 speakers / core",
+                 f"{u.speakers_per_core:.0f} / core ({u.cpu_percent:.0f} % of a core); "
+                 f"one chunk + {u.lag_p99_ms:.2f} ms p99"
+                 f"{'' if u.behind_s < 0.05 else ' (fell behind real time or lost datagrams)'}",
+                 ("yes" if u.speakers_per_core >= 400 else "no")
+                 + ("" if u.variant.startswith("product") else " (prototype, not shipped)")]
+               for u in udp]),
             *([["commit -> Discord request ≤ 50 ms p99",
                 f"{max(w['p99_ms'] for w in whole):.1f} ms", "yes" if max(
                     w["p99_ms"] for w in whole) <= 50 else "no"]] if whole else []),
@@ -329,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "added_latency_ms_p99": round(latency, 2) if latency is not None else None,
         "e2e_speakers_per_core": round(e2e_product.speakers_per_core) if e2e_product else None,
         "e2e_latency_ms_p99": round(e2e_product.lag_p99_ms, 2) if e2e_product else None,
+        "udp_speakers_per_core": round(udp[0].speakers_per_core) if udp else None,
     }), flush=True)
     return 0
 

@@ -77,3 +77,13 @@ def test_script_row_converts_lines_of_both_sizes_in_both_modes() -> None:
     assert {(r.chars, r.mode) for r in rows} == {
         (size, mode) for size in SIZES for mode in ("simplified", "simplified + jyutping")}
     assert all(r.lines == 5 and r.max_ms >= r.p99_ms >= r.p50_ms > 0 for r in rows)
+
+
+async def test_real_udp_row_reads_every_datagram_with_either_reader() -> None:
+    from bench.e2e_udp import run_e2e_udp
+
+    async with asyncio.timeout(90), chunk_server(commit_every=5) as server:
+        for reader in ("thread", "loop"):
+            r = await run_e2e_udp(server, speakers=2, seconds=0.6, reader=reader)
+            assert r.chunks_arrived == r.chunks_sent > 0
+            assert r.behind_s < 0.05  # nothing lost on the way at 2 speakers

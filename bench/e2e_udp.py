@@ -1,0 +1,241 @@
+"""Row 2u: row 2e's product path with the packets arriving over real UDP.
+
+Row 2e hands datagrams to the receiver from a list, so it leaves out what a bot pays to get
+them: discord.py's socket-reader thread (``select`` + ``recv`` per datagram, then our callback),
+the hand-off to the event loop (:class:`bot.voice.inbox.DatagramInbox`: ``call_soon_threadsafe``
+per burst, a wake-up through the loop's self-pipe) and the GIL between the two threads. Here
+:mod:`bench.udp_sender`, another process pinned with the STT stand-in to the other CPU, sends N
+speakers' packets in real time to a loopback UDP socket that discord.py's own
+:class:`discord.voice_state.SocketReader` reads (with a stand-in for the voice connection that
+has only the socket), registered with ``inbox.put`` as :class:`bot.voice.client.VoiceListener`
+registers it; a clock task drains the inbox and ticks the receiver every 50 ms as the listener
+does. From the receiver on it is row 2e's product variant: VoiceReceiver -> Chunker ->
+SttSession -> :mod:`bench.chunk_server`.
+
+Measured over a window after a warm-up: this process's CPU (both threads) per second of audio
+the receiver handled, and the lag from each chunk's last datagram's arrival (stamped by the
+reader thread) to the chunk's arrival at the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import socket
+import statistics
+import struct
+import sys
+import time
+from types import SimpleNamespace
+from typing import Final
+
+import aiohttp
+import numpy as np
+from discord.voice_state import SocketReader
+
+from bench.chunk_server import SendLog
+from bench.e2e import E2EResult
+from bench.media import FIRST_MEMBER_ID, FIRST_SSRC, PACKETS_PER_SECOND
+from bench.upstream import ChunkServer, _p99
+from bot.audio.convert import Chunker
+from bot.stt.session import SttEvent, SttSession
+from bot.voice.client import TICK_SECONDS
+from bot.voice.crypto import MODE_AES256_GCM
+from bot.voice.inbox import INBOX_BATCH, DatagramInbox
+from bot.voice.receiver import VoiceReceiver
+
+log = logging.getLogger(__name__)
+
+STT_RATE: Final = 16000
+CHUNK_MS: Final = 100
+WARMUP_S: Final = 1.0
+START_BATCH: Final = 50
+SENDER_READY_TIMEOUT_S: Final = 120.0
+VARIANTS: Final = {"thread": "product, real UDP", "loop": "loop reader, real UDP"}
+_HEAD = struct.Struct("<II")
+
+
+async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
+                      sender_cpu: int | None = None, reader: str = "thread") -> E2EResult:
+    """``speakers`` speakers over loopback UDP for a warm-up and ``seconds`` measured.
+
+    ``reader``: ``thread``, the product (discord.py's socket-reader thread into the inbox);
+    ``loop``, a prototype that reads the socket on the event loop (``loop.add_reader``)."""
+    if reader not in VARIANTS:
+        raise ValueError(f"unknown reader {reader!r}")
+    reader_kind = reader
+    key = os.urandom(32)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # as discord.py makes it
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    total_s = WARMUP_S + seconds + 0.5
+    sender = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.udp_sender", "127.0.0.1", str(sock.getsockname()[1]),
+        key.hex(), str(speakers), str(total_s),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert sender.stdin is not None and sender.stdout is not None
+    if sender_cpu is not None:
+        from bench.upstream import pin
+        pin(sender.pid, sender_cpu)
+    clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
+                          speaker=f"s{i}", on_event=_ignore) for i in range(speakers)]
+    thread: SocketReader | None = None
+    tick_task: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(SENDER_READY_TIMEOUT_S):
+            ready = (await sender.stdout.readline()).decode()
+        if not ready.startswith("READY"):
+            raise RuntimeError(f"UDP sender did not start: {ready!r}")
+        for i in range(0, speakers, START_BATCH):
+            await asyncio.gather(*(c.start() for c in clients[i:i + START_BATCH]))
+
+        chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
+        counters = [0] * speakers
+        sends = SendLog(speakers)
+        arrived_at = 0.0
+        phase = -1
+
+        def on_audio(user_id: int, pcm: np.ndarray) -> None:
+            s = user_id - FIRST_MEMBER_ID
+            for chunk in chunkers[s].push(pcm):
+                k = counters[s]
+                counters[s] = k + 1
+                sends.record(s, k, arrived_at, phase)
+                clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
+
+        receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, batch_ms=CHUNK_MS,
+                                 on_idle=lambda _u: None, is_ignored=lambda _u: False)
+        receiver.set_transport(MODE_AES256_GCM, key)
+        for i in range(speakers):
+            receiver.on_speaking(FIRST_MEMBER_ID + i, FIRST_SSRC + i, 0.0)
+
+        def handle(data: bytes, at: float) -> None:
+            nonlocal arrived_at
+            arrived_at = at
+            receiver.handle_packet(data, at)
+
+        loop = asyncio.get_running_loop()
+        inbox = DatagramInbox(handle, time.monotonic)
+        inbox.bind(loop)
+        if reader_kind == "thread":
+            stand_in = SimpleNamespace(socket=sock)  # all the reader reads of the connection
+            thread = SocketReader(stand_in, start_paused=False)  # type: ignore[arg-type]
+            thread.register(inbox.put)
+            thread.start()
+        else:
+            # Prototype: read on the event loop when the socket is readable, INBOX_BATCH at a
+            # time; no thread, so no GIL hand-over per datagram. The kernel's buffer must then
+            # hold what arrives while the loop is busy: asked for 4 MiB (capped at rmem_max).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            recv = sock.recv
+
+            def on_readable() -> None:
+                for _ in range(INBOX_BATCH):
+                    try:
+                        data = recv(2048)
+                    except BlockingIOError:
+                        return
+                    handle(data, time.monotonic())
+
+            loop.add_reader(sock.fileno(), on_readable)
+
+        async def clock() -> None:  # VoiceListener._tick_loop, without its watchdog
+            while True:
+                await asyncio.sleep(TICK_SECONDS)
+                inbox.drain_all()
+                receiver.tick(time.monotonic())
+
+        tick_task = asyncio.create_task(clock())
+        gc.collect()
+        t0 = time.monotonic() + 0.2
+        sender.stdin.write(f"{t0!r}\n".encode())
+        await sender.stdin.drain()
+        await asyncio.sleep(t0 + WARMUP_S - time.monotonic())
+        handled0, cpu0, wall0 = receiver.counters().received, time.process_time(), time.monotonic()
+        phase = 0
+        await asyncio.sleep(seconds)
+        phase = -1
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        handled = receiver.counters().received - handled0
+        async with asyncio.timeout(total_s + 30):
+            done = (await sender.stdout.readline()).decode().split()
+        sent_total = int(done[1]) if len(done) > 1 and done[0] == "DONE" else 0
+        log.info("row 2u sender: %s", " ".join(done))
+        await asyncio.sleep(0.3)
+        inbox.drain_all()
+        lost = sent_total - receiver.counters().received - inbox.dropped
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/results") as resp:
+                arrivals = (await resp.json())["arrivals"]
+            await (await http.get(f"{server.url}/reset")).release()
+    finally:
+        if tick_task is not None:
+            tick_task.cancel()
+        if thread is not None:
+            thread.stop()
+        elif reader_kind == "loop":
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        if sender.returncode is None:
+            sender.kill()
+        await sender.wait()
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+    lags = sorted(sends.lags_ms(arrivals, 1)[0])
+    if not lags:
+        raise RuntimeError("no chunk of the measured window arrived")
+    if lost or inbox.dropped:
+        log.warning("row 2u: %d datagrams lost in the kernel, %d dropped by the inbox",
+                    lost, inbox.dropped)
+    us = cpu / max(1, handled) * PACKETS_PER_SECOND * 1e6
+    return E2EResult(
+        speakers=speakers, variant=VARIANTS[reader_kind], seconds=wall,
+        cpu_percent=cpu / wall * 100,
+        us_per_speaker_second=us, lag_p50_ms=statistics.median(lags), lag_p99_ms=_p99(lags),
+        lag_max_ms=lags[-1], chunks_sent=sends.sent(1)[0], chunks_arrived=len(lags),
+        # Audio the window should have carried but the receiver did not handle in it.
+        behind_s=max(0.0, wall - handled / speakers / PACKETS_PER_SECOND)
+        + (lost + inbox.dropped) / speakers / PACKETS_PER_SECOND,
+    )
+
+
+def _ignore(_event: SttEvent) -> None:
+    pass
+
+
+async def row2u(counts: tuple[int, ...], seconds: float,
+                readers: tuple[str, ...] = ("thread",), pin_self: bool = True) -> list[E2EResult]:
+    """:func:`run_e2e_udp` per speaker count and reader; server and sender on one CPU, this
+    process (both its threads) on the other when there are two, as in row 2."""
+    from bench.upstream import chunk_server, cpus, pin
+
+    allowed = cpus()
+    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    out = []
+    try:
+        async with chunk_server() as server:
+            other = None
+            if len(allowed) >= 2:
+                pin(server.pid, allowed[-1])
+                if pin_self:
+                    pin(0, allowed[0])
+                other = allowed[-1]
+            for n in counts:
+                for kind in readers:
+                    out.append(await run_e2e_udp(server, n, seconds, sender_cpu=other,
+                                                 reader=kind))
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    secs = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
+    kinds = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("thread", "loop")
+    for r in asyncio.run(row2u((n,), secs, kinds)):
+        print(json.dumps({**r.__dict__, "speakers_per_core": round(r.speakers_per_core)}))

@@ -1,0 +1,59 @@
+"""Row 2u's Discord side, in its own process: N speakers' RTP datagrams sent in real time over
+loopback UDP.
+
+``python -m bench.udp_sender HOST PORT KEY_HEX SPEAKERS SECONDS`` encodes the bench recording,
+encrypts it (AES-GCM, DAVE off) as ``SPEAKERS`` members with the given key, prints ``READY``,
+reads the start time (``time.monotonic``, one clock system-wide) from stdin and sends each
+speaker one packet per 20 ms from then on, the speakers' phases spread over the 20 ms as in
+row 2e. Prints ``DONE <datagrams sent> <worst lateness in s>`` at the end. Its CPU is not the
+bot's: row 2u pins it to the other CPU, with the STT stand-in.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+from bench.media import PACKETS_PER_SECOND, make_packets, record
+from bot.voice.crypto import MODE_AES256_GCM
+
+#: Sleep between sends of what is due: ~2,000 wake-ups a second; 250 speakers' packets are due
+#: 12,500 times a second, so each wake-up sends a few, as a real network delivers them.
+PACE_S = 0.0005
+
+
+def main(argv: list[str]) -> int:
+    host, port, key_hex, speakers, seconds = (argv[0], int(argv[1]), argv[2], int(argv[3]),
+                                              float(argv[4]))
+    rec = record(seconds + 1.0)
+    frames = int(seconds * PACKETS_PER_SECOND)
+    packets = make_packets(rec.opus[:frames], rec.levels[:frames], mode=MODE_AES256_GCM,
+                           dave=False, speakers=speakers, secret_key=bytes.fromhex(key_hex))
+    datagrams = [d for _k, d in packets.datagrams]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    sock.connect((host, port))
+    print("READY", flush=True)
+    t0 = float(sys.stdin.readline())
+    step = 1 / PACKETS_PER_SECOND / speakers
+    pos, worst = 0, 0.0
+    send = sock.send
+    while pos < len(datagrams):
+        now = time.monotonic()
+        due = min(len(datagrams), int((now - t0) / step) + 1)
+        if due > pos:
+            worst = max(worst, now - (t0 + pos * step))
+        while pos < due:
+            try:
+                send(datagrams[pos])
+            except BlockingIOError:  # the receiver fell far behind: its loss, counted there
+                pass
+            pos += 1
+        time.sleep(PACE_S)
+    print(f"DONE {pos} {worst:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
