@@ -192,16 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     if "2u" in rows:
         from bench.e2e_udp import row2u
         udp = asyncio.run(row2u((SIZING,), 2.0 if quick else 8.0,
-                                ("thread",) if quick else ("thread", "loop")))
+                                ("loop",) if quick else ("loop", "thread")))
         print(f"## 2u. End to end with real UDP: {SIZING} speakers' datagrams from another "
-              "process over loopback UDP, read by discord.py's socket-reader thread -> "
-              "DatagramInbox -> the event loop -> row 2e's product path (this process, both "
+              "process over loopback UDP -> row 2e's product path (this process, all its "
               "threads, pinned to one CPU)\n")
-        print("product, real UDP: as shipped (what row 2e leaves out: a select and a recv per "
-              "datagram on the reader thread, the GIL between it and the loop, the loop's "
-              "wake-ups). loop reader: a prototype reading the socket on the event loop "
-              "(loop.add_reader), not shipped. Lag runs from the datagram's arrival (stamped on "
-              "the reading thread) to the chunk at the server.\n")
+        print("product: the listener reads the socket on the event loop (what row 2e leaves "
+              "out: a recv per datagram and the loop's wake-ups). reader thread: discord.py's "
+              "socket-reader thread into the inbox (a select and a recv per datagram, the GIL "
+              "handed between it and the loop): the fallback where the loop cannot watch "
+              "sockets, and the product before. Lag runs from the datagram's arrival (stamped "
+              "when read) to the chunk at the server.\n")
         print(table(
             ["speakers", "reader", "process CPU % of a core", "µs CPU / speaker-second",
              "speakers / core", "arrival -> chunk at server p50 / p99 / max (ms)",
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"one chunk + {u.lag_p99_ms:.2f} ms p99"
                  f"{'' if u.behind_s < 0.05 else ' (fell behind real time or lost datagrams)'}",
                  ("yes" if u.speakers_per_core >= 400 else "no")
-                 + ("" if u.variant.startswith("product") else " (prototype, not shipped)")]
+                 + ("" if u.variant.startswith("product") else " (the fallback)")]
                for u in udp]),
             *([["commit -> Discord request ≤ 50 ms p99",
                 f"{max(w['p99_ms'] for w in whole):.1f} ms", "yes" if max(

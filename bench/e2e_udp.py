@@ -1,20 +1,20 @@
 """Row 2u: row 2e's product path with the packets arriving over real UDP.
 
 Row 2e hands datagrams to the receiver from a list, so it leaves out what a bot pays to get
-them: discord.py's socket-reader thread (``select`` + ``recv`` per datagram, then our callback),
-the hand-off to the event loop (:class:`bot.voice.inbox.DatagramInbox`: ``call_soon_threadsafe``
-per burst, a wake-up through the loop's self-pipe) and the GIL between the two threads. Here
+them: a ``recv`` per datagram, the loop's wake-ups, and, through discord.py's socket-reader
+thread, a ``select`` per datagram and the GIL handed between that thread and the loop. Here
 :mod:`bench.udp_sender`, another process pinned with the STT stand-in to the other CPU, sends N
-speakers' packets in real time to a loopback UDP socket that discord.py's own
-:class:`discord.voice_state.SocketReader` reads (with a stand-in for the voice connection that
-has only the socket), registered with ``inbox.put`` as :class:`bot.voice.client.VoiceListener`
-registers it; a clock task drains the inbox and ticks the receiver every 50 ms as the listener
-does. From the receiver on it is row 2e's product variant: VoiceReceiver -> Chunker ->
-SttSession -> :mod:`bench.chunk_server`.
+speakers' packets in real time to a loopback UDP socket (non-blocking, as discord.py makes it),
+read as the product reads it: :meth:`bot.voice.inbox.DatagramInbox.read_from` on the event loop
+(``loop``, the product), or discord.py's own :class:`discord.voice_state.SocketReader` into
+``inbox.put`` (``thread``: the fallback where the loop cannot watch sockets, and what the
+product did before). A clock task drains the inbox and ticks the receiver every 50 ms as
+:class:`bot.voice.client.VoiceListener` does. From the receiver on it is row 2e's product
+variant: VoiceReceiver -> Chunker -> SttSession -> :mod:`bench.chunk_server`.
 
-Measured over a window after a warm-up: this process's CPU (both threads) per second of audio
-the receiver handled, and the lag from each chunk's last datagram's arrival (stamped by the
-reader thread) to the chunk's arrival at the server.
+Measured over a window after a warm-up: this process's CPU (all its threads) per second of
+audio the receiver handled, and the lag from each chunk's last datagram's arrival (stamped when
+it was read) to the chunk's arrival at the server.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from bot.audio.convert import Chunker
 from bot.stt.session import SttEvent, SttSession
 from bot.voice.client import TICK_SECONDS
 from bot.voice.crypto import MODE_AES256_GCM
-from bot.voice.inbox import INBOX_BATCH, DatagramInbox
+from bot.voice.inbox import DatagramInbox
 from bot.voice.receiver import VoiceReceiver
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,10 @@ CHUNK_MS: Final = 100
 WARMUP_S: Final = 1.0
 START_BATCH: Final = 50
 SENDER_READY_TIMEOUT_S: Final = 120.0
-VARIANTS: Final = {"thread": "product, real UDP", "loop": "loop reader, real UDP"}
+#: loop: the product (the listener reads the socket on the event loop); thread: discord.py's
+#: socket-reader thread into the inbox, the fallback where the loop cannot watch sockets (and
+#: what the product did before).
+VARIANTS: Final = {"loop": "product, real UDP", "thread": "reader thread (fallback), real UDP"}
 _HEAD = struct.Struct("<II")
 
 
@@ -61,8 +64,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
                       sender_cpu: int | None = None, reader: str = "thread") -> E2EResult:
     """``speakers`` speakers over loopback UDP for a warm-up and ``seconds`` measured.
 
-    ``reader``: ``thread``, the product (discord.py's socket-reader thread into the inbox);
-    ``loop``, a prototype that reads the socket on the event loop (``loop.add_reader``)."""
+    ``reader``: ``loop``, the product (:meth:`DatagramInbox.read_from`: the socket read on the
+    event loop); ``thread``, discord.py's socket-reader thread into the inbox (the fallback)."""
     if reader not in VARIANTS:
         raise ValueError(f"unknown reader {reader!r}")
     reader_kind = reader
@@ -82,6 +85,7 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
                           speaker=f"s{i}", on_event=_ignore) for i in range(speakers)]
     thread: SocketReader | None = None
+    inbox: DatagramInbox | None = None
     tick_task: asyncio.Task[None] | None = None
     try:
         async with asyncio.timeout(SENDER_READY_TIMEOUT_S):
@@ -124,22 +128,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             thread = SocketReader(stand_in, start_paused=False)  # type: ignore[arg-type]
             thread.register(inbox.put)
             thread.start()
-        else:
-            # Prototype: read on the event loop when the socket is readable, INBOX_BATCH at a
-            # time; no thread, so no GIL hand-over per datagram. The kernel's buffer must then
-            # hold what arrives while the loop is busy: asked for 4 MiB (capped at rmem_max).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            recv = sock.recv
-
-            def on_readable() -> None:
-                for _ in range(INBOX_BATCH):
-                    try:
-                        data = recv(2048)
-                    except BlockingIOError:
-                        return
-                    handle(data, time.monotonic())
-
-            loop.add_reader(sock.fileno(), on_readable)
+        elif not inbox.read_from(sock):  # as VoiceListener.attach_socket does
+            raise RuntimeError("this event loop cannot watch sockets")
 
         async def clock() -> None:  # VoiceListener._tick_loop, without its watchdog
             while True:
@@ -175,8 +165,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             tick_task.cancel()
         if thread is not None:
             thread.stop()
-        elif reader_kind == "loop":
-            asyncio.get_running_loop().remove_reader(sock.fileno())
+        if inbox is not None:
+            inbox.stop_reading()
         sock.close()
         if sender.returncode is None:
             sender.kill()
@@ -205,7 +195,7 @@ def _ignore(_event: SttEvent) -> None:
 
 
 async def row2u(counts: tuple[int, ...], seconds: float,
-                readers: tuple[str, ...] = ("thread",), pin_self: bool = True) -> list[E2EResult]:
+                readers: tuple[str, ...] = ("loop",), pin_self: bool = True) -> list[E2EResult]:
     """:func:`run_e2e_udp` per speaker count and reader; server and sender on one CPU, this
     process (both its threads) on the other when there are two, as in row 2."""
     from bench.upstream import chunk_server, cpus, pin
@@ -236,6 +226,6 @@ if __name__ == "__main__":
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     secs = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
-    kinds = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("thread", "loop")
+    kinds = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("loop", "thread")
     for r in asyncio.run(row2u((n,), secs, kinds)):
         print(json.dumps({**r.__dict__, "speakers_per_core": round(r.speakers_per_core)}))

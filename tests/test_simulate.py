@@ -192,6 +192,8 @@ async def test_three_members_talking_at_once_over_aes_gcm_with_dave_are_posted_a
         assert OP_DAVE_TRANSITION_READY in ops_from_bot(sim)
         meeting_now = sim.meeting
         assert meeting_now is not None and meeting_now.status().e2ee
+        # The voice socket is read on the event loop, not through discord.py's reader thread.
+        assert meeting_now.intake.listener.inbox.reading
         await sim.speak_together({name: tone_pcm(lines) for name, lines in scripts.items()})
         await sim.stop()
 

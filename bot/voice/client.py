@@ -9,9 +9,10 @@ discord.py 2.7 sends voice but does not receive it. We hook in without forking i
   move), op 5 SPEAKING (SSRC -> member), op 13 client disconnect.
 - It also offers ``aead_aes256_gcm_rtpsize`` (Discord's preferred mode; far cheaper to decrypt
   than XChaCha20) with the matching send-side encryption discord.py looks up by mode name.
-- :class:`VoiceListener` outlives any one voice client: it owns the :class:`VoiceReceiver`, takes
-  datagrams from discord.py's socket-reader thread through a bounded
-  :class:`~bot.voice.inbox.DatagramInbox` (the thread never blocks), runs the receiver's clock,
+- :class:`VoiceListener` outlives any one voice client: it owns the :class:`VoiceReceiver`, reads
+  the UDP socket on the event loop through :class:`~bot.voice.inbox.DatagramInbox` (or, where
+  the loop cannot watch sockets, takes datagrams from discord.py's socket-reader thread through
+  its bounded queue; the thread never blocks), runs the receiver's clock,
   sends a UDP keepalive (discord.py sends none while it plays nothing, and NATs forget the
   mapping), and watches for a connection that went deaf. The clock and keepalive tasks are
   supervised (:func:`supervise`): if one ever ends it is logged and started again, because
@@ -102,7 +103,7 @@ class VoiceListener:
         self._watchdog_seconds = watchdog_seconds
         self._on_stalled = on_stalled
         self._clock = clock
-        #: Datagrams from discord.py's socket-reader thread, handed to the receiver on the loop.
+        #: Datagrams of the voice UDP socket, handed to the receiver on the loop.
         self.inbox = DatagramInbox(receiver.handle_packet, clock)
         self._vc: ReceiveVoiceClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -176,15 +177,22 @@ class VoiceListener:
         return counters
 
     def attach_socket(self) -> None:
-        """(Re-)register our datagram callback on the current connection's reader thread."""
+        """(Re-)attach to the current connection's UDP socket: read it on the event loop where
+        the loop can watch sockets, else through discord.py's socket-reader thread."""
         vc = self._vc
         if vc is None:
             return
-        vc._connection.remove_socket_listener(self.inbox.put)
-        vc._connection.add_socket_listener(self.inbox.put)
+        conn = vc._connection
+        conn.remove_socket_listener(self.inbox.put)
+        sock = getattr(conn, "socket", None)
+        if isinstance(sock, socket.socket) and self.inbox.read_from(sock):
+            return
+        self.inbox.stop_reading()
+        conn.add_socket_listener(self.inbox.put)
 
     async def aclose(self) -> None:
         """Stop the clock and keepalive tasks and detach; idempotent."""
+        self.inbox.stop_reading()
         if self._vc is not None:
             try:
                 self._vc._connection.remove_socket_listener(self.inbox.put)
@@ -360,6 +368,8 @@ class _WakingSocketReader(SocketReader):
     ``shutdown(SHUT_RD)`` on the old socket (in :meth:`pause`) makes it readable at once. And the
     loop (:meth:`_do_run`) selects with :data:`READER_SELECT_TIMEOUT`, and drops what it read
     from a socket that was replaced meanwhile, so a stale descriptor costs at most that long.
+    With no callback registered it reads nothing: the listener may be reading the same socket
+    on the event loop, and a datagram taken here would be lost to it.
     """
 
     def pause(self) -> None:
@@ -385,6 +395,12 @@ class _WakingSocketReader(SocketReader):
                 continue
             if not readable or sock is not self.state.socket:
                 continue  # nothing yet, or the socket was replaced while we slept
+            if not self._callbacks:
+                # Nobody to give it to (IP discovery just ended; the listener reads the socket
+                # on the event loop): leave the datagram for whoever reads it. The loop's top
+                # waits once discord.py has paused us for having no callbacks.
+                self._end.wait(0.001)
+                continue
             try:
                 data = sock.recv(2048)
             except OSError:  # the old socket, shut down or closed under us
@@ -397,7 +413,12 @@ class _WakingSocketReader(SocketReader):
 
 
 class _ReceiveConnectionState(VoiceConnectionState):
-    """discord.py's connection state with :class:`_WakingSocketReader` as its reader thread."""
+    """discord.py's connection state with :class:`_WakingSocketReader` as its reader thread.
+
+    While discord.py itself listens on the UDP socket (IP discovery, which a move repeats on
+    the same socket), the listener stops reading it on the event loop, which would take the
+    answer; it reads it again from the next SESSION_DESCRIPTION (op 4).
+    """
 
     def __init__(self, voice_client: discord.VoiceClient, **kwargs: Any) -> None:
         super().__init__(voice_client, **kwargs)
@@ -405,3 +426,9 @@ class _ReceiveConnectionState(VoiceConnectionState):
         stock.stop()  # it has not run yet (it starts paused): let it end and use ours
         self._socket_reader = _WakingSocketReader(self)
         self._socket_reader.start()
+
+    def add_socket_listener(self, callback: Callable[[bytes], Any]) -> None:
+        listener = getattr(self.voice_client, "listener", None)
+        if listener is not None and callback != listener.inbox.put:
+            listener.inbox.stop_reading()
+        super().add_socket_listener(callback)
