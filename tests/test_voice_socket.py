@@ -4,6 +4,7 @@ the reader thread leaving it alone: real loopback UDP sockets, no thread in betw
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from bot.voice.client import _WakingSocketReader
+from bot.voice.counters import ReceiveCounters
 from bot.voice.inbox import INBOX_BATCH, DatagramInbox
 
 
@@ -177,3 +179,24 @@ def test_the_reader_thread_reads_nothing_while_nobody_listens(
         done = threading.Event()
         threading.Thread(target=lambda: (reader.join(2), done.set()), daemon=True).start()
         done.wait(3)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/udp"), reason="kernel drop counts: Linux only")
+async def test_datagrams_the_kernel_dropped_for_a_busy_loop_are_counted_and_said(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # While the loop is busy the socket's buffer holds what arrives; past it the kernel drops
+    # datagrams. They cannot be had back, but /transcribe status says how many.
+    bot, discord = pair
+    inbox = DatagramInbox(Seen(), time.monotonic)
+    inbox.bind(asyncio.get_running_loop())
+    inbox.read_from(bot)
+    bot.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the smallest the kernel allows
+    for _ in range(200):  # no await: the loop is "busy" and reads nothing meanwhile
+        discord.send(bytes(300))
+    dropped = inbox.socket_dropped
+    assert dropped > 0
+    inbox.drain_all()
+    inbox.stop_reading()
+    assert inbox.socket_dropped == dropped  # kept once the socket is no longer read
+    counters = ReceiveCounters(socket_dropped=dropped)
+    assert f"{dropped:,} lost to a full socket buffer" in counters.summary()

@@ -174,6 +174,7 @@ class VoiceListener:
         """Where every datagram of this guild's voice went (``/transcribe status`` shows it)."""
         counters = self.receiver.counters()
         counters.inbox_dropped = self.inbox.dropped
+        counters.socket_dropped = self.inbox.socket_dropped
         return counters
 
     def attach_socket(self) -> None:

@@ -66,6 +66,9 @@ class ReceiveCounters:
     repaired_gaps: int = 0
     #: Datagrams dropped by the voice client before the receiver saw them (inbox full).
     inbox_dropped: int = 0
+    #: Datagrams the kernel dropped because the socket's receive buffer was full (the loop was
+    #: busy for longer than it holds; Linux only, from /proc/net/udp).
+    socket_dropped: int = 0
 
     def drops(self) -> dict[str, int]:
         """Dropped datagrams by reason, only the reasons that happened."""
@@ -89,6 +92,8 @@ class ReceiveCounters:
             parts.append("none dropped")
         if self.inbox_dropped:
             parts.append(f"{self.inbox_dropped:,} lost to a full inbox")
+        if self.socket_dropped:
+            parts.append(f"{self.socket_dropped:,} lost to a full socket buffer")
         if self.concealed_frames:
             parts.append(f"{self.concealed_frames:,} lost frames concealed")
         if self.repaired_gaps:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Final
@@ -54,6 +55,8 @@ class DatagramInbox:
         #: The socket read on the loop (read_from), if any.
         self._sock: socket.socket | None = None
         self._fd = -1
+        #: Kernel drops of the sockets read before the current one.
+        self._socket_dropped_before = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake ``loop`` from now on (before that, datagrams wait for :meth:`drain_all`)."""
@@ -86,11 +89,20 @@ class DatagramInbox:
     def stop_reading(self) -> None:
         """Stop reading the socket given to :meth:`read_from` (idempotent)."""
         sock, self._sock = self._sock, None
+        if sock is not None:
+            self._socket_dropped_before += socket_drops(sock) or 0
         if sock is not None and self._loop is not None:
             try:
                 self._loop.remove_reader(self._fd)
             except (OSError, ValueError, RuntimeError):  # closed socket or loop: nothing to undo
                 pass
+
+    @property
+    def socket_dropped(self) -> int:
+        """Datagrams the kernel dropped for the sockets read on the loop (a full receive
+        buffer: the loop was busy longer than it holds); 0 where that is not known."""
+        current = socket_drops(self._sock) if self._sock is not None else None
+        return self._socket_dropped_before + (current or 0)
 
     @property
     def reading(self) -> bool:
@@ -150,3 +162,24 @@ class DatagramInbox:
         while self._queue:
             self._drain_some()
         self._read(INBOX_LIMIT)  # bounded: a flood cannot keep the caller here
+
+
+def socket_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped for ``sock`` since it was made: the ``drops`` column of
+    Linux's /proc/net/udp (or udp6) on the socket's inode; None where that is not available
+    (another OS, a closed socket)."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except (OSError, ValueError):
+        return None
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 12 and fields[9] == inode:
+                        return int(fields[12])
+        except (OSError, ValueError):
+            continue
+    return None
