@@ -83,7 +83,13 @@ class DatagramInbox:
             granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         except OSError:
             granted = -1
-        log.info("voice socket read on the event loop (receive buffer %d KiB)", granted // 1024)
+        if 0 <= granted < RECEIVE_BUFFER_BYTES:  # Linux reports twice what it grants
+            log.info("voice socket read on the event loop; receive buffer %d KiB, capped by "
+                     "net.core.rmem_max: for meetings of 100+ speakers raise it (README "
+                     "\"Performance\", Sizing)", granted // 1024)
+        else:
+            log.info("voice socket read on the event loop (receive buffer %d KiB)",
+                     granted // 1024)
         return True
 
     def stop_reading(self) -> None:
