@@ -244,24 +244,13 @@ def _close(receiver: VoiceReceiver | LeanReceiver | None, problems: dict[str, in
 async def row2e(rec: Recording, counts: tuple[int, ...], seconds: float, *,
                 repeats: int = 2) -> list[E2EResult]:
     """:func:`run_e2e` per speaker count, server and this process pinned as in row 2."""
-    import os
-
-    from bench.upstream import chunk_server, cpus, pin
+    from bench.upstream import pinned_server
 
     out: list[E2EResult] = []
-    allowed = cpus()
-    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
-    try:
-        async with chunk_server() as server:
-            if len(allowed) >= 2:
-                pin(server.pid, allowed[-1])
-                pin(0, allowed[0])
-            for n in counts:
-                by = await run_e2e(server, rec, n, seconds, repeats=repeats)
-                out.extend(by.values())
-    finally:
-        if before:
-            os.sched_setaffinity(0, before)
+    async with pinned_server() as pinned:
+        for n in counts:
+            by = await run_e2e(pinned.server, rec, n, seconds, repeats=repeats)
+            out.extend(by.values())
     return out
 
 

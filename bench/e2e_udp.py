@@ -197,27 +197,15 @@ def _ignore(_event: SttEvent) -> None:
 async def row2u(counts: tuple[int, ...], seconds: float,
                 readers: tuple[str, ...] = ("loop",), pin_self: bool = True) -> list[E2EResult]:
     """:func:`run_e2e_udp` per speaker count and reader; server and sender on one CPU, this
-    process (both its threads) on the other when there are two, as in row 2."""
-    from bench.upstream import chunk_server, cpus, pin
+    process (all its threads) on the other when there are two, as in row 2."""
+    from bench.upstream import pinned_server
 
-    allowed = cpus()
-    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     out = []
-    try:
-        async with chunk_server() as server:
-            other = None
-            if len(allowed) >= 2:
-                pin(server.pid, allowed[-1])
-                if pin_self:
-                    pin(0, allowed[0])
-                other = allowed[-1]
-            for n in counts:
-                for kind in readers:
-                    out.append(await run_e2e_udp(server, n, seconds, sender_cpu=other,
-                                                 reader=kind))
-    finally:
-        if before:
-            os.sched_setaffinity(0, before)
+    async with pinned_server(pin_self=pin_self) as pinned:
+        for n in counts:
+            for kind in readers:
+                out.append(await run_e2e_udp(pinned.server, n, seconds,
+                                             sender_cpu=pinned.server_cpu, reader=kind))
     return out
 
 

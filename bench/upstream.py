@@ -283,27 +283,48 @@ def _p99(sorted_lags: list[float]) -> float:
     return sorted_lags[min(len(sorted_lags) - 1, int(0.99 * len(sorted_lags)))]
 
 
+@dataclass(frozen=True)
+class PinnedServer:
+    """The chunk server of a row, and where :func:`pinned_server` put it."""
+
+    server: ChunkServer
+    #: The CPU the server runs on while this thread runs on another (None: not pinned).
+    server_cpu: int | None
+
+
+@contextlib.asynccontextmanager
+async def pinned_server(*, pin_self: bool = True) -> AsyncIterator[PinnedServer]:
+    """:func:`chunk_server`, pinned to the last CPU and this thread to the first (when the
+    machine has two), so the server's CPU does not show up as the client's latency; this
+    thread's affinity is restored afterwards."""
+    allowed = cpus()
+    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    try:
+        async with chunk_server() as server:
+            cpu = None
+            if len(allowed) >= 2 and pin(server.pid, allowed[-1]):
+                cpu = allowed[-1]
+                if pin_self and not pin(0, allowed[0]):
+                    cpu = None
+            yield PinnedServer(server, cpu)
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
+
+
 async def row2(counts: tuple[int, ...], seconds: float, *, repeats: int = 3,
                variants: tuple[str, ...] = VARIANTS) -> list[UpstreamResult]:
     """Row 2 with the loopback server pinned to one CPU and this process to another (when the
     machine has two), so the server's CPU does not show up as the client's latency; every
     session count runs the send ``variants`` interleaved. Affinity is restored afterwards."""
     out = []
-    allowed = cpus()
-    before = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
-    pinned = False
-    try:
-        async with chunk_server() as server:
-            if len(allowed) >= 2:
-                pinned = pin(server.pid, allowed[-1]) and pin(0, allowed[0])
-            for n in counts:
-                by = await run_variants(server, n, seconds, variants=variants, repeats=repeats)
-                for r in by.values():
-                    out.append(dataclasses.replace(r, pinned=pinned))
-                log.info("upstream %d sessions: %s", n, by)
-    finally:
-        if before:
-            os.sched_setaffinity(0, before)
+    async with pinned_server() as pinned:
+        for n in counts:
+            by = await run_variants(pinned.server, n, seconds, variants=variants,
+                                    repeats=repeats)
+            for r in by.values():
+                out.append(dataclasses.replace(r, pinned=pinned.server_cpu is not None))
+            log.info("upstream %d sessions: %s", n, by)
     return out
 
 
