@@ -40,6 +40,15 @@ class Seen:
         self.data.append(data)
 
 
+def reading(sock: socket.socket) -> tuple[DatagramInbox, Seen]:
+    """An inbox reading ``sock`` on the running loop, and what it hands on."""
+    seen = Seen()
+    inbox = DatagramInbox(seen, time.monotonic)
+    inbox.bind(asyncio.get_running_loop())
+    assert inbox.read_from(sock) and inbox.reading
+    return inbox, seen
+
+
 async def until(condition: object, limit: float = 2.0) -> None:
     async with asyncio.timeout(limit):
         while not condition():  # type: ignore[operator]  # noqa: ASYNC110
@@ -49,11 +58,8 @@ async def until(condition: object, limit: float = 2.0) -> None:
 async def test_datagrams_are_read_on_the_loop_a_batch_per_step_in_order(
         pair: tuple[socket.socket, socket.socket]) -> None:
     bot, discord = pair
-    seen = Seen()
-    inbox = DatagramInbox(seen, time.monotonic)
     loop = asyncio.get_running_loop()
-    inbox.bind(loop)
-    assert inbox.read_from(bot) and inbox.reading
+    inbox, seen = reading(bot)
     total = 3 * INBOX_BATCH
     for i in range(total):  # loopback delivers at once: the whole burst waits in the socket
         discord.send(i.to_bytes(2, "big"))
@@ -77,10 +83,7 @@ async def test_datagrams_are_read_on_the_loop_a_batch_per_step_in_order(
 async def test_drain_all_takes_what_the_socket_holds_before_a_voice_op_acts(
         pair: tuple[socket.socket, socket.socket]) -> None:
     bot, discord = pair
-    seen = Seen()
-    inbox = DatagramInbox(seen, time.monotonic)
-    inbox.bind(asyncio.get_running_loop())
-    inbox.read_from(bot)
+    inbox, seen = reading(bot)
     for i in range(5):
         discord.send(bytes([i]))
     await asyncio.to_thread(time.sleep, 0.05)  # arrived, but no loop step has read them
@@ -92,10 +95,7 @@ async def test_a_closed_socket_ends_the_reading_and_a_new_one_is_read_even_on_it
         pair: tuple[socket.socket, socket.socket]) -> None:
     # discord.py replaces the socket on a reconnect; the new one often gets the old number.
     bot, discord = pair
-    seen = Seen()
-    inbox = DatagramInbox(seen, time.monotonic)
-    inbox.bind(asyncio.get_running_loop())
-    inbox.read_from(bot)
+    inbox, seen = reading(bot)
     number = bot.fileno()
     bot.close()
     inbox.drain_all()  # reading a closed socket: stop, do not raise
@@ -116,10 +116,7 @@ async def test_a_closed_socket_ends_the_reading_and_a_new_one_is_read_even_on_it
 async def test_stop_reading_leaves_datagrams_for_whoever_reads_next(
         pair: tuple[socket.socket, socket.socket]) -> None:
     bot, discord = pair
-    seen = Seen()
-    inbox = DatagramInbox(seen, time.monotonic)
-    inbox.bind(asyncio.get_running_loop())
-    inbox.read_from(bot)
+    inbox, seen = reading(bot)
     inbox.stop_reading()
     discord.send(b"discovery answer")
     await asyncio.sleep(0.05)
@@ -187,9 +184,7 @@ async def test_datagrams_the_kernel_dropped_for_a_busy_loop_are_counted_and_said
     # While the loop is busy the socket's buffer holds what arrives; past it the kernel drops
     # datagrams. They cannot be had back, but /transcribe status says how many.
     bot, discord = pair
-    inbox = DatagramInbox(Seen(), time.monotonic)
-    inbox.bind(asyncio.get_running_loop())
-    inbox.read_from(bot)
+    inbox, _seen = reading(bot)
     bot.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the smallest the kernel allows
     for _ in range(200):  # no await: the loop is "busy" and reads nothing meanwhile
         discord.send(bytes(300))
