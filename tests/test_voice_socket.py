@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from bot.voice.client import _WakingSocketReader
+from bot.voice.client import VoiceListener, _WakingSocketReader
 from bot.voice.counters import ReceiveCounters
 from bot.voice.inbox import INBOX_BATCH, DatagramInbox
+from bot.voice.receiver import VoiceReceiver
 
 
 @pytest.fixture
@@ -195,3 +196,20 @@ async def test_datagrams_the_kernel_dropped_for_a_busy_loop_are_counted_and_said
     assert inbox.socket_dropped == dropped  # kept once the socket is no longer read
     counters = ReceiveCounters(socket_dropped=dropped)
     assert f"{dropped:,} lost to a full socket buffer" in counters.summary()
+
+
+async def test_closing_the_listener_hands_on_what_the_socket_already_received(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    # A meeting's stop drains the listener first: what Discord delivered before the stop is
+    # heard, also when it still waits in the socket because the loop was busy.
+    bot, discord = pair
+    receiver = VoiceReceiver(sample_rate=16000, on_audio=lambda _u, _p: None,
+                             on_idle=lambda _u: None, is_ignored=lambda _u: False)
+    listener = VoiceListener(receiver)
+    listener.inbox.bind(asyncio.get_running_loop())
+    assert listener.inbox.read_from(bot)
+    for i in range(5):  # no await: no loop step reads them before the close
+        discord.send(bytes(12) + bytes([i]))
+    await listener.aclose()
+    assert receiver.counters().received == 5
+    assert not listener.inbox.reading

@@ -192,8 +192,8 @@ class VoiceListener:
         conn.add_socket_listener(self.inbox.put)
 
     async def aclose(self) -> None:
-        """Stop the clock and keepalive tasks and detach; idempotent."""
-        self.inbox.stop_reading()
+        """Stop the clock and keepalive tasks and detach, handing on what the socket already
+        received; idempotent."""
         if self._vc is not None:
             try:
                 self._vc._connection.remove_socket_listener(self.inbox.put)
@@ -208,6 +208,7 @@ class VoiceListener:
             except asyncio.CancelledError:
                 pass
         self.inbox.drain_all()
+        self.inbox.stop_reading()
 
     # -- voice gateway hook ------------------------------------------------------------------------
 
