@@ -35,9 +35,10 @@ import numpy as np
 from bench.chunk_server import SendLog
 from bench.lean import LeanReceiver
 from bench.media import PACKETS_PER_SECOND, Recording, make_packets
-from bench.upstream import ChunkServer, _p99
+from bench.upstream import ChunkServer, _p99, start_sessions
 from bot.audio.convert import Chunker
 from bot.stt.session import SttEvent, SttSession
+from bot.voice.client import TICK_SECONDS
 from bot.voice.crypto import MODE_AES256_GCM
 from bot.voice.inbox import INBOX_BATCH
 from bot.voice.receiver import VoiceReceiver
@@ -46,9 +47,7 @@ log = logging.getLogger(__name__)
 
 STT_RATE: Final = 16000
 CHUNK_MS: Final = 100
-TICK_SECONDS: Final = 0.05
 DRIVER_SLEEP_S: Final = 0.001
-START_BATCH: Final = 50
 WARMUP_S: Final = 1.0
 _HEAD = struct.Struct("<II")
 _PACKET_S: Final = 1 / PACKETS_PER_SECOND
@@ -138,8 +137,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
 
     phases: list[tuple[str, float, float, int]] = []  # (variant, cpu, wall, packets handled)
     try:
-        for i in range(0, speakers, START_BATCH):
-            await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
+        await start_sessions(clients)
         plan = [(variants[0], WARMUP_S, False)]
         for r in range(repeats):
             for v in (variants if r % 2 == 0 else variants[::-1]):

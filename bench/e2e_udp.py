@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import statistics
-import struct
 import sys
 import time
 from types import SimpleNamespace
@@ -36,9 +35,9 @@ import numpy as np
 from discord.voice_state import SocketReader
 
 from bench.chunk_server import SendLog
-from bench.e2e import E2EResult
+from bench.e2e import _HEAD, CHUNK_MS, STT_RATE, WARMUP_S, E2EResult
 from bench.media import FIRST_MEMBER_ID, FIRST_SSRC, PACKETS_PER_SECOND
-from bench.upstream import ChunkServer, _p99
+from bench.upstream import ChunkServer, _p99, start_sessions
 from bot.audio.convert import Chunker
 from bot.stt.session import SttEvent, SttSession
 from bot.voice.client import TICK_SECONDS
@@ -48,16 +47,11 @@ from bot.voice.receiver import VoiceReceiver
 
 log = logging.getLogger(__name__)
 
-STT_RATE: Final = 16000
-CHUNK_MS: Final = 100
-WARMUP_S: Final = 1.0
-START_BATCH: Final = 50
 SENDER_READY_TIMEOUT_S: Final = 120.0
 #: loop: the product (the listener reads the socket on the event loop); thread: discord.py's
 #: socket-reader thread into the inbox, the fallback where the loop cannot watch sockets (and
 #: what the product did before).
 VARIANTS: Final = {"loop": "product, real UDP", "thread": "reader thread (fallback), real UDP"}
-_HEAD = struct.Struct("<II")
 
 
 async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
@@ -92,8 +86,7 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             ready = (await sender.stdout.readline()).decode()
         if not ready.startswith("READY"):
             raise RuntimeError(f"UDP sender did not start: {ready!r}")
-        for i in range(0, speakers, START_BATCH):
-            await asyncio.gather(*(c.start() for c in clients[i:i + START_BATCH]))
+        await start_sessions(clients)
 
         chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
         counters = [0] * speakers

@@ -107,6 +107,12 @@ async def chunk_server(commit_every: int = 30) -> AsyncIterator[ChunkServer]:
             await proc.wait()
 
 
+async def start_sessions(clients: list[SttSession]) -> None:
+    """Start every session, START_BATCH at a time."""
+    for i in range(0, len(clients), START_BATCH):
+        await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
+
+
 def _chunk(session: int, index: int, audio: bytes) -> bytes:
     return _HEAD.pack(session, index) + audio[_HEAD.size:]
 
@@ -227,8 +233,7 @@ async def run_variants(server: ChunkServer, sessions: int, seconds: float,
         await asyncio.sleep(SETTLE_S)
 
     try:
-        for i in range(0, sessions, START_BATCH):
-            await asyncio.gather(*(c.start() for c in clients[i : i + START_BATCH]))
+        await start_sessions(clients)
         async with aiohttp.ClientSession() as http:
             await play(variants[0], 0.0, WARMUP_S)  # connections and caches warm, not counted
             phases.clear()
