@@ -469,14 +469,12 @@ class _Sender:
             try:
                 written = conn.write_now(pcm, core.sample_rate)
             except socketio.exceptions.SocketIOError as exc:
-                session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
+                self._failed(conn, exc)
                 return
             if not written:
                 self.ready.set()
                 return
-            if session.link is conn and core.sent(start, len(pcm)):
-                core.stats.chunks_direct += 1
-                self.progress.set()
+            self._sent(conn, start, pcm, direct=True)
 
     async def _loop(self) -> None:
         while True:
@@ -499,13 +497,21 @@ class _Sender:
             try:
                 direct = await conn.send_audio(pcm, core.sample_rate)
             except socketio.exceptions.SocketIOError as exc:
-                session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
+                self._failed(conn, exc)
                 break
-            if session.link is conn and core.sent(start, len(pcm)):
-                core.stats.chunks_direct += direct
-                self.progress.set()
+            self._sent(conn, start, pcm, direct=direct)
         if session.state is SttState.STOPPING and core.unsent_samples <= 0:
             self.drained.set()
+
+    def _sent(self, conn: _Link, start: int, pcm: bytes, *, direct: bool) -> None:
+        """A chunk went out on ``conn``: the cursor moves on, unless a restart moved it."""
+        session, core = self._session, self._session.core
+        if session.link is conn and core.sent(start, len(pcm)):
+            core.stats.chunks_direct += direct
+            self.progress.set()
+
+    def _failed(self, conn: _Link, exc: Exception) -> None:
+        self._session.link_lost(conn, SttUnavailable(f"send failed: {exc}"))
 
     async def all_sent(self, within: float) -> None:
         """Wake the loop and wait (bounded) until everything queued went out."""
