@@ -200,7 +200,7 @@ class Chunker:
         """Add samples; return every chunk now complete (possibly none)."""
         x = mono_int16
         if type(x) is np.ndarray and x.dtype is _LE_INT16 and x.ndim == 1:
-            # The voice receiver's case (one 20 ms frame per call): no conversion to check.
+            # The voice receiver's case (its batches of whole chunks): no conversion to check.
             self._buf += x.tobytes()
         else:
             x = np.asarray(x)
