@@ -13,19 +13,24 @@ product did before). A clock task drains the inbox and ticks the receiver every 
 variant: VoiceReceiver -> Chunker -> SttSession -> :mod:`bench.chunk_server`.
 
 Measured over a window after a warm-up: this process's CPU (all its threads) per second of
-audio the receiver handled, and the lag from each chunk's last datagram's arrival (stamped when
-it was read) to the chunk's arrival at the server.
+audio the receiver handled, and the lag from the moment the sender sent each chunk's last
+datagram (the sender logs when each burst went out) to the chunk's arrival at the server: time a
+datagram waits in the socket's receive buffer for a busy loop counts (a stamp taken when it is
+read would hide it), the sender's own lateness does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import logging
 import os
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 from typing import Final
@@ -37,6 +42,7 @@ from discord.voice_state import SocketReader
 from bench.chunk_server import SendLog
 from bench.e2e import _HEAD, CHUNK_MS, STT_RATE, WARMUP_S, E2EResult
 from bench.media import FIRST_MEMBER_ID, FIRST_SSRC, PACKETS_PER_SECOND
+from bench.udp_sender import read_send_log
 from bench.upstream import ChunkServer, _p99, start_sessions
 from bot.audio.convert import Chunker
 from bot.stt.session import SttEvent, SttSession
@@ -68,9 +74,10 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
     total_s = WARMUP_S + seconds + 0.5
+    send_log = os.path.join(tempfile.mkdtemp(prefix="cantobot-2u-"), "sends")
     sender = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.udp_sender", "127.0.0.1", str(sock.getsockname()[1]),
-        key.hex(), str(speakers), str(total_s),
+        key.hex(), str(speakers), str(total_s), send_log,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     assert sender.stdin is not None and sender.stdout is not None
     if sender_cpu is not None:
@@ -91,7 +98,7 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         chunkers = [Chunker(STT_RATE, CHUNK_MS) for _ in range(speakers)]
         counters = [0] * speakers
         sends = SendLog(speakers)
-        arrived_at = 0.0
+        last: bytes = b""  # the datagram handled last: the one that completed a chunk
         phase = -1
 
         def on_audio(user_id: int, pcm: np.ndarray) -> None:
@@ -99,7 +106,9 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             for chunk in chunkers[s].push(pcm):
                 k = counters[s]
                 counters[s] = k + 1
-                sends.record(s, k, arrived_at, phase)
+                # The sender's datagram number (frame i of speaker s is datagram i * speakers
+                # + s; the sequence number is the frame, from 0): made a send time at the end.
+                sends.record(s, k, int.from_bytes(last[2:4], "big") * speakers + s, phase)
                 clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
 
         receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, batch_ms=CHUNK_MS,
@@ -109,8 +118,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             receiver.on_speaking(FIRST_MEMBER_ID + i, FIRST_SSRC + i, 0.0)
 
         def handle(data: bytes, at: float) -> None:
-            nonlocal arrived_at
-            arrived_at = at
+            nonlocal last
+            last = data
             receiver.handle_packet(data, at)
 
         loop = asyncio.get_running_loop()
@@ -145,7 +154,9 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         async with asyncio.timeout(total_s + 30):
             done = (await sender.stdout.readline()).decode().split()
         sent_total = int(done[1]) if len(done) > 1 and done[0] == "DONE" else 0
-        log.info("row 2u sender: %s", " ".join(done))
+        log.info("row 2u sender: %s (worst lateness on its schedule, s)", " ".join(done))
+        firsts, times = read_send_log(send_log)
+        sends.retime(lambda pos: times[bisect.bisect_right(firsts, int(pos)) - 1])
         await asyncio.sleep(0.3)
         inbox.drain_all()
         lost = sent_total - receiver.counters().received - inbox.dropped
@@ -161,6 +172,7 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         if inbox is not None:
             inbox.stop_reading()
         sock.close()
+        shutil.rmtree(os.path.dirname(send_log), ignore_errors=True)
         if sender.returncode is None:
             sender.kill()
         await sender.wait()

@@ -87,3 +87,53 @@ async def test_real_udp_row_reads_every_datagram_with_either_reader() -> None:
             r = await run_e2e_udp(server, speakers=2, seconds=0.6, reader=reader)
             assert r.chunks_arrived == r.chunks_sent > 0
             assert r.behind_s < 0.05  # nothing lost on the way at 2 speakers
+            # Lag from the sender's logged send time: after it, and not seconds off (a datagram
+            # matched to the wrong burst of the sender's log would be).
+            assert 0 < r.lag_p50_ms <= r.lag_max_ms < 250
+
+
+async def test_the_chunk_server_commits_sessions_in_turn_not_all_in_the_same_chunk() -> None:
+    """Bench sessions send in lockstep; had they committed at equal chunk counts, every session
+    would commit within one 20 ms (a storm no meeting has, which showed as row 2u lag)."""
+    import base64
+
+    import socketio
+
+    from bench.chunk_server import _HEAD
+    from bot.stt import protocol as p
+
+    committed: list[int] = []
+    clients: list[socketio.AsyncClient] = []
+
+    def on_message(session: int):  # type: ignore[no-untyped-def]
+        async def handler(message: dict[str, object]) -> None:
+            if message.get("message_type") == "committed_transcript":
+                committed.append(session)
+        return handler
+
+    async def send_round(k: int) -> None:
+        for s, client in enumerate(clients):
+            audio = base64.b64encode(_HEAD.pack(s, k) + bytes(3200 - _HEAD.size)).decode()
+            await client.emit(p.AUDIO_CHUNK, {"audio_base_64": audio, "sample_rate": 16000})
+
+    async with asyncio.timeout(60), chunk_server(commit_every=5) as server:
+        try:
+            for s in range(3):
+                client = socketio.AsyncClient()
+                client.on(p.TRANSCRIPT_MESSAGE, on_message(s))
+                await client.connect(server.url, headers={p.API_KEY_HEADER: "bench"},
+                                     socketio_path=p.SOCKETIO_PATH, transports=["websocket"])
+                await client.emit(p.START_SESSION, {"sampleRate": 16000})
+                clients.append(client)
+            await asyncio.sleep(0.2)
+            for k in range(3):
+                await send_round(k)
+            await asyncio.sleep(0.5)
+            assert len(committed) == 1  # one session's turn came after 3 chunks
+            for k in range(3, 5):
+                await send_round(k)
+            await asyncio.sleep(0.5)
+            assert sorted(committed) == [0, 1, 2]  # each committed once in 5 chunks
+        finally:
+            for client in clients:
+                await client.disconnect()
