@@ -104,10 +104,11 @@ class SttConfig:
     max_buffer_seconds: float = field(default=120.0, metadata=_range(1, 3600))
     reconnect_initial_delay: float = field(default=0.5, metadata=_range(0.01, 60))
     reconnect_max_delay: float = field(default=30.0, metadata=_range(0.1, 3600))
-    #: STT sessions one process runs at once; further speakers wait in order. 250: what one
-    #: process (one event loop, about one core) holds in real time with the headroom the
-    #: latency target needs -- ``python -m bench`` (rows 2 and 2e) measures it at this count.
-    max_sessions: int = field(default=250, metadata=_range(1, None))
+    #: STT sessions one process runs at once; further speakers wait in order. 200: all of them
+    #: talking at once, one process (one event loop, about one core) keeps real time at ~70 %
+    #: of a core with a ~20 ms p99 from datagram to STT socket (bench row 2u, real UDP); at
+    #: 250 that lag was 45-190 ms and one run fell behind -- ``python -m bench`` measures both.
+    max_sessions: int = field(default=200, metadata=_range(1, None))
     #: Silence sent after speech so that the upstream hears the pause that makes it commit the
     #: sentence; longer silence is not sent (it would be paid for). See README "Speech, not
     #: silence" for the default. The tail ends earlier once the commit arrives. 0 sends every
