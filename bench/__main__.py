@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wall time: {time.monotonic() - started:.1f} s; load average at end "
           f"{os.getloadavg()[0]:.2f}\n")
     e2e_product = next((e for e in e2e if e.variant == "product"), None)
+    udp_product = next((u for u in udp if u.speakers == SIZING
+                        and u.variant.startswith("product")), None)
     print(json.dumps({
         "speakers_per_core": round(speakers_per_core) if speakers_per_core else None,
         "floor_ratio": round(floor_ratio, 3) if floor_ratio else None,
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         "added_latency_ms_p99": round(latency, 2) if latency is not None else None,
         "e2e_speakers_per_core": round(e2e_product.speakers_per_core) if e2e_product else None,
         "e2e_latency_ms_p99": round(e2e_product.lag_p99_ms, 2) if e2e_product else None,
-        "udp_speakers_per_core": round(udp[0].speakers_per_core) if udp else None,
+        "udp_speakers_per_core": round(udp_product.speakers_per_core) if udp_product else None,
+        "udp_latency_ms_p99": round(udp_product.lag_p99_ms, 2) if udp_product else None,
     }), flush=True)
     return 0
 
