@@ -6,7 +6,8 @@
              -> Opus decode straight to mono at the STT rate (FEC/PLC on loss) -> on_audio
 
 The decoding half (jitter outputs -> each member's PCM, bounded by the wall clock) is
-:mod:`bot.voice.timeline`; the counters are :mod:`bot.voice.counters`. No sockets and no
+:mod:`bot.voice.timeline`; the time half (silence fill, stalled streams, idle ends) is
+:mod:`bot.voice.members`; the counters are :mod:`bot.voice.counters`. No sockets and no
 timers: the discord.py adapter (``bot.voice.client``) hands datagrams in with
 :meth:`VoiceReceiver.handle_packet` and calls :meth:`VoiceReceiver.tick` a few times a second,
 both on the event loop, with the time injected; :meth:`VoiceReceiver.drain` ends it all. No
@@ -49,18 +50,12 @@ from bot.voice.buglog import ThrottledTraceback
 from bot.voice.counters import DROP_REASONS, ReceiveCounters
 from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
-from bot.voice.jitter import Frame
+from bot.voice.members import MemberClock
 from bot.voice.opus import OPUS_SAMPLE_RATES
 from bot.voice.rtp import MalformedPacket, common_opus_header, is_rtcp, parse_rtp
 from bot.voice.speakers import PendingPackets, SpeakerMap
 from bot.voice.ssrcs import SsrcState, SsrcStreams
-from bot.voice.timeline import (
-    FRAME_SAMPLES_48K,
-    PLC_UNIT_48K,
-    RTP_CLOCK_RATE,
-    Emitter,
-    MemberTimeline,
-)
+from bot.voice.timeline import FRAME_SAMPLES_48K, PLC_UNIT_48K, RTP_CLOCK_RATE, Emitter
 
 #: Re-exported: callers know them from here.
 __all__ = ["DROP_REASONS", "FRAME_SAMPLES_48K", "PLC_UNIT_48K", "RTP_CLOCK_RATE",
@@ -123,15 +118,11 @@ class VoiceReceiver:
         #: libopus decodes straight to 8/12/16/24/48 kHz; other STT rates get 48 kHz here and
         #: the pipeline's resampler converts.
         self.output_rate = sample_rate if sample_rate in OPUS_SAMPLE_RATES else RTP_CLOCK_RATE
-        self._on_idle = on_idle
         self._is_ignored = is_ignored
         self.dave = dave
         #: False: every packet takes the general path (parse_rtp, jitter outputs); the tests
         #: run both and compare (same PCM, same counters).
         self._fast_path = fast_path
-        self._idle_timeout = idle_timeout
-        self._fill_after = fill_after
-        self._stall_fill_after = stall_fill_after
         #: The jitter window: how far ahead of the wall clock a member's audio may run (the
         #: reorder window plus how long a stalled stream is waited for before silence is filled).
         self.max_ahead = (stall_fill_after + jitter_packets * FRAME_SAMPLES_48K / RTP_CLOCK_RATE
@@ -141,7 +132,6 @@ class VoiceReceiver:
         self.speakers = SpeakerMap()
         #: Datagrams (with their arrival time) of SSRCs whose member op 5 has not named yet.
         self._pending: PendingPackets[tuple[bytes, float]] = PendingPackets()
-        self._members: dict[int, MemberTimeline] = {}
         self._c = ReceiveCounters()
         self._streams = SsrcStreams(output_rate=self.output_rate, jitter_packets=jitter_packets,
                                     counters=self._c)
@@ -156,6 +146,11 @@ class VoiceReceiver:
                                 batch_samples=self.output_rate * batch_ms // 1000)
         #: Frames decoded per member (user id), for the whole connection.
         self.decoded_by_member: Counter[int] = self._emitter.decoded_by_member
+        self._clock = MemberClock(emitter=self._emitter, streams=self._streams, counters=self._c,
+                                  on_idle=on_idle, idle_timeout=idle_timeout,
+                                  fill_after=fill_after, stall_fill_after=stall_fill_after)
+        #: The members' timelines by user id (the clock's dict: looked up for every packet).
+        self._members = self._clock.by_user
         self.last_packet_at: float | None = None
         self._log_bug = ThrottledTraceback(
             log, "voice receive: unexpected error on a packet (%d so far)", ERROR_LOG_INTERVAL)
@@ -188,7 +183,7 @@ class VoiceReceiver:
     def reset_connection(self) -> None:
         """A new voice session (reconnect, move): SSRCs are reassigned, members keep streams."""
         for ssrc in list(self._ssrcs):
-            self._drop_ssrc(ssrc)
+            self._clock.drop_ssrc(ssrc)
         self.speakers = SpeakerMap()
         self._pending.discard_all()
         self._cipher = None
@@ -197,21 +192,19 @@ class VoiceReceiver:
     def on_speaking(self, user_id: int, ssrc: int, now: float) -> None:
         previous = self.speakers.on_speaking(user_id, ssrc)
         if previous is not None:  # Discord gave this SSRC to someone else: a new stream
-            self._drop_ssrc(ssrc)
+            self._clock.drop_ssrc(ssrc)
         for data, arrived in self._pending.release(ssrc):
             self._route_safely(data, arrived)
 
     def on_client_disconnect(self, user_id: int) -> None:
         for ssrc in list(self.speakers.ssrcs_for(user_id)):
-            self._drop_ssrc(ssrc)
+            self._clock.drop_ssrc(ssrc)
         self.speakers.on_client_disconnect(user_id)
 
     def forget_member(self, user_id: int) -> None:
         """Drop a member's state now (e.g. they opted out mid-meeting); audio still batched for
         them is discarded, never handed on."""
-        for ssrc in list(self.speakers.ssrcs_for(user_id)):
-            self._drop_ssrc(ssrc)
-        self._members.pop(user_id, None)
+        self._clock.forget(user_id, self.speakers.ssrcs_for(user_id))
 
     # -- data path ------------------------------------------------------------------------------
 
@@ -291,12 +284,12 @@ class VoiceReceiver:
         state = self._ssrcs.get(ssrc)
         if state is None or state.user_id != user_id:
             if state is not None:
-                self._drop_ssrc(ssrc)
+                self._clock.drop_ssrc(ssrc)
             state = self._new_ssrc(ssrc, user_id, now)
         state.last_packet = now
         member = self._members.get(user_id)
         if member is None:
-            member = self._member(user_id, now)
+            member = self._clock.member(user_id, now)
         member.last_packet = now
         if self._fast_path and state.jitter.push_in_order(sequence, timestamp):
             # Exactly the frame due next: decoded at once, no jitter outputs made.
@@ -306,73 +299,24 @@ class VoiceReceiver:
         self._emitter.emit_all(state.decoder, member, outs, now)
 
     def _new_ssrc(self, ssrc: int, user_id: int, now: float) -> SsrcState:
-        state = self._streams.open(ssrc, user_id, now)
-        self._member(user_id, now).ssrcs.add(ssrc)
+        state = self._clock.open_ssrc(ssrc, user_id, now)
         log.debug("ssrc %d -> user %d", ssrc, user_id)
         return state
-
-    def _member(self, user_id: int, now: float) -> MemberTimeline:
-        member = self._members.get(user_id)
-        if member is None:
-            member = MemberTimeline(user_id=user_id, emitted_until=now, started=now,
-                                    last_packet=now)
-            self._members[user_id] = member
-        return member
 
     # -- time ------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Release stalled jitter buffers, fill silence in real time, end idle members."""
+        """Expire datagrams that waited too long for their op 5; release stalled jitter buffers,
+        fill silence in real time, end idle members (:class:`~bot.voice.members.MemberClock`)."""
         self._pending.expire(now)
-        for state in list(self._ssrcs.values()):
-            if now - state.last_packet > self._fill_after:
-                self._release(state, now)
-        for member in list(self._members.values()):
-            silent_for = now - member.last_packet
-            if silent_for >= self._idle_timeout:
-                self._end_member(member)
-                continue
-            # After Discord's end-of-spurt silence frames the pause is real: fill at once so the
-            # STT hears it. Packets that merely stopped (network stall, lost end frames) may
-            # resume mid-word, so wait much longer before inventing silence.
-            threshold = self._fill_after if member.paused else self._stall_fill_after
-            if silent_for > threshold:
-                self._emitter.fill_silence(member, now)
+        self._clock.tick(now)
 
     def drain(self, now: float) -> None:
         """No more packets will come (the meeting stops): hand on what every jitter buffer
         holds, then end every member (``on_idle`` for each). Datagrams still held for an op 5
         that never came can never be routed: dropped, counted as ``unknown_ssrc``."""
         self._pending.discard_all()
-        for state in list(self._ssrcs.values()):
-            self._release(state, now)
-        for member in list(self._members.values()):
-            self._end_member(member)
-
-    def _release(self, state: SsrcState, now: float) -> None:
-        """Everything the SSRC's jitter buffer holds, holes declared lost."""
-        member = self._members.get(state.user_id)
-        outs = state.jitter.drain()
-        if member is not None:
-            self._emitter.emit_all(state.decoder, member, outs, now)
-        else:
-            self._c.closed += sum(isinstance(out, Frame) for out in outs)
-
-    def _end_member(self, member: MemberTimeline) -> None:
-        del self._members[member.user_id]
-        for ssrc in list(member.ssrcs):
-            self._drop_ssrc(ssrc)
-        try:
-            self._emitter.flush(member)
-        finally:  # the stream ends even if handing on its last audio failed
-            self._on_idle(member.user_id)
-
-    def _drop_ssrc(self, ssrc: int) -> None:
-        state = self._streams.close(ssrc)
-        if state is not None:
-            member = self._members.get(state.user_id)
-            if member is not None:
-                member.ssrcs.discard(ssrc)
+        self._clock.drain(now)
 
     def active_members(self) -> list[int]:
         return list(self._members)
