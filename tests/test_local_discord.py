@@ -354,6 +354,22 @@ async def test_a_429_is_retried_by_discord_py_and_the_message_lands_once(
     assert [m.content for m in local.messages] == ["第一句"]
 
 
+async def test_a_repeated_enforced_nonce_returns_the_first_message_and_posts_nothing(
+    local: LocalDiscord, running: Running
+) -> None:
+    """Discord: with ``enforce_nonce``, a nonce the author used in the past few minutes returns
+    that message instead of creating one (discord.py enforces every nonce it sends)."""
+    channel = running.client.get_channel(local.text_channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    first = await channel.send("會議紀錄", nonce="minutes-7")
+    again = await channel.send("重啟後的會議紀錄", nonce="minutes-7")
+    other = await channel.send("另一個會議", nonce="minutes-8")
+    plain = await channel.send("沒有 nonce")
+    assert again.id == first.id and again.content == "會議紀錄"
+    assert len({first.id, other.id, plain.id}) == 3
+    assert [m.content for m in local.messages] == ["會議紀錄", "另一個會議", "沒有 nonce"]
+
+
 async def test_webhook_posts_into_a_thread_and_edits_are_recorded_with_names_and_files(
     local: LocalDiscord, running: Running
 ) -> None:

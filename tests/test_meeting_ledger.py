@@ -42,7 +42,8 @@ class FakeSink:
     def update_caption(self, user_key: int | str, text: str, *, display_name: str) -> None:
         pass
 
-    async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None:
+    async def post_minutes(self, *, summary: str, files: dict[str, str],
+                           nonce: str | None = None) -> None:
         self.minutes.append((summary, files))
 
 

@@ -124,3 +124,40 @@ async def test_sigterm_with_discord_unreachable_exits_0_in_time_and_next_start_p
             assert await storage.unfinished_meetings() == []
         finally:
             await storage.close()
+
+
+async def test_minutes_discord_took_but_answered_too_late_are_not_posted_twice_by_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """At shutdown Discord stores the minutes but its answer misses the deadline, so the
+    meeting is left open; the next start's recovery post carries the minutes' own nonce and
+    Discord returns the first message: one minutes message in the channel, the meeting ended."""
+    async with (
+        FakeSttServer(api_key=KEY) as stt,
+        LocalDiscord(human_names=(HOST, "alice"), moderators=(HOST,)) as fake,
+    ):
+        async with bot_process(tmp_path, fake, stt, "late") as proc:
+            ids = await live_meeting_in_process(fake)
+            await fake.speak(ids["alice"], track("開會"))
+            await until(lambda: lines_of(fake.messages, "alice") == ["開會"])
+            fake.rest.answer_uploads_late = 3 * SHUTDOWN_TIMEOUT
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(WAIT):
+                code = await proc.wait()
+            log_text = (tmp_path / "late.log").read_text()
+            assert code == 0, log_text
+            assert "left open" in log_text, log_text
+        fake.rest.answer_uploads_late = 0.0
+        uploads = [m for m in fake.messages if "minutes.md" in m.attachments]
+        assert len(uploads) == 1  # Discord did take them
+
+        async with bot_process(tmp_path, fake, stt, "restarted-late"):
+            await until(lambda: len([q for q in fake.requests if "minutes.md" in q.files]) == 2)
+            storage = await Storage.open(str(tmp_path / "bot.sqlite3"))
+            try:
+                assert await storage.unfinished_meetings() == []  # ended before the post
+            finally:
+                await storage.close()
+        assert [m.message_id for m in fake.messages if "minutes.md" in m.attachments] == [
+            uploads[0].message_id]
+        assert not [m for m in fake.messages if "restarted during meeting" in m.content]

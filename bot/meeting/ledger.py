@@ -27,6 +27,7 @@ import discord
 from bot.errors import CantobotError, SttAuthError
 from bot.meeting.consent import ConsentNotices
 from bot.meeting.tasks import TaskOwner
+from bot.sinks.payloads import minutes_nonce
 from bot.storage import StorageBackend
 from bot.stt.session import LineRef, SttState
 from bot.transcript import minutes as minutes_fmt
@@ -72,7 +73,8 @@ class TranscriptSink(Protocol):
 
     def update_caption(self, user_key: int | str, text: str, *, display_name: str) -> None: ...
 
-    async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None: ...
+    async def post_minutes(self, *, summary: str, files: dict[str, str],
+                           nonce: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ class Ledger:
 
     async def post_minutes(self, minutes: Minutes) -> None:
         post = MinutesPost.of(minutes, readability=self.readability)
-        await self.sink.post_minutes(summary=post.text, files=post.files)
+        await self.sink.post_minutes(summary=post.text, files=post.files,
+                                     nonce=minutes_nonce(self.meeting_id))
 
     async def _set_nickname(self, *, transcribing: bool) -> None:
         me = self.guild.me

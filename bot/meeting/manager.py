@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,6 +32,7 @@ from bot.meeting.core import Meeting
 from bot.meeting.ledger import MinutesPost
 from bot.meeting.state import MeetingError
 from bot.pipeline import SessionSlots
+from bot.sinks.payloads import minutes_nonce
 from bot.storage import StorageBackend
 from bot.transcript.model import Minutes
 from bot.transcript.script import PLAIN, Readability, resolve_readability
@@ -86,7 +88,9 @@ class MeetingManager:
                 f"\N{WARNING SIGN} The bot restarted during meeting #{info.number}; "
                 "everything said before that was kept. Minutes so far:\n"), readability=shown)
             try:
-                await post.send(channel.send)
+                # The minutes' own nonce: if a shutdown's post reached Discord after all (its
+                # answer came too late), Discord returns that message instead of a second.
+                await post.send(functools.partial(channel.send, nonce=minutes_nonce(info.id)))
             except discord.HTTPException as exc:
                 log.warning("guild %s: could not post recovered minutes: %s", guild.id, exc)
         return recovered

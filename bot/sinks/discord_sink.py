@@ -317,8 +317,10 @@ class DiscordTranscriptSink:
         dropped); their next words would start a new one, but none come."""
         self._threads.silence(user_key)
 
-    async def post_minutes(self, *, summary: str, files: dict[str, str]) -> None:
-        """The summary with the minutes files attached, after every line queued before it.
+    async def post_minutes(self, *, summary: str, files: dict[str, str],
+                           nonce: str | None = None) -> None:
+        """The summary with the minutes files attached, after every line queued before it;
+        ``nonce`` (:func:`~bot.sinks.payloads.minutes_nonce`) for the message with the files.
 
         Returns once it is delivered (or dropped after a permanent failure, which is logged).
         """
@@ -329,7 +331,7 @@ class DiscordTranscriptSink:
             self._outbox.put(Item(part, payload=_Post(_BOT, _nonce()), label="minutes summary"))
         item = Item(
             parts[-1],
-            payload=_Attachments(tuple(files.items()), _nonce()),
+            payload=_Attachments(tuple(files.items()), nonce or _nonce()),
             label="minutes with attachments",
         )
         if not await self._outbox.put_and_wait(item):

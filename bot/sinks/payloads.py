@@ -44,6 +44,13 @@ def new_nonce() -> str:
     return str(secrets.randbits(63))
 
 
+def minutes_nonce(meeting_id: int) -> str:
+    """The nonce of a meeting's minutes message, the same every time they are posted: a post
+    Discord took but answered too late (at shutdown) and the next start's recovery post are
+    then one message, as Discord returns the first for a nonce it saw in the past minutes."""
+    return f"minutes-{meeting_id}"
+
+
 #: Send ``text`` as ``author`` into a thread (the sink knows the webhook, if any): returns the
 #: message, so a live caption can be edited later.
 ThreadPost = Callable[

@@ -56,6 +56,8 @@ _log = logging.getLogger(__name__)
 API_PREFIX = "/api/v10"
 #: ``Via`` as Discord's edge sends it; discord.py treats a 429 without it as a Cloudflare ban.
 VIA_HEADER = "1.1 google"
+#: How long Discord remembers a nonce for ``enforce_nonce`` ("the past few minutes").
+NONCE_WINDOW_S = 300.0
 #: The interaction response types (https://discord.com/developers/docs/interactions/receiving-and-responding).
 CALLBACK_PONG = 1
 CALLBACK_CHANNEL_MESSAGE = 4
@@ -184,6 +186,11 @@ class RestApi:
         #: Channels where the bot's posts are refused 403 50013, as with Send Messages denied
         #: by a channel overwrite (e.g. a voice channel's chat).
         self.refuse_posts_in: set[int] = set()
+        #: Seconds the answer to a channel post with attachments is held after the message was
+        #: stored: Discord took the post, its answer is late (a slow or partitioned Discord).
+        self.answer_uploads_late = 0.0
+        #: (author, nonce) -> (message id, when) of posts made with ``enforce_nonce``.
+        self._nonces: dict[tuple[int, str], tuple[int, float]] = {}
         self.interactions: dict[str, InteractionRecord] = {}
         #: The shard count /gateway/bot recommends (Discord's: about one per 1000 guilds).
         self.recommended_shards = 1
@@ -323,11 +330,12 @@ class RestApi:
             body: Any = None
             for key, value in form.items():
                 if isinstance(value, web.FileField):
-                    if key == "payload_json":
-                        body = json.loads(value.file.read())
-                    else:
-                        files.append(value.filename)
-                        contents.append(value.file.read())
+                    with value.file:  # read whole: closed now, not left to a finished request
+                        if key == "payload_json":
+                            body = json.loads(value.file.read())
+                        else:
+                            files.append(value.filename)
+                            contents.append(value.file.read())
                 elif key == "payload_json":
                     body = json.loads(value)
             return body, files, contents
@@ -704,6 +712,16 @@ class RestApi:
         content = body.get("content") or ""
         if not content and not files and not body.get("embeds"):
             raise ApiError(400, 50006, "Cannot send an empty message")
+        nonce = body.get("nonce")
+        key = (self.world.bot.user_id, str(nonce))
+        if nonce is not None and body.get("enforce_nonce"):
+            # Discord: with enforce_nonce, a nonce the same author used in the past few minutes
+            # returns that message and creates none.
+            seen = self._nonces.get(key)
+            now = asyncio.get_running_loop().time()
+            if seen is not None and now - seen[1] < NONCE_WINDOW_S and seen[0] in (
+                    self.world.messages):
+                return json_response(self.world.message_payload(self.world.messages[seen[0]]))
         msg = self.world.store_message(
             channel_id=channel.id,
             author_id=self.world.bot.user_id,
@@ -713,7 +731,11 @@ class RestApi:
             embeds=body.get("embeds"),
             allowed_mentions=body.get("allowed_mentions"),
         )
+        if nonce is not None and body.get("enforce_nonce"):
+            self._nonces[key] = (msg.id, asyncio.get_running_loop().time())
         await self._record(msg, edit=False)
+        if files and self.answer_uploads_late:
+            await asyncio.sleep(self.answer_uploads_late)
         return json_response(self.world.message_payload(msg))
 
     async def edit_channel_message(self, request: web.Request) -> web.Response:
