@@ -10,6 +10,7 @@ are GETs (no gateway session, no command sync); storage is opened read-only and 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ from bot.config import Config, load_config
 from bot.errors import CantobotError, SttAuthError, SttUnavailable
 from bot.invite import REQUIRED_PERMISSIONS, invite_url, missing_permissions
 from bot.reach import Unreachable, describe_failure, discord_get
+from bot.voice.opus import FRAME_MS
 
 OK, FAIL = "\N{CHECK MARK}", "\N{BALLOT X}"
 #: Slash command group ``cantobot run`` registers.
 COMMAND_NAME = "transcribe"
+#: Voice packets a talking member sends per second (one per 20 ms frame).
+PACKETS_PER_SECOND = 1000 // FRAME_MS
 #: Guilds per page of ``GET /users/@me/guilds`` (Discord's maximum).
 GUILDS_PAGE = 200
 
@@ -37,9 +41,8 @@ class Check:
     fix: str = ""
 
     def line(self) -> str:
-        if self.ok:
-            return f"{OK} {self.what}"
-        return f"{FAIL} {self.what}" + (f" -> {self.fix}" if self.fix else "")
+        """``✓ what``, ``✗ what -> fix``; a passed check may carry advice: ``✓ what -> fix``."""
+        return f"{OK if self.ok else FAIL} {self.what}" + (f" -> {self.fix}" if self.fix else "")
 
 
 def check_libopus() -> Check:
@@ -59,6 +62,58 @@ def check_libsndfile() -> Check:
         return Check(False, f"libsndfile does not load: {exc}",
                      "apt-get install libsndfile1 (needed by `cantobot replay`)")
     return Check(True, f"libsndfile loads ({soundfile.__libsndfile_version__})")
+
+
+#: Slack below which the receive-buffer check advises raising net.core.rmem_max: what a busy
+#: event loop may take before it reads again (bench row 2u: lag p99 ~20 ms, max ~50 ms at 200
+#: speakers; a start-up GC pass ~30-60 ms).
+RECEIVE_SLACK_ADVISED_S = 0.1
+#: A Discord voice datagram as the kernel sees it: RTP + AEAD tag + a 64 kbit/s Opus frame.
+VOICE_DATAGRAM_BYTES = 200
+
+
+def check_receive_buffer(speakers: int) -> Check:
+    """How long the voice socket's receive buffer holds ``speakers`` talking at once while
+    the loop is busy: measured, by filling a loopback socket set up as the listener sets up
+    its own, since the kernel counts each datagram at far more than its size."""
+    from bot.voice.inbox import RECEIVE_BUFFER_BYTES
+
+    held, granted = _datagrams_held(RECEIVE_BUFFER_BYTES)
+    slack = held / (speakers * PACKETS_PER_SECOND)
+    lasts = f"{slack:.0f} s" if slack >= 10 else f"{slack * 1000:.0f} ms"
+    what = (f"voice receive buffer {granted // 1024} KiB: {held} voice packets, ~{lasts} of "
+            f"{speakers} speaker{'s' if speakers != 1 else ''} talking at once "
+            "(stt.max_sessions)")
+    if slack >= RECEIVE_SLACK_ADVISED_S:
+        return Check(True, what)
+    return Check(True, what, "for meetings that large raise it: sysctl -w "
+                             f"net.core.rmem_max={RECEIVE_BUFFER_BYTES} (README \"Performance\","
+                             " Sizing); fewer speakers need less")
+
+
+def _datagrams_held(ask: int) -> tuple[int, int]:
+    """(datagrams a UDP socket holds unread, bytes granted) when ``ask`` bytes are asked."""
+    with (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+          socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ask)
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        tx.connect(rx.getsockname())
+        granted = rx.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        payload = bytes(VOICE_DATAGRAM_BYTES)
+        # Linux reports (and holds) twice what it grants; a datagram costs at least its size.
+        for _ in range(granted // VOICE_DATAGRAM_BYTES + 1):
+            try:
+                tx.send(payload)
+            except OSError:  # the sender's own buffer full: the receiver's is full too
+                break
+        held = 0
+        while True:
+            try:
+                rx.recv(VOICE_DATAGRAM_BYTES)
+            except BlockingIOError:
+                return held, granted
+            held += 1
 
 
 async def check_stt(config: Config) -> Check:
@@ -238,6 +293,7 @@ async def run_doctor(
         return 1
     source = config.source if config.source != "<defaults>" else "no file: defaults + environment"
     report(Check(True, f"config valid ({source})"))
+    report(check_receive_buffer(config.stt.max_sessions))
     report(await check_stt(config))
     report(*await check_discord(config))
     report(await check_storage(config))

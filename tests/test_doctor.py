@@ -17,7 +17,14 @@ import aiohttp
 import discord
 import pytest
 
-from bot.doctor import FAIL, OK, run_doctor
+from bot.doctor import (
+    FAIL,
+    OK,
+    RECEIVE_SLACK_ADVISED_S,
+    _datagrams_held,
+    check_receive_buffer,
+    run_doctor,
+)
 from bot.invite import REQUIRED_PERMISSIONS, invite_url, missing_permissions, permission_integer
 from bot.sim.discord.server import LocalDiscord
 from bot.sim.discord.state import BOT_ROLE_PERMISSIONS, PERM_MANAGE_WEBHOOKS
@@ -145,8 +152,9 @@ async def test_cantobot_doctor_command_prints_the_report_on_stdout(
             out, err = await proc.communicate()
     assert proc.returncode == 1, err.decode()
     lines = out.decode().splitlines()
-    assert [line[0] for line in lines] == [OK] * 6 + [FAIL] + [OK], lines
-    assert "missing Manage Webhooks" in lines[6]
+    assert [line[0] for line in lines] == [OK] * 7 + [FAIL] + [OK], lines
+    assert "voice receive buffer" in lines[3]
+    assert "missing Manage Webhooks" in lines[7]
     assert fake.token not in out.decode() + err.decode()
 
 
@@ -199,3 +207,17 @@ async def test_storage_check_names_an_unreachable_database() -> None:
     assert f"storage PostgreSQL postgresql://bot:***@127.0.0.1:{port}/cantobot not reachable" \
         in check.what, check
     assert "connection refused" in check.what and "pw-secret" not in check.line()
+
+
+def test_the_receive_buffer_check_says_how_long_it_holds_the_configured_speakers() -> None:
+    """Measured on a real socket: a few speakers fit in any buffer; a huge cap gets the advice
+    to raise net.core.rmem_max, and the check still passes (small meetings need no change)."""
+    few = check_receive_buffer(2)
+    assert few.ok and not few.fix and "of 2 speakers talking at once" in few.what
+    many = check_receive_buffer(1_000_000)
+    assert many.ok and "net.core.rmem_max=" in many.fix and "README" in many.fix
+    held, granted = _datagrams_held(1 << 20)
+    # The kernel counts a voice datagram at several times its 200 bytes; it holds some.
+    assert 0 < held < granted // 200
+    slack = held / (2 * 50)
+    assert slack >= RECEIVE_SLACK_ADVISED_S  # what made the first check advise nothing
