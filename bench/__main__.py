@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--rows 1,2,2e,2u,3,4,mem,script,speech] [--no-install]``: Markdown
 tables, then one JSON line
 ``{"speakers_per_core": N, "floor_ratio": R, "added_latency_ms_p99": L, ...}`` (also row 2e's
-and row 2u's speakers per core and lag).
+and row 2u's speakers per core and lag p99, row 2u's at 250 speakers).
 
 Steadiness: compared contenders run interleaved within every repeat (same packets, alternating
 order), and every ratio is the median of per-repeat ratios, printed with its (min..max) spread.
