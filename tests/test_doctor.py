@@ -221,3 +221,13 @@ def test_the_receive_buffer_check_says_how_long_it_holds_the_configured_speakers
     assert 0 < held < granted // 200
     slack = held / (2 * 50)
     assert slack >= RECEIVE_SLACK_ADVISED_S  # what made the first check advise nothing
+
+
+def test_a_buffer_larger_than_the_check_fills_is_reported_as_a_lower_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bot.doctor
+
+    monkeypatch.setattr(bot.doctor, "FILL_LIMIT", 100)  # far below any socket's buffer
+    check = check_receive_buffer(2)
+    assert check.ok and "at least 100 voice packets, at least 1000 ms of 2 speakers" in check.what
