@@ -64,6 +64,19 @@ def test_the_gate_skips_silence_and_keeps_the_pre_roll_speech_and_tail() -> None
     assert gate.last_voiced_end == round(2.5 * RATE)
 
 
+def test_a_ragged_last_piece_is_judged_on_its_own_samples() -> None:
+    """The end of a track is rarely whole 20 ms frames: its last few ms count as speech when
+    they are loud, and are held as silence when they are quiet."""
+    stats = SessionStats()
+    gate = SpeechGate(RATE, 0.0, stats)
+    assert gate.feed(0, quiet(0.02) + quiet(0.007)) == []  # 27 ms of silence: held
+    loud_end = quiet(0.02) + tone(0.007)
+    (start, pcm), = gate.feed(samples(loud_end), loud_end)
+    assert start + samples(pcm) == 2 * samples(loud_end)  # kept up to its last sample
+    assert gate.last_voiced_end == 2 * samples(loud_end)  # the loud 7 ms ended the speech
+    assert stats.speech_seconds == pytest.approx(0.007)
+
+
 def test_a_commit_cuts_the_rest_of_the_tail_only_once_all_speech_went_out() -> None:
     gate = SpeechGate(RATE, 1.0, SessionStats())
     gate.feed(0, tone(0.5) + quiet(0.2))

@@ -157,8 +157,7 @@ class SpeechGate:
         whole = n // frame * frame
         loud = loud_frames(audio, frame).tolist()
         if whole < n:  # a ragged last piece (the end of a track) is classified on its own
-            rest = audio[whole:].astype(np.float32)
-            loud.append(bool(np.sqrt(np.mean(rest * rest)) > VOICED_RMS))
+            loud.extend(loud_frames(audio[whole:], n - whole).tolist())
         if not any(loud) and self.tail_left <= 0:  # silence, the common case: one step
             self._hold(at, bytes(pcm))
             return []
