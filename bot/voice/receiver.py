@@ -52,7 +52,13 @@ from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.members import MemberClock
 from bot.voice.opus import OPUS_SAMPLE_RATES
-from bot.voice.rtp import MalformedPacket, common_opus_header, is_rtcp, parse_rtp
+from bot.voice.rtp import (
+    DISCORD_OPUS_PAYLOAD_TYPE,
+    MalformedPacket,
+    common_opus_header,
+    is_rtcp,
+    parse_rtp,
+)
 from bot.voice.speakers import PendingPackets, SpeakerMap
 from bot.voice.ssrcs import SsrcState, SsrcStreams
 from bot.voice.timeline import FRAME_SAMPLES_48K, PLC_UNIT_48K, RTP_CLOCK_RATE, Emitter
@@ -63,8 +69,6 @@ __all__ = ["DROP_REASONS", "FRAME_SAMPLES_48K", "PLC_UNIT_48K", "RTP_CLOCK_RATE"
 
 log = logging.getLogger(__name__)
 
-#: Discord's audio payload type (0x78 = 120).
-OPUS_PAYLOAD_TYPE = 0x78
 #: At most one log line per this many seconds for an unexpected error (a bug) per packet.
 ERROR_LOG_INTERVAL = 30.0
 
@@ -262,7 +266,7 @@ class VoiceReceiver:
         except MalformedPacket:
             c.malformed += 1
             return
-        if packet.payload_type != OPUS_PAYLOAD_TYPE:
+        if packet.payload_type != DISCORD_OPUS_PAYLOAD_TYPE:
             c.other_payload_type += 1
             return
         user_id = self.speakers.user_for(packet.ssrc)
