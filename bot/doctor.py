@@ -121,6 +121,98 @@ def _datagrams_held(ask: int) -> tuple[int, int]:
             held += 1
 
 
+#: CPU per speaker-second end to end (receive, decrypt, decode, convert, STT client; bench row
+#: 2u, real UDP) as a multiple of this check's decode of the same second, on the bench host:
+#: 1.7-2.0 measured side by side in a fast phase; 2.1-2.5 in slow ones, where the Python share
+#: slows more than libopus (row 2u there over row 4's floor, scaled by this decode's share of the
+#: floor). The high end, so that the estimate errs towards fewer speakers.
+END_TO_END_PER_DECODE = 2.5
+#: Share of one core the speakers of ``stt.max_sessions`` may take before the check advises
+#: fewer: the rest is the event loop's slack for bursts, commits and Discord (at 200 speakers
+#: the bench host ran at 50-73 % with a ~20 ms lag p99; at 74-87 % the lag tail reached 190 ms).
+CORE_BUDGET = 0.75
+#: Seconds of Discord-shaped audio the capacity check encodes, and CPU seconds it decodes for.
+CAPACITY_AUDIO_S = 2.0
+CAPACITY_CPU_S = 0.25
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one process holds, estimated from this host's Opus decode speed."""
+
+    decode_us: float  #: CPU per 20 ms packet, Discord's 48 kHz stereo to 16 kHz mono
+
+    @property
+    def cpu_per_speaker(self) -> float:
+        """Share of one core one speaker talking without a pause costs, end to end."""
+        return self.decode_us * 1e-6 * PACKETS_PER_SECOND * END_TO_END_PER_DECODE
+
+    @property
+    def speakers(self) -> int:
+        """Speakers talking at once one process holds within :data:`CORE_BUDGET`."""
+        return max(1, int(CORE_BUDGET / self.cpu_per_speaker))
+
+
+def check_capacity(max_sessions: int, capacity: Capacity | None = None) -> Check:
+    """Whether this host keeps ``max_sessions`` speakers in real time in one process: an
+    estimate (the decode measured here, the rest scaled as the bench measured it), since the
+    default suits the bench host and a small board or a shared vCPU may hold far fewer."""
+    from bot.voice.opus import OpusNotAvailable
+
+    try:
+        cap = capacity if capacity is not None else measure_capacity()
+    except OpusNotAvailable:
+        return Check(False, "speakers per process not estimated: libopus does not load",
+                     "apt-get install libopus0")
+    load = max_sessions * cap.cpu_per_speaker
+    what = (f"Opus decode {cap.decode_us:.0f} µs per voice packet here: one process holds "
+            f"~{cap.speakers} speakers talking at once; stt.max_sessions {max_sessions} would "
+            f"take ~{load:.0%} of a core (estimated)")
+    if load <= CORE_BUDGET:
+        return Check(True, what)
+    processes = -(-max_sessions // cap.speakers)
+    return Check(True, what, f"for meetings that large set stt.max_sessions to {cap.speakers} "
+                             f"and run {processes} processes (README \"Scaling\"); smaller "
+                             "meetings need no change")
+
+
+def measure_capacity() -> Capacity:
+    """Time this host's libopus on Discord-shaped packets (48 kHz stereo, 20 ms, 64 kbit/s,
+    FEC) decoded as the receiver decodes them, to 16 kHz mono; the median of several passes."""
+    import time
+
+    import numpy as np
+
+    from bot.sim.sender import OpusEncoder
+    from bot.voice.opus import DISCORD_CHANNELS, DISCORD_SAMPLE_RATE, OpusDecoder
+
+    rate, frame = DISCORD_SAMPLE_RATE, DISCORD_SAMPLE_RATE * FRAME_MS // 1000
+    t = np.arange(int(CAPACITY_AUDIO_S * rate)) / rate
+    # A voice-like test signal: a wandering pitch's harmonics, a syllable rhythm, room noise.
+    pitch = 150 + 50 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    voice *= 0.3 * (0.55 + 0.45 * np.sin(2 * np.pi * 4.0 * t) ** 2)
+    voice += 0.003 * np.random.default_rng(1).standard_normal(t.size)
+    pcm = np.repeat((np.clip(voice, -1, 1) * 32767).astype(np.int16)[:, None],
+                    DISCORD_CHANNELS, axis=1)
+    with OpusEncoder(rate, DISCORD_CHANNELS, bitrate=64000, fec=True) as enc:
+        packets = [enc.encode(pcm[i:i + frame]) for i in range(0, len(pcm) - frame + 1, frame)]
+    passes: list[float] = []
+    spent = 0.0
+    with OpusDecoder(16000, 1) as dec:
+        out = np.zeros(16000 * FRAME_MS // 1000 * 6, dtype=np.int16)
+        while spent < CAPACITY_CPU_S or len(passes) < 3:
+            t0 = time.process_time()
+            for packet in packets:
+                dec.decode_into(packet, out)
+            took = time.process_time() - t0
+            spent += took
+            passes.append(took / len(packets))
+    passes.sort()
+    return Capacity(decode_us=passes[len(passes) // 2] * 1e6)
+
+
 async def check_stt(config: Config) -> Check:
     """One connection: start-session, then stop-session without audio."""
     from bot.stt.session import SttSession
@@ -299,6 +391,7 @@ async def run_doctor(
     source = config.source if config.source != "<defaults>" else "no file: defaults + environment"
     report(Check(True, f"config valid ({source})"))
     report(check_receive_buffer(config.stt.max_sessions))
+    report(check_capacity(config.stt.max_sessions))
     report(await check_stt(config))
     report(*await check_discord(config))
     report(await check_storage(config))

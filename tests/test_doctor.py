@@ -21,8 +21,11 @@ from bot.doctor import (
     FAIL,
     OK,
     RECEIVE_SLACK_ADVISED_S,
+    Capacity,
     _datagrams_held,
+    check_capacity,
     check_receive_buffer,
+    measure_capacity,
     run_doctor,
 )
 from bot.invite import REQUIRED_PERMISSIONS, invite_url, missing_permissions, permission_integer
@@ -82,7 +85,8 @@ async def test_all_checks_pass_exit_0_and_the_stt_session_carries_no_audio(
     text = "\n".join(lines)
     for fragment in ("libopus loads", "libsndfile loads", "config valid",
                      "API key accepted", "Discord token valid", "/transcribe registered",
-                     "all 8 permissions", "migrated (schema version"):
+                     "all 8 permissions", "migrated (schema version",
+                     "µs per voice packet here: one process holds"):
         assert fragment in text, text
     (record,) = stt.records.values()  # one connection: started, stopped, no audio
     assert len(record.sample_rates) == 1 and record.session_stops == 1
@@ -152,9 +156,10 @@ async def test_cantobot_doctor_command_prints_the_report_on_stdout(
             out, err = await proc.communicate()
     assert proc.returncode == 1, err.decode()
     lines = out.decode().splitlines()
-    assert [line[0] for line in lines] == [OK] * 7 + [FAIL] + [OK], lines
+    assert [line[0] for line in lines] == [OK] * 8 + [FAIL] + [OK], lines
     assert "voice receive buffer" in lines[3]
-    assert "missing Manage Webhooks" in lines[7]
+    assert "µs per voice packet here" in lines[4]
+    assert "missing Manage Webhooks" in lines[8]
     assert fake.token not in out.decode() + err.decode()
 
 
@@ -231,3 +236,44 @@ def test_a_buffer_larger_than_the_check_fills_is_reported_as_a_lower_bound(
     monkeypatch.setattr(bot.doctor, "FILL_LIMIT", 100)  # far below any socket's buffer
     check = check_receive_buffer(2)
     assert check.ok and "at least 100 voice packets, at least 1000 ms of 2 speakers" in check.what
+
+
+def test_the_capacity_check_times_this_hosts_libopus_and_always_passes() -> None:
+    """Measured: real packets from the real encoder through the real decoder. Advice comes only
+    past 75 % of a core (two speakers never need it); the check passes either way."""
+    cap = measure_capacity()
+    assert 1 < cap.decode_us < 1000  # a 20 ms packet; libopus takes tens of µs on a PC
+    few = check_capacity(2, cap)
+    assert few.ok and not few.fix, few
+    assert f"one process holds ~{cap.speakers} speakers talking at once" in few.what
+    assert "stt.max_sessions 2 would take ~" in few.what
+    many = check_capacity(100_000, cap)
+    assert many.ok and f"set stt.max_sessions to {cap.speakers} and run" in many.fix
+
+
+def test_a_slow_host_is_told_how_many_sessions_one_process_holds_and_how_many_processes() -> None:
+    """The estimate: decode x 50 packets x END_TO_END_PER_DECODE (2.5) of a core per speaker,
+    75 % of a core per process. At 24 µs a speaker costs 0.3 % of a core: 250 speakers."""
+    pc = Capacity(decode_us=24.0)
+    assert pc.speakers == 250
+    fine = check_capacity(200, pc)
+    assert fine.ok and not fine.fix and "~60% of a core (estimated)" in fine.what
+    board = Capacity(decode_us=96.0)  # a small board: four times slower
+    assert board.speakers == 62
+    told = check_capacity(200, board)
+    assert told.ok and "~240% of a core" in told.what  # passes: small meetings need no change
+    assert told.fix.startswith("for meetings that large set stt.max_sessions to 62 and run 4 "
+                               "processes"), told.fix
+
+
+def test_without_libopus_the_capacity_check_fails_with_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bot.voice import opus
+
+    monkeypatch.setattr(opus, "_lib", None)
+    monkeypatch.setattr(opus.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(opus, "_FALLBACK_NAMES", ("libopus-does-not-exist.so.0",))
+    check = check_capacity(200)
+    assert not check.ok and "libopus does not load" in check.what
+    assert check.fix == "apt-get install libopus0"
