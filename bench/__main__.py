@@ -12,7 +12,9 @@ N: concurrent speakers one core sustains for receive + convert + upstream emit a
 (1 s / (50 x product µs per packet + client CPU per session-second of row 2)), AES-GCM with DAVE
 on (what Discord negotiates today). R: the product's receive path over the floor on the same
 packets (median of per-repeat ratios). L: p99 of what is added on top of filling one chunk:
-row 2's send lag plus one packet's receive time.
+row 2's send lag plus one packet's receive time. ``floor_us_per_packet``: the floor itself,
+bare libopus (+ AEAD, davey) on this host at this moment; a shared VM's speed moves by 20 % or
+more from one hour to the next, and this says which speed the line was measured at.
 
 ``--quick`` (under 45 s): 10 s of speech, 15 repeats (peers 9), two packet sets, row 2 at 250
 sessions for 2.4 s, row 2e at 250 speakers for 1.2 s per variant (variants interleaved) and row
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor_ratio_spread": ([round(x, 3) for x in product.ratio_spread]
                                if floor_ratio and product else None),
         "added_latency_ms_p99": round(latency, 2) if latency is not None else None,
+        "floor_us_per_packet": round(floor.us_per_packet, 1) if floor else None,
         "e2e_speakers_per_core": round(e2e_product.speakers_per_core) if e2e_product else None,
         "e2e_latency_ms_p99": round(e2e_product.lag_p99_ms, 2) if e2e_product else None,
         "udp_speakers_per_core": round(udp_product.speakers_per_core) if udp_product else None,
