@@ -153,14 +153,15 @@ class Capacity:
         return max(1, int(CORE_BUDGET / self.cpu_per_speaker))
 
 
-def check_capacity(max_sessions: int, capacity: Capacity | None = None) -> Check:
+def check_capacity(max_sessions: int, sample_rate: int = 16000,
+                   capacity: Capacity | None = None) -> Check:
     """Whether this host keeps ``max_sessions`` speakers in real time in one process: an
     estimate (the decode measured here, the rest scaled as the bench measured it), since the
     default suits the bench host and a small board or a shared vCPU may hold far fewer."""
     from bot.voice.opus import OpusNotAvailable
 
     try:
-        cap = capacity if capacity is not None else measure_capacity()
+        cap = capacity if capacity is not None else measure_capacity(sample_rate)
     except OpusNotAvailable:
         return Check(False, "speakers per process not estimated: libopus does not load",
                      "apt-get install libopus0")
@@ -176,15 +177,23 @@ def check_capacity(max_sessions: int, capacity: Capacity | None = None) -> Check
                              "meetings need no change")
 
 
-def measure_capacity() -> Capacity:
+def measure_capacity(sample_rate: int = 16000) -> Capacity:
     """Time this host's libopus on Discord-shaped packets (48 kHz stereo, 20 ms, 64 kbit/s,
-    FEC) decoded as the receiver decodes them, to 16 kHz mono; the median of several passes."""
+    FEC) decoded as the receiver decodes them for an STT session at ``sample_rate``: mono, at
+    that rate where libopus decodes it natively, else at 48 kHz (the receiver then resamples,
+    which this leaves out); the median of several passes."""
     import time
 
     import numpy as np
 
     from bot.sim.sender import OpusEncoder
-    from bot.voice.opus import DISCORD_CHANNELS, DISCORD_SAMPLE_RATE, OpusDecoder
+    from bot.voice.opus import (
+        DISCORD_CHANNELS,
+        DISCORD_SAMPLE_RATE,
+        MAX_FRAME_MS,
+        OPUS_SAMPLE_RATES,
+        OpusDecoder,
+    )
 
     rate, frame = DISCORD_SAMPLE_RATE, DISCORD_SAMPLE_RATE * FRAME_MS // 1000
     t = np.arange(int(CAPACITY_AUDIO_S * rate)) / rate
@@ -200,8 +209,9 @@ def measure_capacity() -> Capacity:
         packets = [enc.encode(pcm[i:i + frame]) for i in range(0, len(pcm) - frame + 1, frame)]
     passes: list[float] = []
     spent = 0.0
-    with OpusDecoder(16000, 1) as dec:
-        out = np.zeros(16000 * FRAME_MS // 1000 * 6, dtype=np.int16)
+    out_rate = sample_rate if sample_rate in OPUS_SAMPLE_RATES else DISCORD_SAMPLE_RATE
+    with OpusDecoder(out_rate, 1) as dec:
+        out = np.zeros(out_rate * MAX_FRAME_MS // 1000, dtype=np.int16)
         while spent < CAPACITY_CPU_S or len(passes) < 3:
             t0 = time.process_time()
             for packet in packets:
@@ -391,7 +401,7 @@ async def run_doctor(
     source = config.source if config.source != "<defaults>" else "no file: defaults + environment"
     report(Check(True, f"config valid ({source})"))
     report(check_receive_buffer(config.stt.max_sessions))
-    report(check_capacity(config.stt.max_sessions))
+    report(check_capacity(config.stt.max_sessions, config.stt.sample_rate))
     report(await check_stt(config))
     report(*await check_discord(config))
     report(await check_storage(config))
