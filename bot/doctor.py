@@ -122,11 +122,10 @@ def _datagrams_held(ask: int) -> tuple[int, int]:
 
 
 #: CPU per speaker-second end to end (receive, decrypt, decode, convert, STT client; bench row
-#: 2u, real UDP) as a multiple of this check's decode of the same second, on the bench host:
-#: 1.7-2.0 measured side by side in a fast phase; 2.1-2.5 in slow ones, where the Python share
-#: slows more than libopus (row 2u there over row 4's floor, scaled by this decode's share of the
-#: floor). The high end, so that the estimate errs towards fewer speakers.
-END_TO_END_PER_DECODE = 2.5
+#: 2u, real UDP) as a multiple of this check's decode of the same second, measured side by side
+#: on the bench host: 1.70-2.03 over eight pairs at 200 and 250 speakers, its decode moving
+#: between 27 and 38 µs. A little above the high end, so that the estimate errs towards fewer.
+END_TO_END_PER_DECODE = 2.1
 #: Share of one core the speakers of ``stt.max_sessions`` may take before the check advises
 #: fewer: the rest is the event loop's slack for bursts, commits and Discord (at 200 speakers
 #: the bench host ran at 50-73 % with a ~20 ms lag p99; at 74-87 % the lag tail reached 190 ms).
