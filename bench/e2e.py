@@ -1,12 +1,14 @@
 """Row 2e: receive + convert + upstream for N speakers in ONE process, end to end.
 
 Row 1 times the receive path alone and row 2 the upstream alone; a bot does both on one event
-loop, and the receive work (~75 % of it) delays the sends. Here N speakers' datagrams are
-handed to one :class:`bot.voice.receiver.VoiceReceiver` at the times they would arrive (each
-speaker one packet per 20 ms, the speakers' phases spread over the 20 ms; the driver wakes every
-millisecond), the decoded 16 kHz audio goes through a :class:`bot.audio.convert.Chunker` per
-speaker into that speaker's real :class:`bot.stt.session.SttSession`, which streams it to
-:mod:`bench.chunk_server` in another process (pinned to another CPU when there are two).
+loop, and the receive work (~75 % of it) delays the sends. Here N speakers' datagrams are handed
+to one :class:`bot.voice.receiver.VoiceReceiver` at the times they would arrive (each speaker
+one packet per 20 ms, the speakers' phases spread over the 20 ms; the driver wakes every
+millisecond). They talk as a meeting does (:mod:`bench.media`, ``meeting=True``): each says
+something else and starts at its own moment, so chunks end at different moments. The decoded 16
+kHz audio goes through a :class:`bot.audio.convert.Chunker` per speaker into that speaker's real
+:class:`bot.stt.session.SttSession`, which streams it to :mod:`bench.chunk_server` in another
+process (pinned to another CPU when there are two).
 
 Measured per variant (``product``: :class:`~bot.voice.receiver.VoiceReceiver` as the meeting
 intake sets it up; ``lean``: the receive prototype :class:`bench.lean.LeanReceiver`), both into
@@ -50,7 +52,6 @@ CHUNK_MS: Final = 100
 DRIVER_SLEEP_S: Final = 0.001
 WARMUP_S: Final = 1.0
 _HEAD = struct.Struct("<II")
-_PACKET_S: Final = 1 / PACKETS_PER_SECOND
 #: product: VoiceReceiver -> Chunker -> SttSession.send_audio; lean: bench.lean.LeanReceiver
 #: (chunks straight out of libopus) into the same sessions. Each phase gets a fresh receiver
 #: and chunkers (a receiver that sat out a phase would see the other phases' packets as lost
@@ -91,8 +92,9 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
     if len(rec.opus) < frames_needed:
         raise ValueError(f"recording too short: {len(rec.opus)} frames, need {frames_needed}")
     packets = make_packets(rec.opus[:frames_needed], rec.levels[:frames_needed], mode=mode,
-                           dave=False, speakers=speakers)
+                           dave=False, speakers=speakers, meeting=True)
     datagrams = [d for _k, d in packets.datagrams]
+    dues = packets.due
     index_of = {s.user_id: i for i, s in enumerate(packets.speakers)}
     events = 0
 
@@ -144,7 +146,6 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
                 plan.append((v, seconds / repeats, True))
         gc.collect()
         t0 = time.monotonic() + 0.01
-        step = _PACKET_S / speakers
         pos = 0
         next_tick = t0 + TICK_SECONDS
         behind: dict[int, float] = {}
@@ -158,8 +159,8 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
             # re-timed (not dropped) so that it is not charged to this one.
             start = time.monotonic()
             phase_end = start + length
-            if pos < len(datagrams) and t0 + pos * step < start:
-                t0 = start - pos * step
+            if pos < len(datagrams) and t0 + dues[pos] < start:
+                t0 = start - dues[pos]
             cpu0, wall0, pos0 = time.process_time(), time.monotonic(), pos
             while True:
                 now = time.monotonic()
@@ -169,7 +170,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
                 # loop callback, the rest after whatever became ready meanwhile.
                 budget = INBOX_BATCH
                 while pos < len(datagrams) and budget:
-                    due = t0 + pos * step
+                    due = t0 + dues[pos]
                     if due > now:
                         break
                     current_due = due
@@ -181,7 +182,7 @@ async def run_e2e(server: ChunkServer, rec: Recording, speakers: int, seconds: f
                     tick(now)
                     next_tick += TICK_SECONDS
                 await asyncio.sleep(DRIVER_SLEEP_S if budget else 0)
-            late = max(0.0, time.monotonic() - (t0 + pos * step))
+            late = max(0.0, time.monotonic() - (t0 + dues[min(pos, len(dues) - 1)]))
             log.info("phase %s: pos %d of %d, behind %.3f", v, pos, len(datagrams), late)
             if measured:
                 behind[len(phases)] = late

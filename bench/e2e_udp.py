@@ -41,7 +41,7 @@ from discord.voice_state import SocketReader
 
 from bench.chunk_server import SendLog
 from bench.e2e import _HEAD, CHUNK_MS, STT_RATE, WARMUP_S, E2EResult
-from bench.media import FIRST_MEMBER_ID, FIRST_SSRC, PACKETS_PER_SECOND
+from bench.media import FIRST_MEMBER_ID, FIRST_SSRC, PACKETS_PER_SECOND, datagram_number
 from bench.udp_sender import read_send_log
 from bench.upstream import ChunkServer, _p99, start_sessions
 from bot.audio.convert import Chunker
@@ -106,9 +106,10 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             for chunk in chunkers[s].push(pcm):
                 k = counters[s]
                 counters[s] = k + 1
-                # The sender's datagram number (frame i of speaker s is datagram i * speakers
-                # + s; the sequence number is the frame, from 0): made a send time at the end.
-                sends.record(s, k, int.from_bytes(last[2:4], "big") * speakers + s, phase)
+                # The sender's datagram number (the sequence number is the speaker's frame,
+                # from 0): made a send time at the end.
+                sends.record(s, k, datagram_number(s, int.from_bytes(last[2:4], "big"),
+                                                   speakers, meeting=True), phase)
                 clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
 
         receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, batch_ms=CHUNK_MS,

@@ -1,17 +1,19 @@
 """Row 2u's Discord side, in its own process: N speakers' RTP datagrams sent in real time over
 loopback UDP.
 
-``python -m bench.udp_sender HOST PORT KEY_HEX SPEAKERS SECONDS LOG`` encodes the bench recording,
-encrypts it (AES-GCM, DAVE off) as ``SPEAKERS`` members with the given key, prints ``READY``,
-reads the start time (``time.monotonic``, one clock system-wide) from stdin and sends each
-speaker one packet per 20 ms from then on, the speakers' phases spread over the 20 ms as in
-row 2e. At the end it writes LOG, when each burst of datagrams went out (:func:`read_send_log`),
-and prints ``DONE <datagrams sent> <worst lateness in s>``. Its CPU is not the
-bot's: row 2u pins it to the other CPU, with the STT stand-in.
+``python -m bench.udp_sender HOST PORT KEY_HEX SPEAKERS SECONDS LOG`` encodes the bench
+recording, encrypts it (AES-GCM, DAVE off) as ``SPEAKERS`` members with the given key, prints
+``READY``, reads the start time (``time.monotonic``, one clock system-wide) from stdin and sends
+each speaker one packet per 20 ms from then on, the speakers' phases spread over the 20 ms as in
+row 2e, talking as a meeting does (:mod:`bench.media`, ``meeting=True``: each says something
+else and starts at its own moment). At the end it writes LOG, when each burst of datagrams went
+out (:func:`read_send_log`), and prints ``DONE <datagrams sent> <worst lateness in s>``. Its CPU
+is not the bot's: row 2u pins it to the other CPU, with the STT stand-in.
 """
 
 from __future__ import annotations
 
+import bisect
 import socket
 import struct
 import sys
@@ -32,23 +34,24 @@ def main(argv: list[str]) -> int:
     rec = record(seconds + 1.0)
     frames = int(seconds * PACKETS_PER_SECOND)
     packets = make_packets(rec.opus[:frames], rec.levels[:frames], mode=MODE_AES256_GCM,
-                           dave=False, speakers=speakers, secret_key=bytes.fromhex(key_hex))
+                           dave=False, speakers=speakers, secret_key=bytes.fromhex(key_hex),
+                           meeting=True)
     datagrams = [d for _k, d in packets.datagrams]
+    dues = packets.due
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     sock.connect((host, port))
     print("READY", flush=True)
     t0 = float(sys.stdin.readline())
-    step = 1 / PACKETS_PER_SECOND / speakers
     pos, worst = 0, 0.0
     send = sock.send
     # Where each burst started: datagrams[firsts[j]:firsts[j + 1]] went out at times[j].
     firsts, times = array("i"), array("d")
     while pos < len(datagrams):
         now = time.monotonic()
-        due = min(len(datagrams), int((now - t0) / step) + 1)
+        due = bisect.bisect_right(dues, now - t0, lo=pos)
         if due > pos:
-            worst = max(worst, now - (t0 + pos * step))
+            worst = max(worst, now - (t0 + dues[pos]))
             firsts.append(pos)
             times.append(now)
         while pos < due:

@@ -10,10 +10,18 @@ import asyncio
 
 import pytest
 
-from bench.media import MODE_AES256_GCM, MODE_XCHACHA20, make_packets, record
+from bench.media import (
+    MODE_AES256_GCM,
+    MODE_XCHACHA20,
+    datagram_number,
+    make_packets,
+    record,
+)
 from bench.memory import per_speaker
 from bench.receive import CONTENDERS, row1
 from bench.upstream import chunk_server, run_upstream
+from bot.voice.crypto import TransportCipher
+from bot.voice.rtp import parse_rtp
 
 PACKETS = 20
 
@@ -137,3 +145,27 @@ async def test_the_chunk_server_commits_sessions_in_turn_not_all_in_the_same_chu
         finally:
             for client in clients:
                 await client.disconnect()
+
+
+def test_a_benched_meeting_talks_as_a_meeting_not_in_lockstep() -> None:
+    """Rows 2e and 2u: each speaker says something else (no two decode the same frame in a
+    round) and starts at its own moment (chunk boundaries spread over the 100 ms), and the
+    number row 2u maps a chunk's last datagram to is where that datagram is."""
+    r = record(3.0)
+    speakers = 12
+    ps = make_packets(r.opus, r.levels, mode=MODE_AES256_GCM, dave=False, speakers=speakers,
+                      meeting=True)
+    key = TransportCipher(MODE_AES256_GCM, ps.secret_key)
+    firsts: dict[int, int] = {}
+    frames_in_round: dict[int, list[bytes]] = {}
+    for pos, (k, data) in enumerate(ps.datagrams):
+        seq = int.from_bytes(data[2:4], "big")
+        assert datagram_number(k, seq, speakers, meeting=True) == pos
+        round_no = round(ps.due[pos] * 50 - k / speakers)
+        firsts.setdefault(k, round_no)
+        frames_in_round.setdefault(round_no, []).append(ps.opus[k][seq])
+        assert key.decrypt(parse_rtp(data)) == ps.opus[k][seq]
+    assert sorted({first % 5 for first in firsts.values()}) == [0, 1, 2, 3, 4]
+    assert all(len(set(frames)) == len(frames) for frames in frames_in_round.values())
+    lockstep = make_packets(r.opus, r.levels, mode=MODE_AES256_GCM, dave=False, speakers=2)
+    assert lockstep.opus[0] == lockstep.opus[1]  # rows 1 and 4: one stream, as before
