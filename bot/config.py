@@ -104,11 +104,12 @@ class SttConfig:
     max_buffer_seconds: float = field(default=120.0, metadata=_range(1, 3600))
     reconnect_initial_delay: float = field(default=0.5, metadata=_range(0.01, 60))
     reconnect_max_delay: float = field(default=30.0, metadata=_range(0.1, 3600))
-    #: STT sessions one process runs at once; further speakers wait in order. 200: all of them
-    #: talking at once, one process (one event loop, about one core) keeps real time at ~70 %
-    #: of a core with a ~20 ms p99 from datagram to STT socket (bench row 2u, real UDP); at
-    #: 250 that lag was 45-190 ms and one run fell behind -- ``python -m bench`` measures both.
-    max_sessions: int = field(default=200, metadata=_range(1, None))
+    #: STT sessions one process runs at once; further speakers wait in order. 150: all of them
+    #: talking at once as a meeting does, one process (one event loop, about one core) keeps
+    #: real time at 54-59 % of a core with a ~1 ms p99 from datagram to STT socket (bench row
+    #: 2u, real UDP); 200 took 67-76 % and 250 81-83 % with a lag p99 of 67-164 ms, and the
+    #: host's slow phases cost ~30 % more -- ``python -m bench`` measures 150 and 250.
+    max_sessions: int = field(default=150, metadata=_range(1, None))
     #: Silence sent after speech so that the upstream hears the pause that makes it commit the
     #: sentence; longer silence is not sent (it would be paid for). See README "Speech, not
     #: silence" for the default. The tail ends earlier once the commit arrives. 0 sends every

@@ -122,13 +122,14 @@ def _datagrams_held(ask: int) -> tuple[int, int]:
 
 
 #: CPU per speaker-second end to end (receive, decrypt, decode, convert, STT client; bench row
-#: 2u, real UDP) as a multiple of this check's decode of the same second, measured side by side
-#: on the bench host: 1.70-2.03 over eight pairs at 200 and 250 speakers, its decode moving
-#: between 27 and 38 µs. A little above the high end, so that the estimate errs towards fewer.
-END_TO_END_PER_DECODE = 2.1
+#: 2u, real UDP, speakers talking as a meeting does) as a multiple of this check's decode of
+#: the same second, measured side by side on the bench host: 2.34-2.58 over six pairs at 200
+#: and 250 speakers. A little above the high end, so that the estimate errs towards fewer.
+END_TO_END_PER_DECODE = 2.7
 #: Share of one core the speakers of ``stt.max_sessions`` may take before the check advises
-#: fewer: the rest is the event loop's slack for bursts, commits and Discord (at 200 speakers
-#: the bench host ran at 50-73 % with a ~20 ms lag p99; at 74-87 % the lag tail reached 190 ms).
+#: fewer: the rest is the event loop's slack for bursts, commits and Discord (on the bench host
+#: 150 and 200 speakers ran at 54-76 % of a core with a lag p99 of 1-40 ms; 250 at 81-83 % with
+#: 67-164 ms).
 CORE_BUDGET = 0.75
 #: Seconds of Discord-shaped audio the capacity check encodes, and CPU seconds it decodes for.
 CAPACITY_AUDIO_S = 2.0
