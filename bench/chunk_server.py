@@ -97,9 +97,9 @@ def build_app(commit_every: int) -> web.Application:
     counts: dict[str, int] = {}
 
     async def on_start(sid: str, payload: Any = None) -> None:
-        # Sessions commit in turn, not all at once: the bench's speakers start together and
-        # send in lockstep, so equal counts would commit every session within one 20 ms (a
-        # storm no meeting has, where sentences end when each speaker pauses).
+        # Sessions commit in turn, not all at once: the bench starts its sessions together and
+        # sends each a chunk every 100 ms, so equal counts would commit every session within
+        # one 100 ms (a storm no meeting has, where sentences end when each speaker pauses).
         counts[sid] = len(counts) % commit_every if commit_every else 0
         await sio.emit(p.TRANSCRIPT_MESSAGE,
                        {"message_type": "session_started", "session_id": sid}, to=sid)

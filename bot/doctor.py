@@ -191,8 +191,8 @@ def measure_capacity(sample_rate: int = 16000) -> Capacity:
         DISCORD_CHANNELS,
         DISCORD_SAMPLE_RATE,
         MAX_FRAME_MS,
-        OPUS_SAMPLE_RATES,
         OpusDecoder,
+        decode_rate,
     )
 
     rate, frame = DISCORD_SAMPLE_RATE, DISCORD_SAMPLE_RATE * FRAME_MS // 1000
@@ -209,7 +209,7 @@ def measure_capacity(sample_rate: int = 16000) -> Capacity:
         packets = [enc.encode(pcm[i:i + frame]) for i in range(0, len(pcm) - frame + 1, frame)]
     passes: list[float] = []
     spent = 0.0
-    out_rate = sample_rate if sample_rate in OPUS_SAMPLE_RATES else DISCORD_SAMPLE_RATE
+    out_rate = decode_rate(sample_rate)
     with OpusDecoder(out_rate, 1) as dec:
         out = np.zeros(out_rate * MAX_FRAME_MS // 1000, dtype=np.int16)
         while spent < CAPACITY_CPU_S or len(passes) < 3:

@@ -42,6 +42,7 @@ __all__ = [
     "OpusDecoder",
     "OpusError",
     "OpusNotAvailable",
+    "decode_rate",
     "libopus_version",
     "load_libopus",
 ]
@@ -157,6 +158,12 @@ def _strerror(code: int) -> str:
     except OpusNotAvailable:
         return "unknown error"
     return raw.decode("ascii", "replace") if raw else "unknown error"
+
+
+def decode_rate(stt_rate: int) -> int:
+    """The rate to decode at for an STT stream at ``stt_rate``: that rate where libopus decodes
+    it natively (8/12/16/24/48 kHz), else Discord's 48 kHz, which a resampler then converts."""
+    return stt_rate if stt_rate in OPUS_SAMPLE_RATES else DISCORD_SAMPLE_RATE
 
 
 def libopus_version() -> str:

@@ -51,7 +51,7 @@ from bot.voice.counters import DROP_REASONS, ReceiveCounters
 from bot.voice.crypto import DecryptError, TransportCipher
 from bot.voice.dave import DaveReceiver
 from bot.voice.members import MemberClock
-from bot.voice.opus import OPUS_SAMPLE_RATES
+from bot.voice.opus import decode_rate
 from bot.voice.rtp import (
     DISCORD_OPUS_PAYLOAD_TYPE,
     MalformedPacket,
@@ -121,7 +121,7 @@ class VoiceReceiver:
     ) -> None:
         #: libopus decodes straight to 8/12/16/24/48 kHz; other STT rates get 48 kHz here and
         #: the pipeline's resampler converts.
-        self.output_rate = sample_rate if sample_rate in OPUS_SAMPLE_RATES else RTP_CLOCK_RATE
+        self.output_rate = decode_rate(sample_rate)
         self._is_ignored = is_ignored
         self.dave = dave
         #: False: every packet takes the general path (parse_rtp, jitter outputs); the tests
