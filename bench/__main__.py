@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if "2u" in rows:
         from bench.e2e_udp import row2u
         udp = asyncio.run(row2u((SIZING,), 2.0, ("loop",)) if quick else row2u(
-            tuple(sorted({PER_PROCESS, SIZING})), 8.0, ("loop", "thread")))
+            tuple(sorted({PER_PROCESS, SIZING})), 8.0, ("loop", "lean", "thread")))
         sizes = " and ".join(str(n) for n in sorted({u.speakers for u in udp}))
         print(f"## 2u. End to end with real UDP: {sizes} speakers' datagrams from another "
               "process over loopback UDP -> row 2e's product path (this process, all its "
@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
               "out: a recv per datagram and the loop's wake-ups). reader thread: discord.py's "
               "socket-reader thread into the inbox (a select and a recv per datagram, the GIL "
               "handed between it and the loop): the fallback where the loop cannot watch "
-              "sockets, and the product before. Lag runs from the moment the sender sent the "
+              "sockets, and the product before. lean: the receive prototype of bench/lean.py "
+              "in the product's place, read as the product reads (not shipped: the least Python "
+              "this path can have). Lag runs from the moment the sender sent the "
               "chunk's last datagram (its log of when each burst went out) to the chunk at the "
               "server, so time in the socket's receive buffer counts.\n")
         print(table(
@@ -223,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{u.chunks_arrived}/{u.chunks_sent}",
               "yes" if u.behind_s < 0.05 else f"no ({u.behind_s:.2f} s behind or lost)"]
              for u in udp]))
+        tight = by.get(("floor", "aes-gcm, DAVE off"))
+        for u in udp:
+            if u.decode_us_per_packet is not None:
+                print(f"\n{u.variant}, {u.speakers} speakers: opus_decode took "
+                      f"{u.decode_us_per_packet:.1f} µs per packet in the real-time loop (wall "
+                      "time of the call)"
+                      + (f", against {tight.us_per_packet:.1f} µs for AEAD + opus_decode in "
+                         "row 4's tight loop (floor, aes-gcm, DAVE off)" if tight else "") + ".")
         print()
 
     whole: list[Any] = []
@@ -357,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"one chunk + {u.lag_p99_ms:.2f} ms p99"
                  f"{'' if u.behind_s < 0.05 else ' (fell behind real time or lost datagrams)'}",
                  ("yes" if u.speakers_per_core >= 400 else "no")
-                 + ("" if u.variant.startswith("product") else " (the fallback)")]
+                 + ("" if u.variant.startswith("product") else " (prototype, not shipped)"
+                    if u.variant.startswith("lean") else " (the fallback)")]
                for u in udp]),
             *([["commit -> Discord request ≤ 50 ms p99",
                 f"{max(w['p99_ms'] for w in whole):.1f} ms", "yes" if max(

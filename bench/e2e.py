@@ -76,6 +76,8 @@ class E2EResult:
     behind_s: float
     cpu_ratios: tuple[float, ...] = ()
     lag_p99_per_round: tuple[float, ...] = field(default_factory=tuple)
+    #: Row 2u's lean variant: wall µs per packet inside ``opus_decode`` in the real-time loop.
+    decode_us_per_packet: float | None = None
 
     @property
     def speakers_per_core(self) -> float:

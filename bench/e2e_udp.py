@@ -41,6 +41,7 @@ from discord.voice_state import SocketReader
 
 from bench.chunk_server import SendLog
 from bench.e2e import _HEAD, CHUNK_MS, STT_RATE, WARMUP_S, E2EResult
+from bench.lean import LeanReceiver
 from bench.media import FIRST_MEMBER_ID, FIRST_SSRC, PACKETS_PER_SECOND, datagram_number
 from bench.udp_sender import read_send_log
 from bench.upstream import ChunkServer, _p99, start_sessions
@@ -57,7 +58,10 @@ SENDER_READY_TIMEOUT_S: Final = 120.0
 #: loop: the product (the listener reads the socket on the event loop); thread: discord.py's
 #: socket-reader thread into the inbox, the fallback where the loop cannot watch sockets (and
 #: what the product did before).
-VARIANTS: Final = {"loop": "product, real UDP", "thread": "reader thread (fallback), real UDP"}
+#: lean: bench.lean.LeanReceiver (no receiver bookkeeping) in the product's place, the socket
+#: read on the loop: not shipped, it shows what the least Python on this path costs.
+VARIANTS: Final = {"loop": "product, real UDP", "thread": "reader thread (fallback), real UDP",
+                   "lean": "lean (prototype), real UDP"}
 
 
 async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
@@ -65,7 +69,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     """``speakers`` speakers over loopback UDP for a warm-up and ``seconds`` measured.
 
     ``reader``: ``loop``, the product (:meth:`DatagramInbox.read_from`: the socket read on the
-    event loop); ``thread``, discord.py's socket-reader thread into the inbox (the fallback)."""
+    event loop); ``thread``, discord.py's socket-reader thread into the inbox (the fallback);
+    ``lean``, read as ``loop`` but into :class:`bench.lean.LeanReceiver`."""
     if reader not in VARIANTS:
         raise ValueError(f"unknown reader {reader!r}")
     reader_kind = reader
@@ -86,6 +91,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
                           speaker=f"s{i}", on_event=_ignore) for i in range(speakers)]
     thread: SocketReader | None = None
+    lean: LeanReceiver | None = None
+    decode_us: float | None = None
     inbox: DatagramInbox | None = None
     tick_task: asyncio.Task[None] | None = None
     try:
@@ -112,16 +119,35 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
                                                    speakers, meeting=True), phase)
                 clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
 
-        receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio, batch_ms=CHUNK_MS,
-                                 on_idle=lambda _u: None, is_ignored=lambda _u: False)
-        receiver.set_transport(MODE_AES256_GCM, key)
-        for i in range(speakers):
-            receiver.on_speaking(FIRST_MEMBER_ID + i, FIRST_SSRC + i, 0.0)
+        handled = 0
+        if reader_kind == "lean":
+            def on_chunk(user_id: int, pcm: bytes) -> None:
+                s = user_id - FIRST_MEMBER_ID
+                k = counters[s]
+                counters[s] = k + 1
+                sends.record(s, k, datagram_number(s, int.from_bytes(last[2:4], "big"),
+                                                   speakers, meeting=True), phase)
+                clients[s].send_audio(_HEAD.pack(s, k) + pcm[_HEAD.size:])
+
+            lean = LeanReceiver(mode=MODE_AES256_GCM, secret_key=key, on_chunk=on_chunk,
+                                users={FIRST_SSRC + i: FIRST_MEMBER_ID + i
+                                       for i in range(speakers)},
+                                rate=STT_RATE, chunk_ms=CHUNK_MS, clock=time.perf_counter)
+            handle_packet, tick = lean.handle_packet, lean.tick
+        else:
+            receiver = VoiceReceiver(sample_rate=STT_RATE, on_audio=on_audio,
+                                     batch_ms=CHUNK_MS, on_idle=lambda _u: None,
+                                     is_ignored=lambda _u: False)
+            receiver.set_transport(MODE_AES256_GCM, key)
+            for i in range(speakers):
+                receiver.on_speaking(FIRST_MEMBER_ID + i, FIRST_SSRC + i, 0.0)
+            handle_packet, tick = receiver.handle_packet, receiver.tick
 
         def handle(data: bytes, at: float) -> None:
-            nonlocal last
+            nonlocal last, handled
             last = data
-            receiver.handle_packet(data, at)
+            handled += 1
+            handle_packet(data, at)
 
         loop = asyncio.get_running_loop()
         inbox = DatagramInbox(handle, time.monotonic)
@@ -138,7 +164,7 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             while True:
                 await asyncio.sleep(TICK_SECONDS)
                 inbox.drain_all()
-                receiver.tick(time.monotonic())
+                tick(time.monotonic())
 
         tick_task = asyncio.create_task(clock())
         gc.collect()
@@ -146,12 +172,15 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         sender.stdin.write(f"{t0!r}\n".encode())
         await sender.stdin.drain()
         await asyncio.sleep(t0 + WARMUP_S - time.monotonic())
-        handled0, cpu0, wall0 = receiver.counters().received, time.process_time(), time.monotonic()
+        handled0, cpu0, wall0 = handled, time.process_time(), time.monotonic()
+        decode0 = (lean.decode_s, lean.decoded) if lean is not None else (0.0, 0)
         phase = 0
         await asyncio.sleep(seconds)
         phase = -1
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-        handled = receiver.counters().received - handled0
+        in_window = handled - handled0
+        if lean is not None:
+            decode_us = (lean.decode_s - decode0[0]) / max(1, lean.decoded - decode0[1]) * 1e6
         async with asyncio.timeout(total_s + 30):
             done = (await sender.stdout.readline()).decode().split()
         sent_total = int(done[1]) if len(done) > 1 and done[0] == "DONE" else 0
@@ -160,7 +189,7 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         sends.retime(lambda pos: times[bisect.bisect_right(firsts, int(pos)) - 1])
         await asyncio.sleep(0.3)
         inbox.drain_all()
-        lost = sent_total - receiver.counters().received - inbox.dropped
+        lost = sent_total - handled - inbox.dropped
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{server.url}/results") as resp:
                 arrivals = (await resp.json())["arrivals"]
@@ -172,6 +201,8 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
             thread.stop()
         if inbox is not None:
             inbox.stop_reading()
+        if lean is not None:
+            lean.close()
         sock.close()
         shutil.rmtree(os.path.dirname(send_log), ignore_errors=True)
         if sender.returncode is None:
@@ -184,15 +215,16 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     if lost or inbox.dropped:
         log.warning("row 2u: %d datagrams lost in the kernel, %d dropped by the inbox",
                     lost, inbox.dropped)
-    us = cpu / max(1, handled) * PACKETS_PER_SECOND * 1e6
+    us = cpu / max(1, in_window) * PACKETS_PER_SECOND * 1e6
     return E2EResult(
         speakers=speakers, variant=VARIANTS[reader_kind], seconds=wall,
         cpu_percent=cpu / wall * 100,
         us_per_speaker_second=us, lag_p50_ms=statistics.median(lags), lag_p99_ms=_p99(lags),
         lag_max_ms=lags[-1], chunks_sent=sends.sent(1)[0], chunks_arrived=len(lags),
         # Audio the window should have carried but the receiver did not handle in it.
-        behind_s=max(0.0, wall - handled / speakers / PACKETS_PER_SECOND)
+        behind_s=max(0.0, wall - in_window / speakers / PACKETS_PER_SECOND)
         + (lost + inbox.dropped) / speakers / PACKETS_PER_SECOND,
+        decode_us_per_packet=decode_us,
     )
 
 

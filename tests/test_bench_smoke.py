@@ -87,13 +87,19 @@ def test_script_row_converts_lines_of_both_sizes_in_both_modes() -> None:
     assert all(r.lines == 5 and r.max_ms >= r.p99_ms >= r.p50_ms > 0 for r in rows)
 
 
-async def test_real_udp_row_reads_every_datagram_with_either_reader() -> None:
+async def test_real_udp_row_reads_every_datagram_with_each_reader() -> None:
     from bench.e2e_udp import run_e2e_udp
 
-    async with asyncio.timeout(90), chunk_server(commit_every=5) as server:
-        for reader in ("thread", "loop"):
+    async with asyncio.timeout(120), chunk_server(commit_every=5) as server:
+        for reader in ("thread", "loop", "lean"):
             r = await run_e2e_udp(server, speakers=2, seconds=0.6, reader=reader)
             assert r.chunks_arrived == r.chunks_sent > 0
+            # Only the lean prototype times its opus_decode calls (a 20 ms packet takes µs).
+            if reader == "lean":
+                assert r.decode_us_per_packet is not None
+                assert 1 < r.decode_us_per_packet < 20_000
+            else:
+                assert r.decode_us_per_packet is None
             assert r.behind_s < 0.05  # nothing lost on the way at 2 speakers
             # Lag from the sender's logged send time: after it, and not seconds off (a datagram
             # matched to the wrong burst of the sender's log would be).
