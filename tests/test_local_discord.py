@@ -8,6 +8,7 @@ itself would never break. Media is real: libopus, AEAD transport encryption, dav
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 import threading
@@ -71,12 +72,13 @@ def redirect(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     yield apply
 
 
-def make_client(d: LocalDiscord, **kwargs: Any) -> discord.Client:
+def make_client(d: LocalDiscord, cls: type[discord.Client] = discord.Client,
+                **kwargs: Any) -> discord.Client:
     intents = discord.Intents.default()
     intents.voice_states = True
     intents.guilds = True
     intents.members = True
-    return discord.Client(
+    return cls(
         intents=intents,
         guild_ready_timeout=GUILD_READY_TIMEOUT,
         **client_kwargs(d.ca_file),
@@ -167,6 +169,24 @@ async def test_a_wrong_token_is_refused_at_login(local: LocalDiscord, redirect: 
             await client.login("not-the-token")
     finally:
         await client.close()
+
+
+async def test_a_sharded_clients_clean_close_is_logged_with_the_code_it_sent(
+    local: LocalDiscord, redirect: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bot is an AutoShardedClient: discord.py cancels the shard's read and then closes
+    with 1000, so aiohttp drops the connection without waiting for the reply. The fake logs the
+    client's code, not aiohttp's 1006 (which read as an abnormal close at the end of every demo)."""
+    redirect(local)
+    running = Running(make_client(local, discord.AutoShardedClient))
+    await running.start(local.token)
+    with caplog.at_level(logging.INFO, logger="bot.sim.discord.gateway"):
+        await running.close()
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while not any("connection closed" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.01)
+    closed = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    assert closed == ["gateway: connection closed by the client (code 1000)"]
 
 
 async def test_a_forced_reconnect_is_resumed_and_later_events_still_arrive(

@@ -201,11 +201,21 @@ class Gateway:
         self._sockets.add(ws)
         _log.info("gateway: connection opened (%s)", request.query_string)
         session: GatewaySession | None = None
+        # The code in the client's close frame. discord.py's sharded client cancels the shard's
+        # read before it closes with 1000, so aiohttp drops the TCP connection without awaiting
+        # our reply, and ``ws.close_code`` reads 1006 (abnormal) for what was a clean close.
+        client_code: int | None = None
         try:
             await self._send(
                 ws, {"op": OP_HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}}
             )
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
+                if msg.type is WSMsgType.CLOSE:
+                    client_code = msg.data
+                    break
+                if msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
                 if msg.type is not WSMsgType.TEXT:
                     continue
                 try:
@@ -218,7 +228,10 @@ class Gateway:
             self._sockets.discard(ws)
             if session is not None and session.ws is ws:
                 session.ws = None
-            _log.info("gateway: connection closed (code %s)", ws.close_code)
+            if client_code is not None:
+                _log.info("gateway: connection closed by the client (code %s)", client_code)
+            else:
+                _log.info("gateway: connection closed (code %s)", ws.close_code)
         return ws
 
     async def _on_payload(
