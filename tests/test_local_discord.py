@@ -178,14 +178,27 @@ async def test_a_sharded_clients_clean_close_is_logged_with_the_code_it_sent(
     with 1000, so aiohttp drops the connection without waiting for the reply. The fake logs the
     client's code, not aiohttp's 1006 (which read as an abnormal close at the end of every demo)."""
     redirect(local)
+    closed: list[str] = []
+    logged = asyncio.Event()
+
+    class Closes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "connection closed" in record.getMessage():
+                closed.append(record.getMessage())
+                logged.set()
+
     running = Running(make_client(local, discord.AutoShardedClient))
     await running.start(local.token)
-    with caplog.at_level(logging.INFO, logger="bot.sim.discord.gateway"):
-        await running.close()
-        async with asyncio.timeout(STEP_TIMEOUT):
-            while not any("connection closed" in r.getMessage() for r in caplog.records):
-                await asyncio.sleep(0.01)
-    closed = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    gateway_log = logging.getLogger("bot.sim.discord.gateway")
+    handler = Closes()
+    gateway_log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="bot.sim.discord.gateway"):
+            await running.close()
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await logged.wait()
+    finally:
+        gateway_log.removeHandler(handler)
     assert closed == ["gateway: connection closed by the client (code 1000)"]
 
 
