@@ -87,7 +87,11 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     assert sender.stdin is not None and sender.stdout is not None
     if sender_cpu is not None:
         from bench.upstream import pin
-        pin(sender.pid, sender_cpu)
+        if not pin(sender.pid, sender_cpu):  # it would compete with what is measured
+            sender.kill()
+            await sender.wait()
+            shutil.rmtree(os.path.dirname(send_log), ignore_errors=True)
+            raise RuntimeError(f"could not pin the UDP sender to CPU {sender_cpu}")
     clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
                           speaker=f"s{i}", on_event=_ignore) for i in range(speakers)]
     thread: SocketReader | None = None

@@ -135,8 +135,13 @@ class _Phase:
 
 
 def pin(pid: int, cpu: int) -> bool:
-    """Pin ``pid`` (0: the calling thread) to one CPU; False where that is not possible."""
-    if not hasattr(os, "sched_setaffinity") or cpu not in os.sched_getaffinity(0):
+    """Pin ``pid`` (0: the calling thread) to one CPU; False where that is not possible.
+
+    Not checked against the caller's own affinity: once :func:`pinned_server` has pinned this
+    thread to the first CPU, that would refuse every other CPU (it did, and row 2u's UDP sender,
+    started from this thread, stayed on the measured CPU). The kernel refuses a CPU outside the
+    process's cpuset (EINVAL)."""
+    if not hasattr(os, "sched_setaffinity"):
         return False
     try:
         os.sched_setaffinity(pid, {cpu})

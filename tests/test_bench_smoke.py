@@ -7,6 +7,8 @@ merely exist. Speed lives in ``python -m bench``.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
 import pytest
 
@@ -104,6 +106,36 @@ async def test_real_udp_row_reads_every_datagram_with_each_reader() -> None:
             # Lag from the sender's logged send time: after it, and not seconds off (a datagram
             # matched to the wrong burst of the sender's log would be).
             assert 0 < r.lag_p50_ms <= r.lag_max_ms < 250
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs two CPUs")
+async def test_row_2u_runs_its_udp_sender_beside_the_stt_stand_in_not_on_the_measured_cpu() -> None:
+    """The sender is started after this thread was pinned to the first CPU, so it inherits that
+    CPU: unless it is moved, it competes with the process being measured (it did, until
+    pin() stopped refusing CPUs outside the caller's own, already narrowed, affinity)."""
+    from bench.e2e_udp import run_e2e_udp
+    from bench.upstream import pin, pinned_server
+
+    before = os.sched_getaffinity(0)
+    async with asyncio.timeout(90), pinned_server() as pinned:
+        assert pinned.server_cpu is not None
+        assert os.sched_getaffinity(0) == {min(before)}
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import time; time.sleep(60)")
+        try:
+            assert os.sched_getaffinity(child.pid) == {min(before)}  # inherited
+            assert pin(child.pid, pinned.server_cpu)
+            assert os.sched_getaffinity(child.pid) == {pinned.server_cpu}
+        finally:
+            child.kill()
+            await child.wait()
+        # run_e2e_udp pins its sender so, and stops if it cannot.
+        r = await run_e2e_udp(pinned.server, speakers=2, seconds=0.4,
+                              sender_cpu=pinned.server_cpu, reader="loop")
+        assert r.chunks_arrived == r.chunks_sent > 0
+        assert pinned.server_cpu != min(before)
+    assert os.sched_getaffinity(0) == before
 
 
 async def test_the_chunk_server_commits_sessions_in_turn_not_all_in_the_same_chunk() -> None:
