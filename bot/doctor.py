@@ -123,13 +123,16 @@ def _datagrams_held(ask: int) -> tuple[int, int]:
 
 #: CPU per speaker-second end to end (receive, decrypt, decode, convert, STT client; bench row
 #: 2u, real UDP, speakers talking as a meeting does) as a multiple of this check's decode of
-#: the same second, measured side by side on the bench host: 2.34-2.58 over six pairs at 200
-#: and 250 speakers. A little above the high end, so that the estimate errs towards fewer.
-END_TO_END_PER_DECODE = 2.7
+#: the same second, measured side by side on the bench host at stt.max_sessions' default (150
+#: speakers; fewer cost more each, as each wake-up of the loop handles fewer datagrams), with
+#: row 2u's sender on its own CPU: 2.47-3.19 over eight pairs, median ~2.85 (the spread is
+#: mostly this check's quarter-second decode catching the host's speed of the moment). Above
+#: the median, so that the estimate errs towards fewer.
+END_TO_END_PER_DECODE = 3.0
 #: Share of one core the speakers of ``stt.max_sessions`` may take before the check advises
 #: fewer: the rest is the event loop's slack for bursts, commits and Discord (on the bench host
-#: 150 and 200 speakers ran at 54-76 % of a core with a lag p99 of 1-40 ms; 250 at 81-83 % with
-#: 67-164 ms).
+#: 150 speakers ran at 54-74 % of a core with a lag p99 of 1-18 ms; 250 at 84-92 % with 17-24
+#: ms).
 CORE_BUDGET = 0.75
 #: Seconds of Discord-shaped audio the capacity check encodes, and CPU seconds it decodes for.
 CAPACITY_AUDIO_S = 2.0
