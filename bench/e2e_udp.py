@@ -112,27 +112,22 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         last: bytes = b""  # the datagram handled last: the one that completed a chunk
         phase = -1
 
-        def on_audio(user_id: int, pcm: np.ndarray) -> None:
+        def on_chunk(user_id: int, chunk: bytes) -> None:
             s = user_id - FIRST_MEMBER_ID
-            for chunk in chunkers[s].push(pcm):
-                k = counters[s]
-                counters[s] = k + 1
-                # The sender's datagram number (the sequence number is the speaker's frame,
-                # from 0): made a send time at the end.
-                sends.record(s, k, datagram_number(s, int.from_bytes(last[2:4], "big"),
-                                                   speakers, meeting=True), phase)
-                clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
+            k = counters[s]
+            counters[s] = k + 1
+            # The sender's datagram number (the sequence number is the speaker's frame, from
+            # 0): made a send time at the end.
+            sends.record(s, k, datagram_number(s, int.from_bytes(last[2:4], "big"), speakers,
+                                               meeting=True), phase)
+            clients[s].send_audio(_HEAD.pack(s, k) + chunk[_HEAD.size:])
+
+        def on_audio(user_id: int, pcm: np.ndarray) -> None:
+            for chunk in chunkers[user_id - FIRST_MEMBER_ID].push(pcm):
+                on_chunk(user_id, chunk)
 
         handled = 0
         if reader_kind == "lean":
-            def on_chunk(user_id: int, pcm: bytes) -> None:
-                s = user_id - FIRST_MEMBER_ID
-                k = counters[s]
-                counters[s] = k + 1
-                sends.record(s, k, datagram_number(s, int.from_bytes(last[2:4], "big"),
-                                                   speakers, meeting=True), phase)
-                clients[s].send_audio(_HEAD.pack(s, k) + pcm[_HEAD.size:])
-
             lean = LeanReceiver(mode=MODE_AES256_GCM, secret_key=key, on_chunk=on_chunk,
                                 users={FIRST_SSRC + i: FIRST_MEMBER_ID + i
                                        for i in range(speakers)},
