@@ -106,9 +106,9 @@ class SttConfig:
     reconnect_max_delay: float = field(default=30.0, metadata=_range(0.1, 3600))
     #: STT sessions one process runs at once; further speakers wait in order. 150: all of them
     #: talking at once as a meeting does, one process (one event loop, about one core) keeps
-    #: real time at 54-59 % of a core with a ~1 ms p99 from datagram to STT socket (bench row
-    #: 2u, real UDP); 200 took 67-76 % and 250 81-83 % with a lag p99 of 67-164 ms, and the
-    #: host's slow phases cost ~30 % more -- ``python -m bench`` measures 150 and 250.
+    #: real time at 54-74 % of a core with a ~1-4 ms p99 from datagram to STT socket (bench row
+    #: 2u, real UDP); 250 took 84-92 % (p99 17-24 ms), too little room for the host's slow
+    #: phases (~30 % more) or a burst -- ``python -m bench`` measures 150 and 250.
     max_sessions: int = field(default=150, metadata=_range(1, None))
     #: Silence sent after speech so that the upstream hears the pause that makes it commit the
     #: sentence; longer silence is not sent (it would be paid for). See README "Speech, not
