@@ -65,8 +65,8 @@ def check_libsndfile() -> Check:
 
 
 #: Slack below which the receive-buffer check advises raising net.core.rmem_max: what a busy
-#: event loop may take before it reads again (bench row 2u: lag p99 17-24 ms, max 19 ms at 250
-#: speakers; a start-up GC pass ~30-60 ms).
+#: event loop may take before it reads again (bench row 2u at 250 speakers: lag p99 17-24 ms
+#: over three runs; a start-up GC pass ~30-60 ms).
 RECEIVE_SLACK_ADVISED_S = 0.1
 #: A Discord voice datagram as the kernel sees it: RTP + AEAD tag + a 64 kbit/s Opus frame.
 VOICE_DATAGRAM_BYTES = 200
