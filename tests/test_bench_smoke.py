@@ -139,8 +139,9 @@ async def test_row_2u_runs_its_udp_sender_beside_the_stt_stand_in_not_on_the_mea
 
 
 async def test_the_chunk_server_commits_sessions_in_turn_not_all_in_the_same_chunk() -> None:
-    """Bench sessions send in lockstep; had they committed at equal chunk counts, every session
-    would commit within one 20 ms (a storm no meeting has, which showed as row 2u lag)."""
+    """The bench starts its sessions together and sends each a chunk every 100 ms; had they
+    committed at equal chunk counts, every session would commit within one 100 ms (a storm no
+    meeting has, which showed as row 2u lag)."""
     import base64
 
     import socketio
