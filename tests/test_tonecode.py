@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 import numpy as np
 import numpy.typing as npt
@@ -164,3 +165,22 @@ def test_crc8_detects_a_changed_byte() -> None:
 def test_speech_track_refuses_overlapping_utterances() -> None:
     with pytest.raises(ValueError, match="overlaps"):
         speech_track([(0.0, MEETING), (1.0, GREETING)], 16000)
+
+
+def test_decoding_runs_on_the_calling_thread_and_starts_no_blas_workers() -> None:
+    # The fake cantonese.ai decodes on its event loop, beside the bot under test on the same
+    # cores. Work handed to OpenBLAS's worker threads waits for a core whenever the machine is
+    # busy (a CI run was lost to it: the fake fell 10 s behind a burst it was sent). Every
+    # CPU second the decoder spends is spent on the thread that called it.
+    rate = 16000
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0, 300, rate // 2).astype(np.float32) / 32767
+    speech = np.concatenate([np.concatenate((encode_utterance(MEETING, rate), noise))] * 12)
+    pcm = to_int16(speech)
+    this_thread, process = time.thread_time(), time.process_time()
+    got = utterances(decode_all(pcm, rate))
+    this_thread, process = time.thread_time() - this_thread, time.process_time() - process
+    assert [u.text for u in got] == [MEETING] * 12
+    elsewhere = process - this_thread
+    assert elsewhere <= 0.1 * this_thread + 0.005, (
+        f"{elsewhere:.3f} s of CPU on other threads, {this_thread:.3f} s on this one")
