@@ -354,3 +354,32 @@ async def test_a_three_hour_six_track_zip_streams_with_flat_memory(tmp_path: Pat
     # Flat: what the last hour holds is what the first did (a few MB of allocator slack).
     assert max(late) - min(early) < 20_000, (min(early), max(late))
     assert peak < 250_000, peak
+
+
+@pytest.mark.xdist_group("cpu_heavy")
+async def test_a_full_speed_replay_reads_the_server_while_it_streams(tmp_path: Path) -> None:
+    # At --speed 0 over a fast link the socket takes every chunk as it comes. The replay must
+    # still read what the server says meanwhile: the line as soon as it is committed (placed
+    # where it was said, not where the sending had got to), and the server's heartbeat. This
+    # server pings every second and drops a client that has not answered a second later; three
+    # hours of audio take seconds to send, and the one connection lasts through all of them.
+    flac = _long_flac(tmp_path / "long.flac", LONG_HOURS, LONG_RATE)
+    config = tmp_path / "config.yaml"
+    config.write_text("stt:\n  sample_rate: 8000\n  chunk_ms: 1000\n  silence_tail_ms: 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANTONESE_AI")}
+    async with FakeSttServer(api_key=KEY, ping_interval=1.0, ping_timeout=1.0) as stt:
+        stt.decode_seconds = 10.0
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "replay", "--config", str(config),
+            "--speaker", f"alice={flac}", "--stt-url", stt.url, "--api-key", KEY,
+            "--speed", "0", "--jsonl",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert len(stt.records) == 1, f"{len(stt.records)} connections: the server dropped it"
+    (record,) = stt.records.values()
+    assert record.chunks == LONG_HOURS * 3600  # 1 s chunks, each sent once
+    (line,) = map(json.loads, out.decode().splitlines())
+    assert line["text"] == "開會"
+    assert 0.2 <= line["start"] <= 0.4 and line["end"] < 3.0, line

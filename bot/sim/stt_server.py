@@ -83,10 +83,15 @@ class _Live:
 class FakeSttServer:
     """Loopback cantonese.ai: ``async with FakeSttServer() as server: ... server.url ...``."""
 
-    def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1", port: int = 0,
+                 ping_interval: float = 25.0, ping_timeout: float = 20.0):
         self.api_key = api_key
         self.host = host
         self.port = port
+        #: Engine.IO heartbeat (python-engineio's defaults): a client that has not answered a
+        #: ping within ``ping_timeout`` seconds of it is disconnected.
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         # What happened (for assertions).
         self.records: dict[str, SidRecord] = {}
         self.connection_attempts = 0  # every handshake request to the Socket.IO path
@@ -224,7 +229,9 @@ class FakeSttServer:
 
     def _build_sio(self) -> socketio.AsyncServer:
         # async_handlers=False: one connection's events run in order, like one audio stream.
-        sio = socketio.AsyncServer(async_mode="aiohttp", async_handlers=False)
+        sio = socketio.AsyncServer(async_mode="aiohttp", async_handlers=False,
+                                   ping_interval=self.ping_interval,
+                                   ping_timeout=self.ping_timeout)
 
         async def on_connect(sid: str, environ: dict[str, Any]) -> None:
             self.records[sid] = SidRecord()
