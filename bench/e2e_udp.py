@@ -85,13 +85,6 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
         key.hex(), str(speakers), str(total_s), send_log,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     assert sender.stdin is not None and sender.stdout is not None
-    if sender_cpu is not None:
-        from bench.upstream import pin
-        if not pin(sender.pid, sender_cpu):  # it would compete with what is measured
-            sender.kill()
-            await sender.wait()
-            shutil.rmtree(os.path.dirname(send_log), ignore_errors=True)
-            raise RuntimeError(f"could not pin the UDP sender to CPU {sender_cpu}")
     clients = [SttSession(url=server.url, api_key="bench", sample_rate=STT_RATE,
                           speaker=f"s{i}", on_event=_ignore) for i in range(speakers)]
     thread: SocketReader | None = None
@@ -100,6 +93,10 @@ async def run_e2e_udp(server: ChunkServer, speakers: int, seconds: float,
     inbox: DatagramInbox | None = None
     tick_task: asyncio.Task[None] | None = None
     try:
+        if sender_cpu is not None:
+            from bench.upstream import pin
+            if not pin(sender.pid, sender_cpu):  # it would compete with what is measured
+                raise RuntimeError(f"could not pin the UDP sender to CPU {sender_cpu}")
         async with asyncio.timeout(SENDER_READY_TIMEOUT_S):
             ready = (await sender.stdout.readline()).decode()
         if not ready.startswith("READY"):
