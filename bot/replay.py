@@ -160,14 +160,7 @@ async def _pace(stream: SpeakerStream, track: TrackSource, speed: float,
             stream.feed(samples)
             fed += len(samples)
             progress(stream.speaker, fed / track.sample_rate)
-            await stream.session.drain(MAX_AHEAD_SECONDS)
-            # drain() returns without suspending while the socket takes every chunk, and on a
-            # fast link it takes them all: without a step here this loop would feed the whole
-            # track before any other task ran, so no transcript (nor the server's ping) was
-            # read until the end. Lines came out late, placed by the last position sent, and
-            # a track longer than the server's ping timeout lost its connection and the lines
-            # waiting on it.
-            await asyncio.sleep(0)
+            await stream.session.drain(MAX_AHEAD_SECONDS)  # also lets the server be read
             continue
         for begin in range(0, len(samples), block):
             piece = samples[begin:begin + block]

@@ -97,6 +97,19 @@ async def test_a_burst_bigger_than_the_socket_buffers_arrives_whole_and_in_order
     assert session.stats.chunks_sent == burst and record.chunks == burst
 
 
+async def test_drain_lets_other_tasks_run_even_when_the_socket_took_everything(
+        server: FakeSttServer, session: SttSession) -> None:
+    # A producer faster than real time loops on drain(). While the socket takes each chunk in
+    # the call that queues it nothing is unsent, and drain must still step the loop: that is
+    # where the server's transcripts and pings are read.
+    other_task_ran = asyncio.Event()
+    asyncio.get_running_loop().call_soon(other_task_ran.set)
+    session.send_audio(tagged(1))
+    assert session.core.unsent_samples == 0  # written in the call
+    await session.drain(2.0)
+    assert other_task_ran.is_set()
+
+
 # -- finishing a write that was started by hand ---------------------------------------------
 
 

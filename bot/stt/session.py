@@ -775,11 +775,19 @@ class SttSession:
         Backpressure for a producer faster than real time (``replay --speed 0``): without it the
         whole file would sit in the unconfirmed buffer and hit its bound. Returns at once when
         the session cannot send (stopped, closed or failed).
+
+        Always takes at least one step of the event loop. While the socket takes every chunk
+        as it is queued (a fast link does) nothing is unsent, and a producer looping on a drain
+        that did not suspend would hold the loop for the whole file: no transcript and no ping
+        from the server would be read until the end, lines came out placed where the sending
+        had got to, and a file longer than the server's ping timeout lost its connection with
+        the lines waiting on it.
         """
         limit = round(max_ahead_seconds * self.sample_rate)
         core = self.core
         sending = (SttState.CONNECTING, SttState.STARTING, SttState.STREAMING,
                    SttState.RECONNECTING)
+        await asyncio.sleep(0)
         while core.unsent_samples > limit and self.state in sending:
             self._sender.progress.clear()
             await self._sender.progress.wait()
